@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv on first use.
+PY      := .venv/bin/python
+TORCH   := torch==2.13.0
+STAMP   := .venv/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, on its own, pinned: an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/gapa demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/forward_cost.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf .venv .pytest_cache build src/*.egg-info

@@ -1,0 +1,362 @@
+"""``gapa.GAPA``: the front door. Wrap a frozen network, fit on training inputs, predict moments."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from .calibration import Calibration, fit_scale_and_noise
+from .errors import (
+    ConfigurationError,
+    EmptyDataError,
+    InputError,
+    LayerError,
+    NonFiniteError,
+    NotFittedError,
+)
+from .moments import Moments
+from .propagation import VarianceTracker
+from .search import SearchBackend
+from .site import Conditioning, GPConfig, GPSite, Inducing
+
+#: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).
+ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Softplus,
+    nn.Mish, nn.SELU, nn.CELU, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Softsign,
+)
+
+
+def site_key(layer: str, call: int) -> str:
+    """Name of the ``call``-th call (0-based) of module ``layer`` in one forward pass."""
+    return layer if call == 0 else f"{layer}#{call}"
+
+
+class GAPA:
+    """Gaussian Process Activations around a frozen network.
+
+    Parameters
+    ----------
+    model:
+        The trained network; it is never modified. Put it in eval mode first.
+    layers:
+        Names from ``model.named_modules()`` of elementwise activation modules to make GP
+        activations. Default: the last such module. A module called several times in ``forward``
+        gives one call site per call, each with its own cache (``"act"``, ``"act#1"``, ...).
+    k:
+        Neighbours each query is conditioned on (local conditioning). ``k=1`` is the closed form.
+    m:
+        Inducing points per call site (k-means on the cache); ``None`` conditions on the whole
+        cache.
+    conditioning:
+        ``"local"`` (K nearest neighbours, default) or ``"exact"`` (the whole conditioning set;
+        the slow reference, refused above :data:`gapa.conditioning.EXACT_MAX_ROWS` rows).
+    search:
+        Neighbour search back end: ``"torch"`` (exact, any device) or ``"faiss"``.
+    inducing:
+        ``"kmeans"`` or ``"random"`` choice of the M inducing points.
+    count_noise:
+        Give an inducing point standing for ``n`` training rows the noise ``noise / n``, so that
+        dense regions of activation space are more certain.
+    lengthscale_quantile, amplitude_rule, noise:
+        The label-free hyperparameter rule (see :func:`gapa.kernels.estimate_hyperparameters`).
+    hyperparameters:
+        Per-layer (or per-call-site) overrides: ``{"net.5": {"lengthscale": 0.5}}``; values are
+        scalars or per-unit tensors for ``lengthscale`` and ``amplitude``, a float for ``noise``.
+    seed:
+        Seed of every random choice (subsamples, k-means).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str] | str | None = None,
+        *,
+        k: int = 8,
+        m: int | None = 2048,
+        conditioning: str = "local",
+        search: str = "torch",
+        inducing: str = "kmeans",
+        count_noise: bool = True,
+        lengthscale_quantile: float = 0.25,
+        amplitude_rule: str = "variance",
+        noise: float = 1e-2,
+        hyperparameters: Mapping[str, Mapping] | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(k, int) or k < 1:
+            raise ConfigurationError(f"k must be a positive integer, got {k!r}")
+        if m is not None and (not isinstance(m, int) or m < 1):
+            raise ConfigurationError(f"m must be a positive integer or None, got {m!r}")
+        self.model = model
+        self.layers = self._resolve_layers(model, layers)
+        self.config = GPConfig(
+            k=k, m=m, conditioning=_enum(Conditioning, conditioning, "conditioning"),
+            search=_enum(SearchBackend, search, "search"),
+            inducing=_enum(Inducing, inducing, "inducing"), count_noise=count_noise,
+            lengthscale_quantile=lengthscale_quantile, amplitude_rule=amplitude_rule,
+            noise=noise, seed=seed,
+        )
+        self._overrides = dict(hyperparameters or {})
+        unknown = {name.split("#")[0] for name in self._overrides} - set(self.layers)
+        if unknown:
+            raise LayerError(
+                f"hyperparameters given for {sorted(unknown)}, which are not GAPA layers "
+                f"({self.layers})"
+            )
+        self._sites: dict[str, GPSite] = {}
+        self._input_shape: tuple[int, ...] | None = None
+        self._calibration: Calibration | None = None
+
+    # --- configuration ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _resolve_layers(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
+        modules = dict(model.named_modules())
+        if layers is None:
+            found = [n for n, mod in modules.items() if isinstance(mod, ELEMENTWISE_ACTIVATIONS)]
+            if not found:
+                raise LayerError(
+                    f"{type(model).__name__} has no elementwise activation module "
+                    f"({', '.join(t.__name__ for t in ELEMENTWISE_ACTIVATIONS)}); pass layers=[...]"
+                )
+            return [found[-1]]
+        names = [layers] if isinstance(layers, str) else list(layers)
+        if not names:
+            raise LayerError("layers is empty; give at least one activation module name")
+        for name in names:
+            if name not in modules:
+                close = [n for n in modules if n and (name in n or n in name)][:5]
+                raise LayerError(
+                    f"no module named {name!r} in {type(model).__name__}"
+                    + (f"; did you mean one of {close}?" if close else "")
+                    + " (names come from model.named_modules())"
+                )
+            if not isinstance(modules[name], ELEMENTWISE_ACTIVATIONS):
+                raise LayerError(
+                    f"module {name!r} is a {type(modules[name]).__name__}, not an elementwise "
+                    "activation; GAPA layers must be one of "
+                    f"{', '.join(t.__name__ for t in ELEMENTWISE_ACTIVATIONS)}"
+                )
+        return list(dict.fromkeys(names))
+
+    # --- fitted state -------------------------------------------------------------------------
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self._sites)
+
+    @property
+    def sites(self) -> Mapping[str, GPSite]:
+        """Fitted call sites by key (read-only): cache size, hyperparameters, conditioning set."""
+        self._require_fitted("read the fitted sites")
+        return MappingProxyType(self._sites)
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self._calibration
+
+    def _require_fitted(self, what: str) -> None:
+        if not self._sites:
+            raise NotFittedError(
+                f"cannot {what}: this GAPA is not fitted; call gm.fit(train_inputs) first"
+            )
+
+    # --- fit ------------------------------------------------------------------------------------
+
+    def fit(self, data, *, batch_size: int = 1024, progress: bool = True) -> GAPA:
+        """Cache the pre-activations of every GAPA call site over ``data`` and build the GPs.
+
+        ``data``: a Tensor of inputs, a TensorDataset, or a DataLoader yielding inputs or
+        ``(inputs, targets)`` tuples (targets are never used).
+        """
+        cache: dict[str, list[torch.Tensor]] = {}
+        n_rows = 0
+        with torch.no_grad(), self._capture(cache):
+            for x in tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
+                          disable=not progress, leave=False):
+                self._check_finite(x, "training inputs")
+                if self._input_shape is None:
+                    self._input_shape = tuple(x.shape[1:])
+                self._check_input(x)
+                self.model(x)
+                n_rows += x.shape[0]
+        if n_rows == 0:
+            raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
+        if not cache:
+            raise LayerError(
+                f"the GAPA layers {self.layers} were never called in model.forward; "
+                "choose activation modules the forward pass actually uses"
+            )
+        sites = {}
+        for key, chunks in tqdm(cache.items(), desc="gapa: building GPs", disable=not progress,
+                                leave=False):
+            layer = key.split("#")[0]
+            overrides = {**self._overrides.get(layer, {}), **self._overrides.get(key, {})}
+            module = self.model.get_submodule(layer)
+            sites[key] = GPSite(key, torch.cat(chunks), module, self.config, overrides)
+        self._sites = sites
+        self._calibration = None
+        return self
+
+    @contextlib.contextmanager
+    def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+        def record(key: str, z: torch.Tensor) -> None:
+            cache.setdefault(key, []).append(z.detach().reshape(-1, z.shape[-1]).clone())
+
+        with self._call_sites(record):
+            yield
+
+    @contextlib.contextmanager
+    def _call_sites(self, on_call, on_output=None) -> Iterator[None]:
+        """Hooks on the GAPA modules: ``on_call(key, pre_activation)`` before each call (the key
+        counts calls within one forward pass) and ``on_output(key, output)`` after it."""
+        counts: dict[str, int] = {}
+        handles = []
+        root = self.model.register_forward_pre_hook(lambda mod, args: counts.clear())
+        handles.append(root)
+        for name in self.layers:
+            module = self.model.get_submodule(name)
+
+            def pre(mod, args, name=name):
+                call = counts.get(name, 0)
+                counts[name] = call + 1
+                on_call(site_key(name, call), args[0])
+
+            def post(mod, args, output, name=name):
+                if on_output is not None:
+                    on_output(site_key(name, counts[name] - 1), output)
+
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # --- predict ----------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor) -> Moments:
+        """Mean (the frozen network's output, bit for bit) and epistemic variance at ``x``."""
+        self._require_fitted("predict")
+        self._check_input(x)
+        self._check_finite(x, "inputs")
+        tracker = VarianceTracker()
+        pending: dict[str, torch.Tensor] = {}
+
+        def on_call(key: str, z: torch.Tensor) -> None:
+            site = self._sites.get(key)
+            if site is None:
+                raise LayerError(
+                    f"call site {key!r} was not seen during fit (the forward pass calls the "
+                    "module more often than on the training data); refit on representative data"
+                )
+            tracker.suspended = True
+            try:
+                flat = z.detach().reshape(-1, z.shape[-1])
+                pending[key] = site.variance(flat).reshape(z.shape)
+            finally:
+                tracker.suspended = False
+
+        def on_output(key: str, out: torch.Tensor) -> None:
+            tracker.suspended = True
+            try:
+                tracker.set_var(out, tracker.var_or_zero(out) + pending.pop(key))
+            finally:
+                tracker.suspended = False
+
+        with torch.no_grad(), self._call_sites(on_call, on_output), tracker:
+            mean = self.model(x)
+        if not isinstance(mean, torch.Tensor):
+            raise InputError(
+                f"the model returned {type(mean).__name__}; GAPA needs a model returning a Tensor"
+            )
+        var = tracker.var(mean)
+        return Moments(mean, torch.zeros_like(mean) if var is None else var)
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+        expected = self._input_shape
+        if expected is not None and (x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected):
+            raise InputError(
+                f"inputs of shape {tuple(x.shape)} do not match the training inputs, which were "
+                f"(batch, {', '.join(map(str, expected))}); check the feature count and rank"
+            )
+        param = next(self.model.parameters(), None)
+        if param is not None and (x.dtype != param.dtype or x.device != param.device):
+            raise InputError(
+                f"inputs are {x.dtype} on {x.device} but the model's parameters are "
+                f"{param.dtype} on {param.device}; convert one of them"
+            )
+
+    @staticmethod
+    def _check_finite(x: torch.Tensor, what: str) -> None:
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            bad = ~torch.isfinite(x)
+            rows = bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0].tolist()
+            raise NonFiniteError(
+                f"{what} contain {int(bad.sum())} NaN/Inf values (first rows: {rows}); "
+                "GAPA does not repair inputs: remove or impute them first"
+            )
+
+    # --- regression predictive ------------------------------------------------------------------
+
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> Calibration:
+        """Fit the output noise and one global variance scale on validation data (regression).
+
+        Minimises the validation Gaussian NLL of ``N(mean, scale * var + noise)``; the mean is
+        never changed.
+        """
+        out = self(x)
+        if y.shape != out.mean.shape:
+            raise InputError(
+                f"targets of shape {tuple(y.shape)} do not match the model output "
+                f"{tuple(out.mean.shape)}"
+            )
+        self._calibration = fit_scale_and_noise(out.mean, out.var, y)
+        return self._calibration
+
+    def predict(self, x: torch.Tensor) -> torch.distributions.Normal:
+        """Calibrated regression predictive ``N(mean, scale * var + noise)``."""
+        if self._calibration is None:
+            raise NotFittedError(
+                "predict needs a calibrated output noise: call gm.calibrate(val_x, val_y) first "
+                "(or use gm(x) for the raw moments)"
+            )
+        out = self(x)
+        return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+def _enum(kind, value, name: str):
+    try:
+        return kind(value)
+    except ValueError:
+        options = ", ".join(repr(v.value) for v in kind)
+        raise ConfigurationError(f"unknown {name} {value!r}; use one of {options}") from None
+
+
+def _iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0:
+            raise InputError("training data is a scalar tensor; give a (rows, features) tensor")
+        yield from data.split(batch_size)
+        return
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        if isinstance(data, TensorDataset) and len(data) == 0:
+            return
+        data = DataLoader(data, batch_size=batch_size)
+    if not isinstance(data, DataLoader | Iterable):
+        raise InputError(
+            f"fit expects a Tensor, a TensorDataset or a DataLoader, got {type(data).__name__}"
+        )
+    for batch in data:
+        yield batch[0] if isinstance(batch, list | tuple) else batch

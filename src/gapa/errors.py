@@ -1,0 +1,51 @@
+"""Typed errors. Each class also subclasses the matching builtin, so ``except ValueError`` works."""
+
+from __future__ import annotations
+
+
+class GAPAError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class NotFittedError(GAPAError, RuntimeError):
+    """Prediction was asked for before :meth:`gapa.GAPA.fit`."""
+
+
+class LayerError(GAPAError, ValueError):
+    """A requested GAPA layer does not exist or is not an elementwise activation."""
+
+
+class InputError(GAPAError, ValueError):
+    """Inputs of the wrong shape, rank, dtype or device."""
+
+
+class NonFiniteError(GAPAError, ValueError):
+    """NaN or Inf in inputs or in cached activations."""
+
+
+class EmptyDataError(GAPAError, ValueError):
+    """The training set (or a cache built from it) is empty."""
+
+
+class ConfigurationError(GAPAError, ValueError):
+    """Inconsistent options, e.g. more neighbours than cached rows."""
+
+
+class CacheTooLargeError(GAPAError, MemoryError):
+    """The exact reference was asked for on a cache too large to invert."""
+
+
+class UnsupportedOperationError(GAPAError, NotImplementedError):
+    """An operation received an uncertain input and has no variance rule."""
+
+
+class NumericalError(GAPAError, RuntimeError):
+    """A factorisation failed even with the largest allowed jitter."""
+
+
+class DataError(GAPAError, ValueError):
+    """A data file is missing, malformed or lacks required columns."""
+
+
+class MissingDependencyError(GAPAError, ImportError):
+    """An optional back end (e.g. faiss) is not installed."""

@@ -1,0 +1,118 @@
+"""Per-unit RBF kernels on a unit's scalar pre-activation, and their label-free hyperparameters.
+
+Each unit ``j`` of a GAPA layer has ``k_j(u, u') = a_j exp(-(u - u')^2 / (2 l_j^2))``. The
+lengthscale ``l_j`` and amplitude ``a_j`` come from statistics of the cached pre-activations
+(no labels, no gradients); the observation noise of a cached row is ``noise * a_j / n`` where
+``n`` is how many training rows the row stands for (1 for a raw cache row, the cluster size for
+an inducing point), so dense regions of activation space are more certain than sparse ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import ConfigurationError
+
+#: Smallest lengthscale, relative to the unit's pre-activation scale, so constant units stay finite.
+MIN_LENGTHSCALE = 1e-6
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Kernel hyperparameters of one GAPA call site (``d`` units)."""
+
+    lengthscale: torch.Tensor  #: (d,) per-unit RBF lengthscale, in pre-activation units
+    amplitude: torch.Tensor  #: (d,) per-unit prior variance a_j (variance far from the data)
+    noise: float  #: observation noise of one cached row, relative to the amplitude
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        return replace(
+            self,
+            lengthscale=self.lengthscale.to(device=device, dtype=dtype),
+            amplitude=self.amplitude.to(device=device, dtype=dtype),
+        )
+
+
+def pairwise_difference_quantile(
+    x: torch.Tensor, q: float, n_pairs: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-column ``q``-quantile of ``|x_i - x_j|`` over ``n_pairs`` random pairs ``i != j``."""
+    n = x.shape[0]
+    i = torch.randint(n, (n_pairs,), generator=generator)
+    j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n
+    return torch.quantile((x[i] - x[j]).abs().double(), q, dim=0).to(x.dtype)
+
+
+def estimate_hyperparameters(
+    pre: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    lengthscale_quantile: float,
+    amplitude_rule: str,
+    noise: float,
+    generator: torch.Generator,
+    n_pairs: int = 20_000,
+) -> Hyperparameters:
+    """Hyperparameters from the cached pre-activations ``pre`` (N x d) of one call site.
+
+    ``lengthscale``: the ``lengthscale_quantile`` of pairwise distances between a unit's cached
+    pre-activations, so that a typical neighbour is "close" on the kernel's scale.
+    ``amplitude``: ``"variance"`` uses Var(phi(X_j)), the spread the activation actually takes
+    over the data; ``"unit"`` uses 1; ``"max1"`` uses max(1, Var(phi(X_j))).
+    """
+    if not 0.0 < lengthscale_quantile < 1.0:
+        raise ConfigurationError(
+            f"lengthscale_quantile must lie in (0, 1), got {lengthscale_quantile}"
+        )
+    if noise <= 0.0:
+        raise ConfigurationError(f"noise must be positive, got {noise}")
+    scale = pre.std(0).clamp_min(1.0) if pre.shape[0] > 1 else torch.ones_like(pre[0])
+    if pre.shape[0] > 1:
+        lengthscale = pairwise_difference_quantile(pre, lengthscale_quantile, n_pairs, generator)
+    else:
+        lengthscale = torch.ones_like(pre[0])
+    lengthscale = torch.maximum(lengthscale, MIN_LENGTHSCALE * scale)
+    act_var = activation(pre.clone()).var(0) if pre.shape[0] > 1 else torch.zeros_like(pre[0])
+    if amplitude_rule == "variance":
+        amplitude = act_var.clamp_min(1e-6)
+    elif amplitude_rule == "unit":
+        amplitude = torch.ones_like(act_var)
+    elif amplitude_rule == "max1":
+        amplitude = act_var.clamp_min(1.0)
+    else:
+        raise ConfigurationError(
+            f"unknown amplitude_rule {amplitude_rule!r}; use 'variance', 'unit' or 'max1'"
+        )
+    return Hyperparameters(lengthscale=lengthscale, amplitude=amplitude, noise=float(noise))
+
+
+def override(hp: Hyperparameters, values: dict) -> Hyperparameters:
+    """Replace fitted hyperparameters by user values (scalars or per-unit tensors)."""
+    unknown = set(values) - {"lengthscale", "amplitude", "noise"}
+    if unknown:
+        raise ConfigurationError(
+            f"unknown hyperparameter(s) {sorted(unknown)}; allowed: lengthscale, amplitude, noise"
+        )
+    changes: dict = {}
+    for name in ("lengthscale", "amplitude"):
+        if name in values:
+            ref = getattr(hp, name)
+            v = torch.as_tensor(values[name], dtype=ref.dtype, device=ref.device)
+            if v.dim() == 0:
+                v = v.expand_as(ref).clone()
+            if v.shape != ref.shape:
+                raise ConfigurationError(
+                    f"{name} override has shape {tuple(v.shape)}; the layer has "
+                    f"{ref.shape[0]} units, so give a scalar or shape ({ref.shape[0]},)"
+                )
+            if not bool((v > 0).all()):
+                raise ConfigurationError(f"{name} override must be positive")
+            changes[name] = v
+    if "noise" in values:
+        if float(values["noise"]) <= 0:
+            raise ConfigurationError(f"noise override must be positive, got {values['noise']}")
+        changes["noise"] = float(values["noise"])
+    return replace(hp, **changes)

@@ -1,0 +1,26 @@
+"""The (mean, variance) pair that GAPA returns and propagates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Mean and diagonal variance of a Gaussian, each shaped like the network's output.
+
+    ``mean`` is the frozen network's own output, bit for bit; ``var`` is the epistemic variance
+    GAPA attaches to it.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    def to(self, *args, **kwargs) -> Moments:
+        return Moments(self.mean.to(*args, **kwargs), self.var.to(*args, **kwargs))

@@ -1,0 +1,145 @@
+"""The Gaussian-process activation of one call site: its conditioning set and its variance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from .conditioning import ExactConditioner, local_variance, nearest_variance
+from .errors import ConfigurationError, EmptyDataError, InputError, NonFiniteError
+from .inducing import kmeans_inducing, random_inducing
+from .kernels import Hyperparameters, estimate_hyperparameters, override
+from .search import NeighbourIndex, SearchBackend
+
+
+class Conditioning(str, Enum):
+    """How each query's activation GP is conditioned on the cached rows."""
+
+    LOCAL = "local"
+    """On the K rows nearest to the query in (lengthscale-scaled) pre-activation space."""
+    EXACT = "exact"
+    """On every row: the exact GP, a slow reference for small caches."""
+
+
+class Inducing(str, Enum):
+    """How M inducing points are chosen from the cache when ``m`` is set."""
+
+    KMEANS = "kmeans"
+    """k-means centroids; each carries the size of its cluster."""
+    RANDOM = "random"
+    """A random subset of cached rows; each carries the number of rows nearest to it."""
+
+
+@dataclass(frozen=True)
+class GPConfig:
+    """Options shared by every GAPA call site (see :class:`gapa.GAPA` for their meaning)."""
+
+    k: int = 8
+    m: int | None = 2048
+    conditioning: Conditioning = Conditioning.LOCAL
+    search: SearchBackend = SearchBackend.TORCH
+    inducing: Inducing = Inducing.KMEANS
+    count_noise: bool = True
+    lengthscale_quantile: float = 0.25
+    amplitude_rule: str = "variance"
+    noise: float = 1e-2
+    seed: int = 0
+
+
+class GPSite:
+    """A fitted GP activation at one call site of an activation module.
+
+    The search space is the pre-activation divided by the per-unit lengthscale, so the nearest
+    rows are those with the largest product kernel over all units.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        pre: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor],
+        config: GPConfig,
+        overrides: dict | None = None,
+    ):
+        if pre.shape[0] == 0:
+            raise EmptyDataError(f"no activations were cached at {key!r}: the training set is empty")
+        bad = ~torch.isfinite(pre)
+        if bool(bad.any()):
+            rows = bad.any(1).nonzero()[:5, 0].tolist()
+            raise NonFiniteError(
+                f"the cached pre-activations at {key!r} contain {int(bad.sum())} NaN/Inf values "
+                f"(first rows: {rows}); the model produces non-finite activations on the "
+                "training data: clean the data or fix the model before fitting"
+            )
+        self.key = key
+        self.config = config
+        self.cache_size = pre.shape[0]
+        self.width = pre.shape[1]
+        gen = torch.Generator().manual_seed(config.seed)
+        hp = estimate_hyperparameters(
+            pre, activation, lengthscale_quantile=config.lengthscale_quantile,
+            amplitude_rule=config.amplitude_rule, noise=config.noise, generator=gen,
+        )
+        self.hyperparameters: Hyperparameters = override(hp, overrides) if overrides else hp
+        scaled = pre / self.hyperparameters.lengthscale
+        if config.m is None or config.m >= self.cache_size:
+            rows, counts = scaled, torch.ones(self.cache_size, device=pre.device)
+        elif config.inducing is Inducing.KMEANS:
+            rows, counts = kmeans_inducing(scaled, config.m, seed=config.seed)
+        else:
+            rows, counts = random_inducing(scaled, config.m, seed=config.seed)
+        self.counts = counts
+        self.rows = rows * self.hyperparameters.lengthscale  # conditioning inputs (pre-activations)
+        weight = counts.to(pre.dtype) if config.count_noise else torch.ones_like(counts, dtype=pre.dtype)
+        self.row_noise = self.hyperparameters.noise / weight  # relative to the amplitude
+        self.timings = {"search": 0.0, "conditioning": 0.0}
+        if config.conditioning is Conditioning.EXACT:
+            self._exact = ExactConditioner(self.rows, self.row_noise, self.hyperparameters)
+            self._index = None
+        else:
+            if config.k > len(self.rows):
+                raise ConfigurationError(
+                    f"k={config.k} neighbours requested at {key!r} but the conditioning set has "
+                    f"only {len(self.rows)} rows (cache {self.cache_size}, m={config.m}); "
+                    "lower k or fit on more data"
+                )
+            self._exact = None
+            self._index = NeighbourIndex(rows, config.search)
+
+    @property
+    def n_conditioning(self) -> int:
+        """Rows the GP conditions on: the cache size, or the number of inducing points."""
+        return len(self.rows)
+
+    def variance(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior variance (B, d) of the activation at pre-activations ``z`` (B, d)."""
+        if z.shape[-1] != self.width:
+            raise InputError(
+                f"the GAPA layer {self.key!r} has {self.width} units but received a "
+                f"pre-activation of shape {tuple(z.shape)}"
+            )
+        hp = self.hyperparameters
+        if z.dtype != self.rows.dtype or z.device != self.rows.device:
+            raise InputError(
+                f"{self.key!r} was fitted in {self.rows.dtype} on {self.rows.device} but "
+                f"received {z.dtype} on {z.device}; fit and predict in the same dtype and device"
+            )
+        t0 = time.perf_counter()
+        if self._exact is not None:
+            var = self._exact.variance(z)
+            self.timings["conditioning"] += time.perf_counter() - t0
+            return var
+        idx = self._index.search(z / hp.lengthscale, self.config.k)
+        t1 = time.perf_counter()
+        if self.config.k == 1:
+            var = nearest_variance(z, self.rows[idx[:, 0]], self.row_noise[idx[:, 0]], hp)
+        else:
+            var = local_variance(z, self.rows[idx], self.row_noise[idx], hp)
+        t2 = time.perf_counter()
+        self.timings["search"] += t1 - t0
+        self.timings["conditioning"] += t2 - t1
+        return var
