@@ -217,7 +217,8 @@ class GAPA:
     @contextlib.contextmanager
     def _call_sites(self, on_call, on_output=None) -> Iterator[None]:
         """Hooks on the GAPA modules: ``on_call(key, pre_activation)`` before each call (the key
-        counts calls within one forward pass) and ``on_output(key, output)`` after it."""
+        counts calls within one forward pass) and ``on_output(key, output)`` after it, whose
+        return value, when not None, replaces the module's output."""
         counts: dict[str, int] = {}
         handles = []
         root = self.model.register_forward_pre_hook(lambda mod, args: counts.clear())
@@ -232,7 +233,8 @@ class GAPA:
 
             def post(mod, args, output, name=name):
                 if on_output is not None:
-                    on_output(site_key(name, counts[name] - 1), output)
+                    return on_output(site_key(name, counts[name] - 1), output)
+                return None
 
             handles.append(module.register_forward_pre_hook(pre))
             handles.append(module.register_forward_hook(post))

@@ -6,6 +6,7 @@ averages over all elements. Bad inputs raise; nothing is silently repaired.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -138,7 +139,7 @@ def cqm(
     mean, std, y = _check(mean=mean, std=std, y=y)
     _check_std(std)
     vals = _check_alphas(alphas, open_interval=True)
-    if any(b <= a for a, b in zip(vals, vals[1:], strict=False)):
+    if any(b <= a for a, b in itertools.pairwise(vals)):
         raise InputError(f"alphas must be strictly increasing, got {vals}")
     gaps = [abs(c - a) for c, a in zip(_coverage(mean, std, y, vals), vals, strict=True)]
     xs = [0.0, *vals, 1.0]

@@ -125,12 +125,12 @@ rule(torch.sigmoid, Tensor.sigmoid, F.sigmoid)(_sigmoid)
     F.hardswish, F.hardsigmoid, F.relu6, F.logsigmoid, F.softsign, F.tanhshrink,
 )
 def _elementwise(tr: VarianceTracker, func, args, kwargs):
-    """Any elementwise function: its slope at the mean by forward-mode AD, before the call (so
-    in-place variants still see their input)."""
+    """Any elementwise function: its slope at the mean by autograd (the gradient of the sum of
+    an elementwise map), taken before the call so that in-place variants still see their input."""
     mu, rest = args[0], args[1:]
-    _, slope = torch.func.jvp(
-        lambda t: func(t, *rest, **kwargs), (mu.detach().clone(),), (torch.ones_like(mu),)
-    )
+    with torch.enable_grad():
+        leaf = mu.detach().requires_grad_(True)
+        (slope,) = torch.autograd.grad(func(leaf.clone(), *rest, **kwargs).sum(), leaf)
     var_in = tr.var(mu)
     out = func(*args, **kwargs)
     return out, slope.square() * var_in

