@@ -284,6 +284,15 @@ class GAPA:
         var = tracker.var(mean)
         return Moments(mean, torch.zeros_like(mean) if var is None else var)
 
+    def pre_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pre-activation (rows, units) at every GAPA call site for inputs ``x``."""
+        self._require_fitted("read pre-activations")
+        self._check_input(x)
+        seen: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad(), self._capture(seen):
+            self.model(x)
+        return {key: torch.cat(chunks) for key, chunks in seen.items()}
+
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")

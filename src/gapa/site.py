@@ -115,6 +115,19 @@ class GPSite:
         """Rows the GP conditions on: the cache size, or the number of inducing points."""
         return len(self.rows)
 
+    def nearest_distance(self, z: torch.Tensor) -> torch.Tensor:
+        """Euclidean distance (B,) from each query to its nearest conditioning row, in the
+        lengthscale-scaled space the neighbours are searched in."""
+        scale = self.hyperparameters.lengthscale
+        nearest = self.rows[self._search(z / scale, 1)[:, 0]]
+        return ((z - nearest) / scale).norm(dim=1)
+
+    def _search(self, scaled: torch.Tensor, k: int) -> torch.Tensor:
+        if self._index is None:  # exact conditioning keeps no index: search the rows directly
+            return torch.cdist(scaled, self.rows / self.hyperparameters.lengthscale).topk(
+                k, dim=1, largest=False).indices
+        return self._index.search(scaled, k)
+
     def variance(self, z: torch.Tensor) -> torch.Tensor:
         """Posterior variance (B, d) of the activation at pre-activations ``z`` (B, d)."""
         if z.shape[-1] != self.width:
@@ -133,7 +146,7 @@ class GPSite:
             var = self._exact.variance(z)
             self.timings["conditioning"] += time.perf_counter() - t0
             return var
-        idx = self._index.search(z / hp.lengthscale, self.config.k)
+        idx = self._search(z / hp.lengthscale, self.config.k)
         t1 = time.perf_counter()
         if self.config.k == 1:
             var = nearest_variance(z, self.rows[idx[:, 0]], self.row_noise[idx[:, 0]], hp)
