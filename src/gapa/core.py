@@ -275,7 +275,8 @@ class GAPA:
             finally:
                 tracker.suspended = False
 
-        with torch.no_grad(), self._call_sites(on_call, on_output), tracker:
+        with torch.no_grad(), self._call_sites(on_call, on_output), self._module_path(tracker), \
+                tracker:
             mean = self.model(x)
         if not isinstance(mean, torch.Tensor):
             raise InputError(
@@ -283,6 +284,29 @@ class GAPA:
             )
         var = tracker.var(mean)
         return Moments(mean, torch.zeros_like(mean) if var is None else var)
+
+    @contextlib.contextmanager
+    def _module_path(self, tracker: VarianceTracker) -> Iterator[None]:
+        """Keep ``tracker.module_path`` at the module whose forward is running, so that an
+        operation without a variance rule is reported with the module it happened in."""
+        handles = []
+        for name, module in self.model.named_modules():
+            label = f"{name} ({type(module).__name__})" if name else type(module).__name__
+
+            def enter(mod, args, label=label):
+                tracker.module_path.append(label)
+
+            def leave(mod, args, output):
+                if tracker.module_path:
+                    tracker.module_path.pop()
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def pre_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pre-activation (rows, units) at every GAPA call site for inputs ``x``."""
@@ -338,6 +362,7 @@ class GAPA:
 
     def predict(self, x: torch.Tensor) -> torch.distributions.Normal:
         """Calibrated regression predictive ``N(mean, scale * var + noise)``."""
+        self._require_fitted("predict")
         if self._calibration is None:
             raise NotFittedError(
                 "predict needs a calibrated output noise: call gm.calibrate(val_x, val_y) first "
