@@ -49,7 +49,8 @@ class GAPA:
         activations. Default: the last such module. A module called several times in ``forward``
         gives one call site per call, each with its own cache (``"act"``, ``"act#1"``, ...).
     k:
-        Neighbours each query is conditioned on (local conditioning). ``k=1`` is the closed form.
+        Neighbours each query is conditioned on (local conditioning). The default ``k=1`` is the
+        closed form (chosen on flights: best NLL and CRPS per second, benchmarks/RESULTS.md).
     m:
         Inducing points per call site (k-means on the cache); ``None`` conditions on the whole
         cache.
@@ -77,7 +78,7 @@ class GAPA:
         model: nn.Module,
         layers: Sequence[str] | str | None = None,
         *,
-        k: int = 8,
+        k: int = 1,
         m: int | None = 2048,
         conditioning: str = "local",
         search: str = "torch",

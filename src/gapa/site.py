@@ -38,7 +38,7 @@ class Inducing(str, Enum):
 class GPConfig:
     """Options shared by every GAPA call site (see :class:`gapa.GAPA` for their meaning)."""
 
-    k: int = 8
+    k: int = 1
     m: int | None = 2048
     conditioning: Conditioning = Conditioning.LOCAL
     search: SearchBackend = SearchBackend.TORCH
