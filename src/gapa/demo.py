@@ -18,7 +18,7 @@ from .plotting import demo_figure
 from .regression import MethodResult, evaluate_gapa, evaluate_map
 
 #: GAPA settings of the demo, chosen from benchmarks/defaults_ablation.py (see RESULTS.md).
-DEMO_GAPA = {"layers": ["3"], "k": 1, "m": 2048}
+DEMO_GAPA = {"layers": ["3"], "k": 1, "m": 512}
 
 
 @dataclass

@@ -39,7 +39,7 @@ class GPConfig:
     """Options shared by every GAPA call site (see :class:`gapa.GAPA` for their meaning)."""
 
     k: int = 1
-    m: int | None = 2048
+    m: int | None = 512
     conditioning: Conditioning = Conditioning.LOCAL
     search: SearchBackend = SearchBackend.TORCH
     inducing: Inducing = Inducing.KMEANS
