@@ -83,3 +83,17 @@ def test_fit_accepts_tensor_dataset_and_loader(train_x, gen):
         results.append(gm(x).var)
     for v in results[1:]:
         assert torch.equal(v, results[0])
+
+
+def test_refit_replaces_the_input_contract(gen):
+    """Inputs are checked against the latest fit: a refit on sequences of another length
+    accepts that length (rows of every position are cached)."""
+    net = mlp([3, 16, 1])
+    gm = gapa.GAPA(net, k=2, m=None).fit(torch.randn(50, 4, 3, generator=gen), progress=False)
+    assert gm.sites["1"].cache_size == 200
+    gm.fit(torch.randn(50, 6, 3, generator=gen), progress=False)
+    x = torch.randn(4, 6, 3, generator=gen)
+    out = gm(x)
+    assert torch.equal(out.mean, net(x)) and out.var.shape == (4, 6, 1)
+    with pytest.raises(gapa.InputError, match=r"\(batch, 6, 3\)"):
+        gm(torch.randn(4, 4, 3, generator=gen))

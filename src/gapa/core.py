@@ -180,6 +180,7 @@ class GAPA:
         """
         cache: dict[str, list[torch.Tensor]] = {}
         n_rows = 0
+        self._input_shape = None  # a refit may use inputs of another shape
         with torch.no_grad(), self._capture(cache):
             for x in tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
                           disable=not progress, leave=False):
