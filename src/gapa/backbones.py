@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import RegressionData
+from .io import atomic_path
 
 
 def cache_dir() -> Path:
@@ -94,13 +94,6 @@ def cached_regressor(data: RegressionData, *, seed: int = 0, progress: bool = Tr
         model.load_state_dict(load_file(path))
         return model.eval(), path, False
     model = train_regressor(data, seed=seed, progress=progress, **kw)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return model, path, True

@@ -263,19 +263,12 @@ class GAPA:
                     f"call site {key!r} was not seen during fit (the forward pass calls the "
                     "module more often than on the training data); refit on representative data"
                 )
-            tracker.suspended = True
-            try:
-                flat = z.detach().reshape(-1, z.shape[-1])
-                pending[key] = site.variance(flat).reshape(z.shape)
-            finally:
-                tracker.suspended = False
+            with tracker.paused():
+                pending[key] = site.variance(z.detach())
 
         def on_output(key: str, out: torch.Tensor) -> None:
-            tracker.suspended = True
-            try:
+            with tracker.paused():
                 tracker.set_var(out, tracker.var_or_zero(out) + pending.pop(key))
-            finally:
-                tracker.suspended = False
 
         with torch.no_grad(), self._call_sites(on_call, on_output), self._module_path(tracker), \
                 tracker:

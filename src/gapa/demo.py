@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 from .backbones import cached_regressor
 from .data import RegressionData, load_csv, load_flights
+from .io import atomic_path
 from .plotting import demo_figure
 from .regression import MethodResult, evaluate_gapa, evaluate_map
 
@@ -77,12 +77,8 @@ def format_table(results: list[MethodResult], unit: str) -> str:
 
 def write_json(path: str | os.PathLike, records: list[dict]) -> None:
     """Write aside, then rename: an interrupted run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(records, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _figure(cfg: DemoConfig, data: RegressionData, gm, map_res, gapa_res) -> Path:

@@ -10,6 +10,7 @@ independent. An operation with an uncertain input and no rule raises
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +45,15 @@ class VarianceTracker(TorchFunctionMode):
         self._var: dict[int, tuple[Tensor, Tensor]] = {}
         self.suspended = False
         self.module_path: list[str] = []
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run torch code (e.g. GP variances inside hooks) without applying variance rules."""
+        self.suspended = True
+        try:
+            yield
+        finally:
+            self.suspended = False
 
     def var(self, t: Any) -> Tensor | None:
         """The variance carried by ``t``, or None when ``t`` is deterministic."""

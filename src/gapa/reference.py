@@ -27,7 +27,7 @@ def monte_carlo_moments(
 
     def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
         z = z_seen.pop(key)
-        var = gm.sites[key].variance(z.reshape(-1, z.shape[-1])).reshape(z.shape)
+        var = gm.sites[key].variance(z)
         eps = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         return out + var.sqrt() * eps
 

@@ -129,7 +129,10 @@ class GPSite:
         return self._index.search(scaled, k)
 
     def variance(self, z: torch.Tensor) -> torch.Tensor:
-        """Posterior variance (B, d) of the activation at pre-activations ``z`` (B, d)."""
+        """Posterior variance of the activation at pre-activations ``z`` (..., d), same shape;
+        every leading position is one query."""
+        if z.dim() != 2 and z.shape[-1:] == (self.width,):
+            return self.variance(z.reshape(-1, self.width)).reshape(z.shape)
         if z.shape[-1] != self.width:
             raise InputError(
                 f"the GAPA layer {self.key!r} has {self.width} units but received a "
