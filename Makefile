@@ -2,6 +2,8 @@
 PY      := .venv/bin/python
 TORCH   := torch==2.13.0
 STAMP   := .venv/.installed
+LAPLACE := laplace-torch==0.3 backpack-for-pytorch==1.7.1
+LAPLACE_DEPS := asdfghjkl==0.1a4 curvlinops-for-pytorch==3.0.1 einops unfoldNd einconv opt-einsum torchmetrics
 
 .PHONY: demo test test-slow lint bench clean
 
@@ -11,6 +13,12 @@ $(STAMP): pyproject.toml
 	# torch first, on its own, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
+	# laplace-torch (the Laplace baselines) and backpack declare torchvision, which pulls a CUDA
+	# torch and does not import beside the CPU one: install them without dependencies, add
+	# theirs with torch pinned, then drop the torchvision that the resolver still brings.
+	$(PY) -m pip install --quiet --no-deps $(LAPLACE)
+	$(PY) -m pip install --quiet $(TORCH) $(LAPLACE_DEPS)
+	$(PY) -m pip uninstall --quiet --yes torchvision
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -4,6 +4,7 @@ module's, mean untouched."""
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from gapa import metrics
 from gapa.backbones import cached_regressor
 from gapa.cli import main
 from gapa.data import load_csv
-from gapa.regression import evaluate_gapa, evaluate_map
+from gapa.regression import RECORD_FIELDS, fit_gapa, fit_map, run_method
 
 
 @pytest.fixture
@@ -38,8 +39,8 @@ def test_cli_demo_on_csv_writes_records_and_figure(table, tmp_path, capsys):
     records = json.loads(out.read_text())
     assert [r["method"] for r in records] == ["map", "gapa"]
     for r in records:
-        assert set(r) == {"method", "nll", "crps", "cqm", "rmse", "fit_s", "test_s"}
-        assert all(np.isfinite(r[k]) for k in r if k != "method")
+        assert set(RECORD_FIELDS) <= set(r)
+        assert all(np.isfinite(r[k]) for k in ("nll", "crps", "cqm", "rmse", "fit_s", "test_s"))
     # same backbone, same mean: RMSE identical
     assert records[0]["rmse"] == records[1]["rmse"]
     assert fig.stat().st_size > 10_000
@@ -55,14 +56,16 @@ def test_pipeline_scores_equal_metrics_module(table):
     data = load_csv(table, "y")
     model, _, trained = cached_regressor(data, progress=False, max_epochs=5)
     assert trained and not cached_regressor(data, progress=False, max_epochs=5)[2]  # cache hit
-    res, gm = evaluate_gapa(model, data, layers=["3"], k=2, m=None)
+    res = run_method("gapa", partial(fit_gapa, layers=["3"], k=2, m=None), model, data)
+    gm = res.fitted.handle
     with torch.no_grad():
         assert torch.equal(res.mean, model(data.x_test) * data.y_std + data.y_mean)
     y = data.y_test * data.y_std + data.y_mean
     assert res.nll == metrics.gaussian_nll(res.mean, res.std, y)
     assert res.crps == metrics.crps_gaussian(res.mean, res.std, y)
     assert res.cqm == metrics.cqm(res.mean, res.std, y)
-    base = evaluate_map(model, data)
+    base = run_method("map", fit_map, model, data)
     assert base.rmse == res.rmse
-    # the calibrated GAPA predictive can always fall back to MAP's: validation NLL no worse
-    assert gm.calibration.scale >= 0.0
+    # the pipeline's calibration is the library's: same validation fit as gm.calibrate
+    cal = gm.calibrate(data.x_val, data.y_val)
+    assert (res.scale, res.noise) == (cal.scale, cal.noise)

@@ -1,13 +1,20 @@
-"""The published regression backbone (MLP, 3 x 200 tanh), trained once and cached on disk."""
+"""The published regression backbone (MLP, 3 x 200 tanh), trained once and cached on disk.
+
+Baselines that train their own networks (MC dropout, deep ensembles) train them here too, with
+the same settings, so they share the cache; each cached file records how long its training took,
+so a benchmark that loads it still reports the training cost.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -21,11 +28,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GAPA_CACHE_DIR", Path.home() / ".cache" / "gapa"))
 
 
-def mlp(d_in: int, d_out: int = 1, width: int = 200, depth: int = 3) -> nn.Sequential:
-    """``depth`` hidden Linear + Tanh layers of ``width`` units, then a Linear head."""
+def mlp(
+    d_in: int, d_out: int = 1, width: int = 200, depth: int = 3, dropout: float = 0.0
+) -> nn.Sequential:
+    """``depth`` hidden Linear + Tanh layers of ``width`` units, then a Linear head.
+
+    With ``dropout > 0`` an ``nn.Dropout(dropout)`` follows each hidden Tanh (the MC-dropout
+    architecture). Without, the modules are exactly Linear, Tanh, ..., Linear, so their names
+    ("0", "1", ...) are those of the published backbone.
+    """
     layers: list[nn.Module] = []
     for i in range(depth):
         layers += [nn.Linear(d_in if i == 0 else width, width), nn.Tanh()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(width, d_out))
     return nn.Sequential(*layers)
 
@@ -40,13 +56,18 @@ def train_regressor(
     patience: int = 5,
     batch_size: int = 512,
     lr: float = 1e-3,
+    dropout: float = 0.0,
     progress: bool = True,
 ) -> nn.Sequential:
     """Adam on the standardised MSE with early stopping on validation MSE; returns the best
-    model, in eval mode."""
+    model, in eval mode.
+
+    ``dropout`` builds :func:`mlp` with dropout layers, active while training and off (eval
+    mode) for the validation MSE that early stopping watches.
+    """
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # nn.Linear's initialisation draws from the global generator
-    model = mlp(data.n_features, width=width, depth=depth)
+    torch.manual_seed(seed)  # nn.Linear's initialisation (and dropout) draw from the global one
+    model = mlp(data.n_features, width=width, depth=depth, dropout=dropout)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     best, best_state, stale = float("inf"), None, 0
     bar = tqdm(range(max_epochs), desc="training backbone", disable=not progress, leave=False)
@@ -84,16 +105,36 @@ def cached_regressor(data: RegressionData, *, seed: int = 0, progress: bool = Tr
     """Train the backbone, or load it when the same data and settings were trained before.
 
     Returns ``(model, path, trained)``. The cache key hashes the training and validation data
-    and the settings; files are written aside and renamed, so an interrupted run leaves none.
+    and the settings (``kw`` are :func:`train_regressor`'s; ``dropout=0`` counts as not given,
+    so the published backbone keeps its key); files are written aside and renamed, so an
+    interrupted run leaves none. Each file records its training time (see
+    :func:`training_seconds`); a file from an older gapa without one is retrained.
     """
+    if not kw.get("dropout"):
+        kw.pop("dropout", None)
     config = {"seed": seed, "arch": "mlp-tanh", **kw}
     path = cache_dir() / "backbones" / f"{data.name}-{_fingerprint(data, **config)}.safetensors"
-    width, depth = kw.get("width", 200), kw.get("depth", 3)
-    if path.exists():
-        model = mlp(data.n_features, width=width, depth=depth)
+    if path.exists() and training_seconds(path) is not None:
+        model = mlp(
+            data.n_features,
+            width=kw.get("width", 200),
+            depth=kw.get("depth", 3),
+            dropout=kw.get("dropout", 0.0),
+        )
         model.load_state_dict(load_file(path))
         return model.eval(), path, False
+    t0 = time.perf_counter()
     model = train_regressor(data, seed=seed, progress=progress, **kw)
+    metadata = {"train_s": repr(time.perf_counter() - t0), "config": json.dumps(config)}
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata)
     return model, path, True
+
+
+def training_seconds(path: str | os.PathLike) -> float | None:
+    """Wall-clock seconds the training of the cached backbone at ``path`` took; ``None`` for a
+    file written before training times were recorded (:func:`cached_regressor` retrains those).
+    """
+    with safe_open(str(path), "pt") as f:
+        recorded = (f.metadata() or {}).get("train_s")
+    return None if recorded is None else float(recorded)

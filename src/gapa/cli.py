@@ -1,4 +1,4 @@
-"""Command line: ``gapa demo`` (the main job on flights or your own CSV)."""
+"""Command line: ``gapa demo`` (the main job on flights or your own CSV) and ``gapa bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from .bench import METHODS, parse_methods, run_benchmark, summary_table
+from .data import DATASETS, load_csv, load_dataset
 from .demo import DEMO_GAPA, DemoConfig, run_demo
 from .errors import GAPAError
 
@@ -28,21 +30,67 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--m", type=int, default=DEMO_GAPA["m"],
                    help="inducing points, 0 for the whole cache (default %(default)s)")
     d.add_argument("--no-progress", dest="progress", action="store_false")
+    _bench_parser(sub)
     return p
+
+
+def _bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks of the paper")
+    bsub = b.add_subparsers(dest="task", required=True)
+    r = bsub.add_parser("regression", help="every method of the regression table, over seeds")
+    r.add_argument("--dataset", default="flights", choices=sorted(DATASETS),
+                   help="flights (default, fetched offline), year-synthetic (timing only), or "
+                   "airline|year|taxi with --data-path")
+    r.add_argument("--data-path", help="the original file of airline, year or taxi")
+    r.add_argument("--csv", help="any table instead of --dataset; needs --target")
+    r.add_argument("--target", help="the target column of --csv")
+    r.add_argument("--split", choices=["time", "shuffled"], default="time",
+                   help="flights split (default %(default)s)")
+    r.add_argument("--methods", default="all",
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    r.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default %(default)s)")
+    r.add_argument("--max-epochs", type=int, default=None,
+                   help="cap on backbone training epochs (default: the backbone's own, 40)")
+    r.add_argument("--json", dest="json_path", help="write one record per method and seed")
+    r.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _bench(args) -> None:
+    methods = parse_methods(args.methods)
+    if args.csv:
+        data = load_csv(args.csv, args.target)
+    else:
+        kw = {"split": args.split} if args.dataset == "flights" else {}
+        data = load_dataset(args.dataset, args.data_path, **kw)
+    print(f"data: {data.describe()}")
+    train = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    results = run_benchmark(data, methods, args.seeds, train=train,
+                            progress=args.progress, json_path=args.json_path)
+    if args.json_path:
+        print(f"records written to {args.json_path}")
+    print(f"\n{data.name}: mean ± standard error over seeds (CRPS, RMSE in target units; "
+          "lower is better, best in bold)")
+    print(summary_table(results))
+
+
+def _demo_config(args) -> DemoConfig:
+    gapa_opts = {"layers": args.layers.split(","), "k": args.k, "m": args.m or None}
+    return DemoConfig(csv=args.csv, target=args.target, split=args.split, seed=args.seed,
+                      json_path=args.json_path, figure=args.figure, progress=args.progress,
+                      gapa=gapa_opts)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.csv and not args.target:
-        print("gapa demo: --csv needs --target COLUMN", file=sys.stderr)
+        print(f"gapa {args.command}: --csv needs --target COLUMN", file=sys.stderr)
         return 2
-    gapa_opts = {"layers": args.layers.split(","), "k": args.k, "m": args.m or None}
-    cfg = DemoConfig(csv=args.csv, target=args.target, split=args.split, seed=args.seed,
-                     json_path=args.json_path, figure=args.figure, progress=args.progress,
-                     gapa=gapa_opts)
     try:
-        run_demo(cfg)
+        if args.command == "bench":
+            _bench(args)
+        else:
+            run_demo(_demo_config(args))
     except GAPAError as exc:
         print(f"gapa: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

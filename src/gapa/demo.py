@@ -3,22 +3,21 @@ fit GAPA on its training activations, calibrate on validation, compare with MAP 
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .backbones import cached_regressor
+from .bench import GAPA_DEFAULT, summary_table, write_records
 from .data import RegressionData, load_csv, load_flights
-from .io import atomic_path
 from .plotting import demo_figure
-from .regression import MethodResult, evaluate_gapa, evaluate_map
+from .regression import MethodResult, fit_gapa, fit_map, run_method
 
 #: GAPA settings of the demo, chosen from benchmarks/defaults_ablation.py (see RESULTS.md).
-DEMO_GAPA = {"layers": ["3"], "k": 1, "m": 512}
+DEMO_GAPA = GAPA_DEFAULT
 
 
 @dataclass
@@ -47,38 +46,21 @@ def run_demo(cfg: DemoConfig) -> list[MethodResult]:
     layers = cfg.gapa.get("layers")
     if layers and any(name not in dict(model.named_modules()) for name in layers):
         cfg.gapa.pop("layers")
-    map_res = evaluate_map(model, data)
-    gapa_res, gm = evaluate_gapa(model, data, progress=cfg.progress, **cfg.gapa)
+    run = partial(run_method, backbone=model, data=data, seed=cfg.seed, progress=cfg.progress)
+    map_res = run("map", fit_map)
+    gapa_res = run("gapa", partial(fit_gapa, **cfg.gapa))
+    gm = gapa_res.fitted.handle
     results = [map_res, gapa_res]
     print(f"\nGAPA: layers {gm.layers}, k={gm.config.k}, m={gm.config.m}; calibrated scale "
-          f"{gm.calibration.scale:.3g}, noise {gm.calibration.noise:.3g} (standardised units)")
-    print(format_table(results, unit="target units" if cfg.csv else "minutes"))
+          f"{gapa_res.scale:.3g}, noise {gapa_res.noise:.3g} (standardised units); "
+          f"CRPS and RMSE in {'target units' if cfg.csv else 'minutes'}")
+    print(summary_table(results))
     if cfg.json_path:
-        write_json(cfg.json_path, [r.record() for r in results])
+        write_records(cfg.json_path, results)
         print(f"records written to {cfg.json_path}")
     fig = _figure(cfg, data, gm, map_res, gapa_res)
     print(f"figure saved to {fig}")
     return results
-
-
-def format_table(results: list[MethodResult], unit: str) -> str:
-    base = results[0].test_s
-    lines = [
-        f"| method | NLL | CRPS ({unit}) | CQM | RMSE ({unit}) | fit s | test s | test / MAP |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r.method} | {r.nll:.3f} | {r.crps:.3f} | {r.cqm:.3f} | {r.rmse:.3f} | "
-            f"{r.fit_s:.2f} | {r.test_s:.3f} | {r.test_s / base:.1f}x |"
-        )
-    return "\n".join(lines)
-
-
-def write_json(path: str | os.PathLike, records: list[dict]) -> None:
-    """Write aside, then rename: an interrupted run never leaves half a file."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(records, f, indent=2)
 
 
 def _figure(cfg: DemoConfig, data: RegressionData, gm, map_res, gapa_res) -> Path:

@@ -1,17 +1,29 @@
-"""The regression pipeline shared by the demo and the benchmarks: fit, calibrate, score."""
+"""The regression pipeline shared by the demo and the benchmark: fit a method, calibrate it on
+validation, score it on test.
+
+Every method, GAPA included, goes through :func:`run_method`: the method returns its epistemic
+variance, one scale and one homoscedastic noise are fitted on validation for all methods alike,
+and the test metrics come from :mod:`gapa.metrics`.
+"""
 
 from __future__ import annotations
 
+import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .baselines import FitFn, Fitted
 from .calibration import fit_scale_and_noise
 from .core import GAPA
 from .data import RegressionData
 from .metrics import regression_report
+from .moments import Moments
+
+#: The fields every JSON record has, in this order.
+RECORD_FIELDS = ("dataset", "method", "seed", "nll", "crps", "cqm", "rmse", "fit_s", "test_s")
 
 
 @dataclass
@@ -27,45 +39,74 @@ class MethodResult:
     test_s: float
     mean: torch.Tensor  # test predictive mean, target units
     std: torch.Tensor  # test predictive standard deviation, target units
+    dataset: str = ""
+    seed: int = 0
+    scale: float = 0.0  # validation-fitted multiplier of the method's variance
+    noise: float = 0.0  # validation-fitted homoscedastic noise variance, standardised units
+    peak_rss_mib: float = 0.0  # the process's peak resident memory when the method finished
+    info: dict = field(default_factory=dict)
+    fitted: Fitted | None = field(default=None, repr=False)
 
     def record(self) -> dict:
-        return {k: getattr(self, k) for k in ("method", "nll", "crps", "cqm", "rmse", "fit_s", "test_s")}
+        """The JSON record: :data:`RECORD_FIELDS` plus calibration, memory and method info."""
+        rec = {k: getattr(self, k) for k in RECORD_FIELDS}
+        rec.update(scale=self.scale, noise=self.noise, peak_rss_mib=self.peak_rss_mib,
+                   info=self.info)
+        return rec
 
 
-def _score(method: str, data: RegressionData, mean, std, fit_s: float, test_s: float) -> MethodResult:
-    mean_u, std_u = data.to_target_units(mean, std)
-    y_u = data.y_test * data.y_std + data.y_mean
-    report = regression_report(mean_u, std_u, y_u)
-    return MethodResult(method, **report, fit_s=fit_s, test_s=test_s, mean=mean_u, std=std_u)
+def fit_map(backbone: nn.Module, data: RegressionData, **_) -> Fitted:
+    """The frozen network alone: zero epistemic variance, so calibration fits only the noise."""
+
+    def predict(x: torch.Tensor) -> Moments:
+        with torch.no_grad():
+            mean = backbone(x)
+        return Moments(mean, torch.zeros_like(mean))
+
+    return Fitted(predict)
 
 
-def evaluate_map(model: nn.Module, data: RegressionData) -> MethodResult:
-    """The frozen network with one homoscedastic noise fitted on validation (closed form)."""
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        val_mean = model(data.x_val)
-    cal = fit_scale_and_noise(val_mean, torch.zeros_like(val_mean), data.y_val)
-    fit_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        mean = model(data.x_test)
-    std = cal.predictive_std(torch.zeros_like(mean))
-    return _score("map", data, mean, std, fit_s, time.perf_counter() - t0)
+def fit_gapa(
+    backbone: nn.Module, data: RegressionData, *, seed: int = 0, progress: bool = False,
+    train: dict | None = None, **options,
+) -> Fitted:
+    """GAPA on the training inputs; ``options`` go to :class:`gapa.GAPA`."""
+    gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
+    info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m}
+    return Fitted(gm, info=info, handle=gm)
 
 
-def evaluate_gapa(
-    model: nn.Module, data: RegressionData, *, method: str = "gapa", progress: bool = False, **options
-) -> tuple[MethodResult, GAPA]:
-    """Fit GAPA on the training inputs, calibrate on validation, score on test.
+def run_method(
+    name: str,
+    fit: FitFn,
+    backbone: nn.Module,
+    data: RegressionData,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    train: dict | None = None,
+) -> MethodResult:
+    """Fit, calibrate on validation, predict on test, score in target units.
 
-    ``fit_s`` covers caching, building the GPs and calibration; ``test_s`` one pass over the test
-    inputs.
+    ``fit_s`` covers the method's fit and the calibration (for methods that train networks, the
+    recorded training seconds instead of the fit call); ``test_s`` one pass over the test inputs.
     """
     t0 = time.perf_counter()
-    gm = GAPA(model, **options).fit(data.x_train, progress=progress)
-    gm.calibrate(data.x_val, data.y_val)
-    fit_s = time.perf_counter() - t0
+    fitted = fit(backbone, data, seed=seed, progress=progress, train=dict(train or {}))
+    fit_call_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pred = gm.predict(data.x_test)
+    val = fitted.predict(data.x_val)
+    cal = fit_scale_and_noise(val.mean, val.var, data.y_val)
+    calibrate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test = fitted.predict(data.x_test)
     test_s = time.perf_counter() - t0
-    return _score(method, data, pred.mean, pred.stddev, fit_s, test_s), gm
+    fit_s = (fit_call_s if fitted.fit_s is None else fitted.fit_s) + calibrate_s
+    mean, std = data.to_target_units(test.mean, cal.predictive_std(test.var))
+    y = data.y_test * data.y_std + data.y_mean
+    return MethodResult(
+        name, **regression_report(mean, std, y), fit_s=fit_s, test_s=test_s, mean=mean, std=std,
+        dataset=data.name, seed=seed, scale=cal.scale, noise=cal.noise,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        info=fitted.info, fitted=fitted,
+    )

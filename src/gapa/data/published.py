@@ -217,8 +217,19 @@ def _load_flights(path: str | Path | None = None, **kw: Any) -> RegressionData:
     return load_flights(**kw)
 
 
+def _synthetic_year(path: str | Path | None = None, **kw: Any) -> RegressionData:
+    from .synthetic import synthetic_year
+
+    if path is not None:
+        raise DataError("year-synthetic is generated and takes no path; drop `path`.")
+    return synthetic_year(**kw)
+
+
+#: Data sets that are fetched or generated, so need no file.
+BUILT_IN = {"flights": _load_flights, "year-synthetic": _synthetic_year}
+
 DATASETS: dict[str, Callable[..., RegressionData]] = {
-    "flights": _load_flights,
+    **BUILT_IN,
     "airline": load_airline,
     "year": load_year,
     "taxi": load_taxi,
@@ -230,8 +241,8 @@ def load_dataset(name: str, path: str | Path | None = None, **kw: Any) -> Regres
     key = str(name).lower()
     if key not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}.")
-    if key == "flights":
-        return _load_flights(path, **kw)
+    if key in BUILT_IN:
+        return BUILT_IN[key](path, **kw)
     if path is None:
         raise DataError(f"{key} needs `path`: the file {_EXPECTED[key]}.")
     return DATASETS[key](path, **kw)

@@ -1,0 +1,44 @@
+"""Peer methods the regression benchmark compares GAPA with.
+
+Every method is a function with one signature::
+
+    fit(backbone, data, *, seed, progress, train) -> Fitted
+
+``backbone`` is the frozen MAP network (eval mode) trained on ``data`` with the keyword arguments
+``train`` (passed to :func:`gapa.backbones.cached_regressor`; methods that train their own
+networks, such as MC dropout and ensembles, train them with the same settings). ``Fitted.predict``
+maps standardised inputs to :class:`gapa.Moments` in standardised target units whose ``var`` is
+the method's *epistemic* variance only: the benchmark then fits one scale and one homoscedastic
+noise on validation for every method alike (:mod:`gapa.calibration`), so that no method wins by
+its noise model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..moments import Moments
+
+
+@dataclass
+class Fitted:
+    """A fitted method: its predictive, and what the benchmark should record about it.
+
+    ``fit_s`` is set by methods whose cost is training networks (read from the backbone cache,
+    so a cached model still reports what training it took); post-hoc methods leave it ``None``
+    and the benchmark times their ``fit`` call. ``info`` lands in the JSON record (chosen
+    hyperparameters, sample counts, ...).
+    """
+
+    predict: Callable[[torch.Tensor], Moments]
+    fit_s: float | None = None
+    info: dict = field(default_factory=dict)
+    handle: Any = field(default=None, repr=False)  # the fitted object itself, for figures
+
+
+#: The signature every method shares.
+FitFn = Callable[..., Fitted]
