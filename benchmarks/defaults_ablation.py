@@ -80,7 +80,8 @@ def plot(rows: list[dict], path: str, n_train: int, title: str) -> None:
         if key != "test_over_map":
             ax.axhline(base[key], color="k", ls="--", lw=1, label="MAP")
         ax.set_xscale("log")
-        ax.set_xlabel("M (inducing points; right-most = whole cache)")
+        whole = any(r["m"] is None for r in gapa_rows)
+        ax.set_xlabel("M (inducing points" + ("; right-most = whole cache)" if whole else ")"))
         ax.set_ylabel(label)
         if key == "test_over_map":
             ax.set_yscale("log")

@@ -48,7 +48,7 @@ def test_every_method_runs_and_scores_like_the_metrics_module(tiny, tmp_path):
     assert len(records) == len(results)
     for rec in records:
         assert list(rec)[: len(RECORD_FIELDS)] == list(RECORD_FIELDS)
-        assert rec["dataset"] == "tiny"
+        assert rec["dataset"] == "tiny" and rec["split"] == "rows"
         assert all(np.isfinite(rec[k]) for k in RECORD_FIELDS[3:])
 
 

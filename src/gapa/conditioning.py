@@ -34,8 +34,8 @@ def nearest_variance(
     z: torch.Tensor, x: torch.Tensor, r: torch.Tensor, hp: Hyperparameters
 ) -> torch.Tensor:
     """Posterior variance given one neighbour: ``z`` (B, d), ``x`` (B, d), ``r`` (B,)."""
-    rho = _correlation(z, x, hp.lengthscale)
-    var = hp.amplitude * (1.0 - rho.square() / (1.0 + r.unsqueeze(-1)))
+    rho2 = torch.exp(-((z - x) / hp.lengthscale).square())  # k(z, x)^2 / a^2 in one exp
+    var = hp.amplitude * (1.0 - rho2 / (1.0 + r.unsqueeze(-1)))
     return clamp_variance(var, hp.amplitude)
 
 

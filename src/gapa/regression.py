@@ -40,17 +40,18 @@ class MethodResult:
     mean: torch.Tensor  # test predictive mean, target units
     std: torch.Tensor  # test predictive standard deviation, target units
     dataset: str = ""
+    split: str = ""  # how the data set was split (time-ordered, shuffled, file order, ...)
     seed: int = 0
     scale: float = 0.0  # validation-fitted multiplier of the method's variance
     noise: float = 0.0  # validation-fitted homoscedastic noise variance, standardised units
-    peak_rss_mib: float = 0.0  # the process's peak resident memory when the method finished
+    peak_rss_mib: float = 0.0  # peak resident memory of the process while the method ran
     info: dict = field(default_factory=dict)
     fitted: Fitted | None = field(default=None, repr=False)
 
     def record(self) -> dict:
         """The JSON record: :data:`RECORD_FIELDS` plus calibration, memory and method info."""
         rec = {k: getattr(self, k) for k in RECORD_FIELDS}
-        rec.update(scale=self.scale, noise=self.noise, peak_rss_mib=self.peak_rss_mib,
+        rec.update(split=self.split, scale=self.scale, noise=self.noise, peak_rss_mib=self.peak_rss_mib,
                    info=self.info)
         return rec
 
@@ -91,6 +92,7 @@ def run_method(
     ``fit_s`` covers the method's fit and the calibration (for methods that train networks, the
     recorded training seconds instead of the fit call); ``test_s`` one pass over the test inputs.
     """
+    _reset_peak_rss()
     t0 = time.perf_counter()
     fitted = fit(backbone, data, seed=seed, progress=progress, train=dict(train or {}))
     fit_call_s = time.perf_counter() - t0
@@ -106,7 +108,28 @@ def run_method(
     y = data.y_test * data.y_std + data.y_mean
     return MethodResult(
         name, **regression_report(mean, std, y), fit_s=fit_s, test_s=test_s, mean=mean, std=std,
-        dataset=data.name, seed=seed, scale=cal.scale, noise=cal.noise,
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        dataset=data.name, split=data.split, seed=seed, scale=cal.scale, noise=cal.noise,
+        peak_rss_mib=_peak_rss_mib(),
         info=fitted.info, fitted=fitted,
     )
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux), so the next reading is this method's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory since the last reset (``VmHWM``), else the process's ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
