@@ -34,9 +34,13 @@ def nearest_variance(
     z: torch.Tensor, x: torch.Tensor, r: torch.Tensor, hp: Hyperparameters
 ) -> torch.Tensor:
     """Posterior variance given one neighbour: ``z`` (B, d), ``x`` (B, d), ``r`` (B,)."""
-    rho2 = torch.exp(-((z - x) / hp.lengthscale).square())  # k(z, x)^2 / a^2 in one exp
-    var = hp.amplitude * (1.0 - rho2 / (1.0 + r.unsqueeze(-1)))
-    return clamp_variance(var, hp.amplitude)
+    # In place on one fresh (B, d) buffer: at test-set sizes each extra temporary costs as much
+    # as an elementwise pass of the network itself. Variances are not differentiated.
+    with torch.no_grad():
+        var = z - x
+        var.div_(hp.lengthscale).square_().neg_().exp_()  # k(z, x)^2 / a^2
+        var.div_(1.0 + r.unsqueeze(-1)).neg_().add_(1.0).mul_(hp.amplitude)
+        return clamp_variance(var, hp.amplitude)
 
 
 def local_variance(

@@ -62,6 +62,4 @@ def safe_cholesky(a: torch.Tensor) -> torch.Tensor:
 def clamp_variance(var: torch.Tensor, amplitude: torch.Tensor | float) -> torch.Tensor:
     """Clamp posterior variances into ``[VARIANCE_FLOOR * amplitude, amplitude]``."""
     floor = VARIANCE_FLOOR * amplitude
-    if isinstance(amplitude, torch.Tensor):
-        return torch.maximum(torch.minimum(var, amplitude), floor)
     return var.clamp(min=floor, max=amplitude)
