@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
+from torch import nn
 from tqdm.auto import tqdm
 
 from .backbones import cached_regressor
@@ -72,7 +73,8 @@ def run_benchmark(
     json_path: str | os.PathLike | None = None,
     log=print,
 ) -> list[MethodResult]:
-    """Each method on each seed; the backbone of seed ``s`` is trained once and cached.
+    """Each method on each seed; the backbone of seed ``s`` is trained once (cached on disk) and
+    loaded once per run.
 
     With ``json_path`` the records are rewritten after every result, so an interrupted run keeps
     what it finished. A method whose optional dependency is missing (laplace-torch) is reported
@@ -82,10 +84,13 @@ def run_benchmark(
         raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
     train = dict(train or {})
     results: list[MethodResult] = []
+    backbones: dict[int, nn.Module] = {}
     for name in methods:
         bar = tqdm(range(seeds), desc=name, disable=not progress)
         for seed in bar:
-            backbone, _, _ = cached_regressor(data, seed=seed, progress=progress, **train)
+            if seed not in backbones:
+                backbones[seed] = cached_regressor(data, seed=seed, progress=progress, **train)[0]
+            backbone = backbones[seed]
             try:
                 res = run_method(name, METHODS[name], backbone, data, seed=seed,
                                  progress=progress, train=train)

@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from .bench import METHODS, parse_methods, run_benchmark, summary_table
+from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_table
 from .data import DATASETS, load_csv, load_dataset
-from .demo import DEMO_GAPA, DemoConfig, run_demo
+from .demo import DemoConfig, run_demo
 from .errors import GAPAError
 
 
@@ -25,9 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--json", dest="json_path", help="write one record per method to this file")
     d.add_argument("--figure", default="gapa-demo.png", help="where to save the figure")
     d.add_argument("--layers", help="comma-separated GAPA layers (default: %(default)s)",
-                   default=",".join(DEMO_GAPA["layers"]))
-    d.add_argument("--k", type=int, default=DEMO_GAPA["k"], help="neighbours (default %(default)s)")
-    d.add_argument("--m", type=int, default=DEMO_GAPA["m"],
+                   default=",".join(GAPA_DEFAULT["layers"]))
+    d.add_argument("--k", type=int, default=GAPA_DEFAULT["k"], help="neighbours (default %(default)s)")
+    d.add_argument("--m", type=int, default=GAPA_DEFAULT["m"],
                    help="inducing points, 0 for the whole cache (default %(default)s)")
     d.add_argument("--no-progress", dest="progress", action="store_false")
     _bench_parser(sub)

@@ -16,9 +16,6 @@ from .data import RegressionData, load_csv, load_flights
 from .plotting import demo_figure
 from .regression import MethodResult, fit_gapa, fit_map, run_method
 
-#: GAPA settings of the demo, chosen from benchmarks/defaults_ablation.py (see RESULTS.md).
-DEMO_GAPA = GAPA_DEFAULT
-
 
 @dataclass
 class DemoConfig:
@@ -29,7 +26,7 @@ class DemoConfig:
     json_path: str | None = None
     figure: str = "gapa-demo.png"
     progress: bool = True
-    gapa: dict = field(default_factory=lambda: dict(DEMO_GAPA))
+    gapa: dict = field(default_factory=lambda: dict(GAPA_DEFAULT))
 
 
 def load_demo_data(cfg: DemoConfig) -> RegressionData:

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from .published import YEAR_FEATURES, YEAR_TOTAL, YEAR_TRAIN, YEAR_VAL
 from .regression import RegressionData, from_arrays
 
-YEAR_SHAPE = (515_345, 90)
-YEAR_SIZES = (400_000, 63_715, 51_630)
 
-
-def synthetic_year(n: int = YEAR_SHAPE[0], d: int = YEAR_SHAPE[1], *, seed: int = 0
+def synthetic_year(n: int = YEAR_TOTAL, d: int = len(YEAR_FEATURES), *, seed: int = 0
                    ) -> RegressionData:
     """Gaussian features, target ``sin`` of random projections plus 10% noise."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d), dtype=np.float32)
     w = rng.standard_normal((d, 8), dtype=np.float32) / np.sqrt(d)
     y = np.sin(x @ w).sum(axis=1) + 0.1 * rng.standard_normal(n, dtype=np.float32)
-    sizes = tuple(round(s * n / YEAR_SHAPE[0]) for s in YEAR_SIZES[:2])
+    sizes = tuple(round(s * n / YEAR_TOTAL) for s in (YEAR_TRAIN, YEAR_VAL))
     return from_arrays(
         x, y, name="year-synthetic", feature_names=[f"x{i}" for i in range(d)],
         sizes=(*sizes, n - sum(sizes)), split="random rows, Year's 400000/63715/51630 sizes",
