@@ -21,7 +21,7 @@ from .errors import (
     NotFittedError,
 )
 from .moments import Moments
-from .propagation import VarianceTracker
+from .propagation import VarianceTracker, tracking
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
 
@@ -30,6 +30,17 @@ ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Softplus,
     nn.Mish, nn.SELU, nn.CELU, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Softsign,
 )
+
+
+def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Move the unit axis of an activation last. Feature maps of 2-D and 3-D convolutions (4 or
+    5 dimensions) are channel-first in PyTorch: their channels are the units and every spatial
+    position is one query. For 2- and 3-dimensional activations (MLPs, transformers' (batch,
+    tokens, width)) the last axis holds the units; a Conv1d feature map (N, C, L) would be read
+    as L units, so GAPA layers in Conv1d networks belong after the flatten."""
+    if z.dim() < 4:
+        return z
+    return z.movedim(-1, 1) if inverse else z.movedim(1, -1)
 
 
 def site_key(layer: str, call: int) -> str:
@@ -211,7 +222,8 @@ class GAPA:
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
         def record(key: str, z: torch.Tensor) -> None:
-            cache.setdefault(key, []).append(z.detach().reshape(-1, z.shape[-1]).clone())
+            rows = units_last(z.detach())
+            cache.setdefault(key, []).append(rows.reshape(-1, rows.shape[-1]).clone())
 
         with self._call_sites(record):
             yield
@@ -264,14 +276,15 @@ class GAPA:
                     "module more often than on the training data); refit on representative data"
                 )
             with tracker.paused():
-                pending[key] = site.variance(z.detach())
+                pending[key] = units_last(site.variance(units_last(z.detach())), inverse=True)
 
         def on_output(key: str, out: torch.Tensor) -> None:
             with tracker.paused():
                 tracker.set_var(out, tracker.var_or_zero(out) + pending.pop(key))
 
-        with torch.no_grad(), self._call_sites(on_call, on_output), self._module_path(tracker), \
-                tracker:
+        # tracking first: its hooks set a module's propagated variance before on_output adds
+        # the GP variance to it
+        with torch.no_grad(), tracking(self.model, tracker), self._call_sites(on_call, on_output):
             mean = self.model(x)
         if not isinstance(mean, torch.Tensor):
             raise InputError(
@@ -279,29 +292,6 @@ class GAPA:
             )
         var = tracker.var(mean)
         return Moments(mean, torch.zeros_like(mean) if var is None else var)
-
-    @contextlib.contextmanager
-    def _module_path(self, tracker: VarianceTracker) -> Iterator[None]:
-        """Keep ``tracker.module_path`` at the module whose forward is running, so that an
-        operation without a variance rule is reported with the module it happened in."""
-        handles = []
-        for name, module in self.model.named_modules():
-            label = f"{name} ({type(module).__name__})" if name else type(module).__name__
-
-            def enter(mod, args, label=label):
-                tracker.module_path.append(label)
-
-            def leave(mod, args, output):
-                if tracker.module_path:
-                    tracker.module_path.pop()
-
-            handles.append(module.register_forward_pre_hook(enter))
-            handles.append(module.register_forward_hook(leave, always_call=True))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def pre_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pre-activation (rows, units) at every GAPA call site for inputs ``x``."""

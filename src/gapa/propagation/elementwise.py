@@ -1,0 +1,55 @@
+"""Elementwise nonlinearities by the delta method, ``var_out = phi'(mu)^2 var_in``, and dropout
+in eval mode (the identity)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Rule, Tensor, VarianceTracker, rule
+
+
+def _from_output(derivative: Callable[[Tensor], Tensor]) -> Rule:
+    def apply(tr: VarianceTracker, func, args, kwargs):
+        var_in = tr.var(args[0])
+        out = func(*args, **kwargs)
+        return out, derivative(out).square() * var_in
+
+    return apply
+
+
+rule(torch.tanh, Tensor.tanh, F.tanh)(_from_output(lambda y: 1.0 - y.square()))
+rule(torch.sigmoid, Tensor.sigmoid, F.sigmoid)(_from_output(lambda y: y * (1.0 - y)))
+
+
+def slope(func: Callable, mu: Tensor, *rest, **kwargs) -> Tensor:
+    """``func'(mu)`` of an elementwise ``func`` by autograd (the gradient of the sum), taken on a
+    copy so that in-place variants still see their input afterwards."""
+    with torch.enable_grad():
+        leaf = mu.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(func(leaf.clone(), *rest, **kwargs).sum(), leaf)
+    return grad
+
+
+@rule(
+    F.relu, torch.relu, Tensor.relu, F.relu_, torch.relu_, Tensor.relu_,
+    F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.mish, F.selu, F.celu, F.hardtanh,
+    F.hardswish, F.hardsigmoid, F.relu6, F.logsigmoid, F.softsign, F.tanhshrink,
+)
+def _elementwise(tr: VarianceTracker, func, args, kwargs):
+    """Any elementwise function: its slope at the mean by autograd."""
+    mu, rest = args[0], args[1:]
+    g = slope(func, mu, *rest, **kwargs)
+    var_in = tr.var(mu)
+    out = func(*args, **kwargs)
+    return out, g.square() * var_in
+
+
+@rule(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
+def _dropout(tr: VarianceTracker, func, args, kwargs):
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    if training:
+        raise tr.unsupported(f"{func.__name__} in training mode (call model.eval() first)")
+    return func(*args, **kwargs), tr.var(args[0])
