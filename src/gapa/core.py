@@ -22,6 +22,7 @@ from .errors import (
 )
 from .moments import Moments
 from .propagation import VarianceTracker, tracking
+from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
 
@@ -30,6 +31,15 @@ ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Softplus,
     nn.Mish, nn.SELU, nn.CELU, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Softsign,
 )
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether GAPA can make ``module`` a GP activation: an elementwise activation of torch or
+    of ``transformers.activations``."""
+    return isinstance(module, ELEMENTWISE_ACTIVATIONS) or (
+        type(module).__module__ == "transformers.activations"
+        and type(module).__name__ in TRANSFORMERS_ACTIVATIONS
+    )
 
 
 def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -133,7 +143,7 @@ class GAPA:
     def _resolve_layers(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
         modules = dict(model.named_modules())
         if layers is None:
-            found = [n for n, mod in modules.items() if isinstance(mod, ELEMENTWISE_ACTIVATIONS)]
+            found = [n for n, mod in modules.items() if is_activation(mod)]
             if not found:
                 raise LayerError(
                     f"{type(model).__name__} has no elementwise activation module "
@@ -151,7 +161,7 @@ class GAPA:
                     + (f"; did you mean one of {close}?" if close else "")
                     + " (names come from model.named_modules())"
                 )
-            if not isinstance(modules[name], ELEMENTWISE_ACTIVATIONS):
+            if not is_activation(modules[name]):
                 raise LayerError(
                     f"module {name!r} is a {type(modules[name]).__name__}, not an elementwise "
                     "activation; GAPA layers must be one of "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import GAPA
+from .core import GAPA, units_last
 from .moments import Moments
 
 
@@ -27,7 +27,7 @@ def monte_carlo_moments(
 
     def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
         z = z_seen.pop(key)
-        var = gm.sites[key].variance(z)
+        var = units_last(gm.sites[key].variance(units_last(z)), inverse=True)
         eps = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         return out + var.sqrt() * eps
 
@@ -35,3 +35,24 @@ def monte_carlo_moments(
         y = gm.model(reps)
     y = y.reshape(x.shape[0], n_samples, *y.shape[1:])
     return Moments(y.mean(1), y.var(1))
+
+
+def monte_carlo_propagate(
+    fn, mean: torch.Tensor, var: torch.Tensor, n_samples: int, *, generator: torch.Generator,
+    chunk: int = 1,
+) -> Moments:
+    """Moments of ``fn(x)`` for ``x ~ N(mean, diag(var))`` from ``n_samples`` draws: the slow
+    reference of :func:`gapa.propagate` (exact for linear ``fn``, first order in ``var``
+    otherwise). ``chunk`` draws are stacked along dim 0 into one call of ``fn``, so ``chunk > 1``
+    needs an ``fn`` whose rows along dim 0 are independent (a batch); ``chunk=1`` suits any."""
+    draws = []
+    with torch.no_grad():
+        for start in range(0, n_samples, chunk):
+            c = min(chunk, n_samples - start)
+            shape = (c, *mean.shape)
+            eps = torch.randn(shape, generator=generator, dtype=mean.dtype).to(mean.device)
+            x = (mean + var.sqrt() * eps).reshape(c * mean.shape[0], *mean.shape[1:])
+            y = fn(x)
+            draws.append(y.reshape(c, y.shape[0] // c, *y.shape[1:]))
+    y = torch.cat(draws)
+    return Moments(y.mean(0), y.var(0))

@@ -5,7 +5,18 @@ engine (see :mod:`gapa.propagation.engine`); each other module of this package r
 rules of one family of operations.
 """
 
-from . import arithmetic, elementwise, linear, shapes  # noqa: F401  (they register rules)
+from . import (  # noqa: F401  (each registers the rules of one family of operations)
+    arithmetic,
+    attention,
+    convolution,
+    elementwise,
+    joins,
+    linear,
+    normalisation,
+    pooling,
+    reductions,
+    shapes,
+)
 from .engine import (
     MODULE_RULES,
     RULES,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine import Rule, Tensor, VarianceTracker, rule
+from .engine import Rule, Tensor, VarianceTracker, module_rule, rule
 
 
 def _from_output(derivative: Callable[[Tensor], Tensor]) -> Rule:
@@ -53,3 +53,20 @@ def _dropout(tr: VarianceTracker, func, args, kwargs):
     if training:
         raise tr.unsupported(f"{func.__name__} in training mode (call model.eval() first)")
     return func(*args, **kwargs), tr.var(args[0])
+
+
+#: The elementwise activation modules of ``transformers.activations``, matched by class name so
+#: that transformers stays optional. Several write one activation as a composition of operations
+#: on the same input (``0.5 * x * (1 + tanh(...))``), whose function rules would treat the
+#: factors as independent; the module rule takes the exact slope of the whole activation.
+TRANSFORMERS_ACTIVATIONS = (
+    "AccurateGELUActivation", "ClippedGELUActivation", "FastGELUActivation", "GELUActivation",
+    "GELUTanh", "LaplaceActivation", "LinearActivation", "MishActivation", "NewGELUActivation",
+    "PytorchGELUTanh", "QuickGELUActivation", "ReLUSquaredActivation", "SiLUActivation",
+    "SqrtSoftplusActivation", "XIELUActivation",
+)
+
+
+@module_rule(*TRANSFORMERS_ACTIVATIONS)
+def _activation_module(tr: VarianceTracker, module, args, out):
+    return slope(module, args[0]).square() * tr.var(args[0])

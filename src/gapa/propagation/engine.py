@@ -194,9 +194,8 @@ def _leave(tr: VarianceTracker, mod: nn.Module, mrule: ModuleRule | None, args: 
     uncertain = tr._module_rule_active.pop()
     if uncertain:
         tr._paused -= 1
-        var = mrule(tr, mod, args, out)
         with tr.paused():
-            tr.set_var(out, var)
+            tr.set_var(out, mrule(tr, mod, args, out))
     tr.module_path.pop()
     return None
 

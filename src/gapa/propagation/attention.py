@@ -1,0 +1,1 @@
+"""(rules registered by this module: in progress)"""
