@@ -22,6 +22,7 @@ from .errors import (
 )
 from .moments import Moments
 from .propagation import VarianceTracker, tracking
+from .propagation.engine import output_tensor
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
@@ -295,11 +296,7 @@ class GAPA:
         # tracking first: its hooks set a module's propagated variance before on_output adds
         # the GP variance to it
         with torch.no_grad(), tracking(self.model, tracker), self._call_sites(on_call, on_output):
-            mean = self.model(x)
-        if not isinstance(mean, torch.Tensor):
-            raise InputError(
-                f"the model returned {type(mean).__name__}; GAPA needs a model returning a Tensor"
-            )
+            mean = output_tensor(self.model(x))
         var = tracker.var(mean)
         return Moments(mean, torch.zeros_like(mean) if var is None else var)
 
@@ -322,7 +319,8 @@ class GAPA:
                 f"(batch, {', '.join(map(str, expected))}); check the feature count and rank"
             )
         param = next(self.model.parameters(), None)
-        if param is not None and (x.dtype != param.dtype or x.device != param.device):
+        if param is not None and x.is_floating_point() and (
+                x.dtype != param.dtype or x.device != param.device):
             raise InputError(
                 f"inputs are {x.dtype} on {x.device} but the model's parameters are "
                 f"{param.dtype} on {param.device}; convert one of them"

@@ -8,7 +8,6 @@ rules of one family of operations.
 from . import (  # noqa: F401  (each registers the rules of one family of operations)
     arithmetic,
     attention,
-    convolution,
     elementwise,
     joins,
     linear,
@@ -16,6 +15,7 @@ from . import (  # noqa: F401  (each registers the rules of one family of operat
     pooling,
     reductions,
     shapes,
+    unary,
 )
 from .engine import (
     MODULE_RULES,
