@@ -134,3 +134,44 @@ def test_variance_near_floor_on_training_rows_and_grows_away(gen):
     # far away every unit returns to its prior amplitude
     far = site.variance(net[0](x[:5] * 1e3))
     torch.testing.assert_close(far, amp.expand_as(far), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(("conditioning", "k"), [("local", 4), ("local", 1), ("exact", 1)])
+def test_rescaled_lengthscale_equals_a_site_fitted_with_it(conditioning, k, gen):
+    """A common factor on the lengthscales keeps the neighbours, so rescaling a fitted site is
+    the same GP as fitting one with the scaled lengthscales from the start."""
+    net = mlp([3, 12, 12, 1]).double()
+    x = torch.randn(80, 3, generator=gen, dtype=torch.float64)
+    q = torch.randn(15, 3, generator=gen, dtype=torch.float64) * 2
+    gm = _fit(net, x, conditioning=conditioning, k=k, m=None)
+    fitted = {key: site.hyperparameters.lengthscale for key, site in gm.sites.items()}
+    gm._rescale_lengthscales(0.3)
+    ref = _fit(net, x, conditioning=conditioning, k=k, m=None,
+               hyperparameters={key: {"lengthscale": 0.3 * ls} for key, ls in fitted.items()})
+    torch.testing.assert_close(gm(q).var, ref(q).var, rtol=1e-12, atol=1e-15)
+    gm._rescale_lengthscales(1.0)  # factors are relative to the fit, not cumulative
+    torch.testing.assert_close(gm(q).var, _fit(net, x, conditioning=conditioning, k=k, m=None)(q).var,
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_calibrate_chooses_the_lengthscale_factor_by_validation_nll(gen):
+    net = mlp([3, 12, 12, 1]).double()
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    xv = torch.randn(100, 3, generator=gen, dtype=torch.float64) * 1.5
+    with torch.no_grad():
+        yv = net(xv) + 0.3 * xv[:, :1].abs() * torch.randn(100, 1, generator=gen, dtype=torch.float64)
+    gm = _fit(net, x, m=None)
+    nlls = {}
+    for f in (0.125, 0.5, 2.0):
+        nlls[f] = gm.calibrate(xv, yv, lengthscale_factors=[f]).nll
+        assert gm.lengthscale_factor == f
+    best = gm.calibrate(xv, yv, lengthscale_factors=list(nlls))
+    assert gm.lengthscale_factor == min(nlls, key=nlls.get)
+    assert best.nll == min(nlls.values())
+    assert len(set(nlls.values())) == 3  # the factor matters, so the choice is not vacuous
+    with torch.no_grad():
+        assert torch.equal(gm(xv).mean, net(xv))
+    # None keeps the current lengthscales
+    assert gm.calibrate(xv, yv, lengthscale_factors=None).nll == best.nll
+    with pytest.raises(gapa.ConfigurationError, match="positive"):
+        gm.calibrate(xv, yv, lengthscale_factors=[0.0])

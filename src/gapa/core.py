@@ -34,6 +34,12 @@ ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 
 
+#: Lengthscale multipliers :meth:`GAPA.calibrate` chooses from by validation NLL (flights:
+#: benchmarks/RESULTS.md). The label-free rule sets the lengthscale's order of magnitude; how
+#: fast the variance should grow away from the data depends on the task, and the labels say so.
+LENGTHSCALE_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)
+
+
 def is_activation(module: nn.Module) -> bool:
     """Whether GAPA can make ``module`` a GP activation: an elementwise activation of torch or
     of ``transformers.activations``."""
@@ -137,6 +143,7 @@ class GAPA:
         self._sites: dict[str, GPSite] = {}
         self._input_shape: tuple[int, ...] | None = None
         self._calibration: Calibration | None = None
+        self.lengthscale_factor = 1.0
 
     # --- configuration ---------------------------------------------------------------------------
 
@@ -228,6 +235,7 @@ class GAPA:
             sites[key] = GPSite(key, torch.cat(chunks), module, self.config, overrides)
         self._sites = sites
         self._calibration = None
+        self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
         return self
 
     @contextlib.contextmanager
@@ -338,20 +346,40 @@ class GAPA:
 
     # --- regression predictive ------------------------------------------------------------------
 
-    def calibrate(self, x: torch.Tensor, y: torch.Tensor) -> Calibration:
+    def calibrate(
+        self, x: torch.Tensor, y: torch.Tensor, *,
+        lengthscale_factors: Sequence[float] | None = LENGTHSCALE_FACTORS,
+    ) -> Calibration:
         """Fit the output noise and one global variance scale on validation data (regression).
 
         Minimises the validation Gaussian NLL of ``N(mean, scale * var + noise)``; the mean is
-        never changed.
+        never changed. With ``lengthscale_factors``, every call site's lengthscales are also
+        multiplied by the factor with the best validation NLL (one pass over ``x`` per factor; no
+        refit, since a common factor keeps the neighbours); ``None`` keeps them as fitted.
         """
-        out = self(x)
-        if y.shape != out.mean.shape:
-            raise InputError(
-                f"targets of shape {tuple(y.shape)} do not match the model output "
-                f"{tuple(out.mean.shape)}"
-            )
-        self._calibration = fit_scale_and_noise(out.mean, out.var, y)
+        self._require_fitted("calibrate")
+        best: tuple[Calibration, float] | None = None
+        for factor in lengthscale_factors or [None]:
+            if factor is not None:
+                self._rescale_lengthscales(factor)
+            out = self(x)
+            if y.shape != out.mean.shape:
+                raise InputError(
+                    f"targets of shape {tuple(y.shape)} do not match the model output "
+                    f"{tuple(out.mean.shape)}"
+                )
+            cal = fit_scale_and_noise(out.mean, out.var, y)
+            if best is None or cal.nll < best[0].nll:
+                best = (cal, factor)
+        self._calibration, factor = best
+        if factor is not None:
+            self._rescale_lengthscales(factor)
+            self.lengthscale_factor = factor
         return self._calibration
+
+    def _rescale_lengthscales(self, factor: float) -> None:
+        for site in self._sites.values():
+            site.rescale_lengthscale(factor)
 
     def predict(self, x: torch.Tensor) -> torch.distributions.Normal:
         """Calibrated regression predictive ``N(mean, scale * var + noise)``."""

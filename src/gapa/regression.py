@@ -71,9 +71,12 @@ def fit_gapa(
     backbone: nn.Module, data: RegressionData, *, seed: int = 0, progress: bool = False,
     train: dict | None = None, **options,
 ) -> Fitted:
-    """GAPA on the training inputs; ``options`` go to :class:`gapa.GAPA`."""
+    """GAPA on the training inputs; ``options`` go to :class:`gapa.GAPA`. The lengthscale factor
+    is chosen on validation by :meth:`gapa.GAPA.calibrate`, as a user would."""
     gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
-    info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m}
+    gm.calibrate(data.x_val, data.y_val)
+    info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
+            "lengthscale_factor": gm.lengthscale_factor}
     return Fitted(gm, info=info, handle=gm)
 
 

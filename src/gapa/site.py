@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -85,7 +85,10 @@ class GPSite:
             amplitude_rule=config.amplitude_rule, noise=config.noise, generator=gen,
         )
         self.hyperparameters: Hyperparameters = override(hp, overrides) if overrides else hp
-        scaled = pre / self.hyperparameters.lengthscale
+        # Neighbours are searched in the fit-time scaled space. A common factor on every
+        # lengthscale (rescale_lengthscale) changes the kernel but not which rows are nearest.
+        self._search_scale = self.hyperparameters.lengthscale
+        scaled = pre / self._search_scale
         if config.m is None or config.m >= self.cache_size:
             rows, counts = scaled, torch.ones(self.cache_size, device=pre.device)
         elif config.inducing is Inducing.KMEANS:
@@ -93,7 +96,7 @@ class GPSite:
         else:
             rows, counts = random_inducing(scaled, config.m, seed=config.seed)
         self.counts = counts
-        self.rows = rows * self.hyperparameters.lengthscale  # conditioning inputs (pre-activations)
+        self.rows = rows * self._search_scale  # conditioning inputs (pre-activations)
         weight = counts.to(pre.dtype) if config.count_noise else torch.ones_like(counts, dtype=pre.dtype)
         self.row_noise = self.hyperparameters.noise / weight  # relative to the amplitude
         self.timings = {"search": 0.0, "conditioning": 0.0}
@@ -110,6 +113,15 @@ class GPSite:
             self._exact = None
             self._index = NeighbourIndex(rows, config.search)
 
+    def rescale_lengthscale(self, factor: float) -> None:
+        """Set every lengthscale to ``factor`` times its fitted value. Neighbour ranks do not
+        change, so the index is kept; a validation search over ``factor`` needs no refit."""
+        if not factor > 0:
+            raise ConfigurationError(f"lengthscale factor must be positive, got {factor}")
+        self.hyperparameters = replace(self.hyperparameters, lengthscale=self._search_scale * factor)
+        if self._exact is not None:
+            self._exact = ExactConditioner(self.rows, self.row_noise, self.hyperparameters)
+
     @property
     def n_conditioning(self) -> int:
         """Rows the GP conditions on: the cache size, or the number of inducing points."""
@@ -119,12 +131,12 @@ class GPSite:
         """Euclidean distance (B,) from each query to its nearest conditioning row, in the
         lengthscale-scaled space the neighbours are searched in."""
         scale = self.hyperparameters.lengthscale
-        nearest = self.rows[self._search(z / scale, 1)[:, 0]]
+        nearest = self.rows[self._search(z / self._search_scale, 1)[:, 0]]
         return ((z - nearest) / scale).norm(dim=1)
 
     def _search(self, scaled: torch.Tensor, k: int) -> torch.Tensor:
         if self._index is None:  # exact conditioning keeps no index: search the rows directly
-            return torch.cdist(scaled, self.rows / self.hyperparameters.lengthscale).topk(
+            return torch.cdist(scaled, self.rows / self._search_scale).topk(
                 k, dim=1, largest=False).indices
         return self._index.search(scaled, k)
 
@@ -149,7 +161,7 @@ class GPSite:
             var = self._exact.variance(z)
             self.timings["conditioning"] += time.perf_counter() - t0
             return var
-        idx = self._search(z / hp.lengthscale, self.config.k)
+        idx = self._search(z / self._search_scale, self.config.k)
         t1 = time.perf_counter()
         if self.config.k == 1:
             var = nearest_variance(z, self.rows[idx[:, 0]], self.row_noise[idx[:, 0]], hp)

@@ -1,1 +1,212 @@
-"""(rules registered by this module: in progress)"""
+"""Matrix products, softmax and scaled dot-product attention.
+
+A product with one uncertain operand is linear in it: ``Var(A B) = Var(A) @ B^2`` exactly. With
+two uncertain operands the rules assume the operands' entries independent: then
+``Var(A B) = VA @ B^2 + A^2 @ VB + VA @ VB`` exactly (each output entry is a sum of products of
+distinct independent entries). In attention, queries, keys and values are computed from the same
+hidden states, so this is an approximation there, as is every diagonal of correlated units.
+
+Softmax and log-softmax use their exact first-order diagonal in O(d): with ``p = softmax(x)``,
+``J = diag(p) - p p^T`` gives ``p_i^2 [(1 - p_i)^2 v_i + sum_{j != i} p_j^2 v_j]``, and
+``J = I - 1 p^T`` (log-softmax) gives ``(1 - p_i)^2 v_i + sum_{j != i} p_j^2 v_j``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Tensor, VarianceTracker, rule
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def product_var(
+    product: Callable[[Tensor, Tensor], Tensor], a: Tensor, va: Tensor | None, b: Tensor,
+    vb: Tensor | None,
+) -> Tensor:
+    """Variance of the bilinear ``product(a, b)`` for independent operands (None: constant)."""
+    var = None
+    if va is not None:
+        var = product(va, b.square())
+    if vb is not None:
+        term = product(a.square(), vb)
+        var = term if var is None else var + term
+    if va is not None and vb is not None:
+        var = var + product(va, vb)
+    return var
+
+
+@rule(
+    torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm,
+    torch.bmm, Tensor.bmm,
+)
+def _matmul(tr: VarianceTracker, func, args, kwargs):
+    """Exact for an uncertain times a constant operand; independent operands otherwise."""
+    a, b = args[0], _arg(args, kwargs, 1, "other", kwargs.get("mat2"))
+    kw = {k: val for k, val in kwargs.items() if k not in ("other", "mat2", "out")}
+    out = func(*args, **kwargs)
+    var = product_var(lambda x, y: func(x, y, **kw), a, tr.var(a), b, tr.var(b))
+    return out, var
+
+
+@rule(torch.addmm, Tensor.addmm, torch.baddbmm, Tensor.baddbmm)
+def _addmm(tr: VarianceTracker, func, args, kwargs):
+    """``beta * input + alpha * (m1 @ m2)``: ``beta^2 V_input + alpha^2 Var(m1 @ m2)``."""
+    if "out" in kwargs:
+        raise tr.unsupported(f"{func.__name__} with out=")
+    base, m1, m2 = args[0], _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+    if m1 is None:
+        m1, m2 = _arg(args, kwargs, 1, "batch1"), _arg(args, kwargs, 2, "batch2")
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    out = func(*args, **kwargs)
+    product = torch.mm if m1.dim() == 2 else torch.bmm
+    var = product_var(product, m1, tr.var(m1), m2, tr.var(m2))
+    var = torch.zeros_like(out) if var is None else alpha**2 * var
+    if tr.var(base) is not None and beta != 0:
+        var = var + beta**2 * tr.var(base)
+    return out, var
+
+
+def _einsum_reduce(sub: str, keep: set[str]) -> str:
+    """The subscripts of ``sub`` to keep: letters shared with the other operand or the output,
+    each once (a repeated letter takes the diagonal)."""
+    reduced = "..." if "..." in sub else ""
+    for ch in sub.replace("...", ""):
+        if ch in keep and ch not in reduced:
+            reduced += ch
+    return reduced
+
+
+@rule(torch.einsum)
+def _einsum(tr: VarianceTracker, func, args, kwargs):
+    """One or two operands, given as ``einsum("eq", a[, b])``.
+
+    One operand: einsum is linear and each output entry sums distinct input entries, so the same
+    einsum of the variance is exact. Two: each operand is first summed over the letters that
+    neither the other operand nor the output has (exact, linear), after which every term of an
+    output entry multiplies distinct entries of both, and the independent-operand product rule is
+    exact. Ellipses are allowed only where the output keeps them.
+    """
+    eq, ops = args[0], args[1:]
+    if len(ops) == 1 and isinstance(ops[0], list | tuple):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or len(ops) not in (1, 2) or kwargs:
+        raise tr.unsupported("torch.einsum other than einsum('equation', a) or (..., a, b)")
+    eq = eq.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
+    subs = lhs.split(",")
+    if not arrow:  # implicit output: the letters seen once, sorted, after any ellipsis
+        letters = lhs.replace("...", "").replace(",", "")
+        rhs = ("..." if "..." in lhs else "") + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1))
+    if "..." in lhs and "..." not in rhs:
+        raise tr.unsupported("torch.einsum summing over an ellipsis")
+    out = func(*args, **kwargs)
+    if len(ops) == 1:
+        return out, func(eq, tr.var(ops[0]))
+    a, b = ops
+    keep_a = _einsum_reduce(subs[0], set(subs[1]) | set(rhs))
+    keep_b = _einsum_reduce(subs[1], set(subs[0]) | set(rhs))
+    va, vb = tr.var(a), tr.var(b)
+    if keep_a != subs[0]:
+        a = torch.einsum(f"{subs[0]}->{keep_a}", a)
+        va = None if va is None else torch.einsum(f"{subs[0]}->{keep_a}", va)
+    if keep_b != subs[1]:
+        b = torch.einsum(f"{subs[1]}->{keep_b}", b)
+        vb = None if vb is None else torch.einsum(f"{subs[1]}->{keep_b}", vb)
+    reduced = f"{keep_a},{keep_b}->{rhs}"
+    return out, product_var(lambda x, y: torch.einsum(reduced, x, y), a, va, b, vb)
+
+
+# --- softmax -------------------------------------------------------------------------------------
+
+
+def _softmax_dim(func, args, kwargs, x: Tensor) -> int:
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None:  # the deprecated implicit dim of F.softmax
+        dim = 0 if x.dim() in (0, 1, 3) else 1
+    return dim
+
+
+def softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
+    """Exact first-order diagonal of softmax at output ``p``."""
+    p2 = p.square()
+    off = ((p2 * v).sum(dim, keepdim=True) - p2 * v).clamp_min(0.0)
+    return p2 * ((1.0 - p).square() * v + off)
+
+
+def log_softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
+    """Exact first-order diagonal of log-softmax, ``p`` the softmax."""
+    p2 = p.square()
+    off = ((p2 * v).sum(dim, keepdim=True) - p2 * v).clamp_min(0.0)
+    return (1.0 - p).square() * v + off
+
+
+@rule(F.softmax, torch.softmax, Tensor.softmax, torch.nn.functional.softmax)
+def _softmax(tr: VarianceTracker, func, args, kwargs):
+    x = args[0]
+    out = func(*args, **kwargs)
+    dim = _softmax_dim(func, args, kwargs, x)
+    return out, softmax_var(out, tr.var(x).to(out.dtype), dim)
+
+
+@rule(F.log_softmax, torch.log_softmax, Tensor.log_softmax)
+def _log_softmax(tr: VarianceTracker, func, args, kwargs):
+    x = args[0]
+    out = func(*args, **kwargs)
+    dim = _softmax_dim(func, args, kwargs, x)
+    return out, log_softmax_var(out.exp(), tr.var(x).to(out.dtype), dim)
+
+
+# --- scaled dot-product attention ----------------------------------------------------------------
+
+
+@rule(F.scaled_dot_product_attention)
+def _sdpa(tr: VarianceTracker, func, args, kwargs):
+    """First order in queries, keys and values through the explicit decomposition
+    ``softmax(Q K^T * scale + mask) V``; the output itself is the real (fused) function's.
+
+    The two products use the independent-operand rule (Q with K, the attention weights with V).
+    """
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+             "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    q, k, val, mask, dropout_p, is_causal, scale, gqa = (
+        _arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, defaults, strict=True)))
+    if dropout_p:
+        raise tr.unsupported("scaled_dot_product_attention with dropout_p > 0")
+    if tr.var(mask) is not None:
+        raise tr.unsupported("scaled_dot_product_attention with an uncertain attn_mask")
+    out = func(*args, **kwargs)
+    wd = torch.promote_types(out.dtype, torch.float32)
+    vq, vk, vv = (None if tr.var(t) is None else tr.var(t).to(wd) for t in (q, k, val))
+    q, k, val = q.to(wd), k.to(wd), val.to(wd)
+    if gqa and k.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, val = k.repeat_interleave(rep, -3), val.repeat_interleave(rep, -3)
+        vk = None if vk is None else vk.repeat_interleave(rep, -3)
+        vv = None if vv is None else vv.repeat_interleave(rep, -3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kt = k.transpose(-2, -1)
+    scores = torch.matmul(q, kt) * scale
+    v_scores = product_var(torch.matmul, q, vq, kt, None if vk is None else vk.transpose(-2, -1))
+    if is_causal:
+        length, source = q.shape[-2], k.shape[-2]
+        causal = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.to(wd))
+    p = torch.softmax(scores, -1).nan_to_num(0.0)  # a fully masked row attends to nothing
+    v_p = None if v_scores is None else scale**2 * softmax_var(p, v_scores, -1)
+    var = product_var(torch.matmul, p, v_p, val, vv)
+    return out, var.to(out.dtype)

@@ -1,1 +1,27 @@
-"""(rules registered by this module: in progress)"""
+"""Sums and means (exact: linear maps whose outputs sum distinct inputs, so the variance of a sum
+is the sum of the variances and a mean over ``n`` entries divides it by ``n^2``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import Tensor, VarianceTracker, rule
+
+
+@rule(torch.sum, Tensor.sum)
+def _sum(tr: VarianceTracker, func, args, kwargs):
+    """The same sum (``dim``, ``keepdim``, ``dtype``) of the variance."""
+    if "out" in kwargs:
+        raise tr.unsupported("torch.sum with out=")
+    return func(*args, **kwargs), func(tr.var(args[0]), *args[1:], **kwargs)
+
+
+@rule(torch.mean, Tensor.mean)
+def _mean(tr: VarianceTracker, func, args, kwargs):
+    """The same mean of the variance divided by ``n``, the count of entries averaged."""
+    if "out" in kwargs:
+        raise tr.unsupported("torch.mean with out=")
+    x = args[0]
+    out = func(*args, **kwargs)
+    n = x.numel() // max(out.numel(), 1)
+    return out, func(tr.var(x), *args[1:], **kwargs) / max(n, 1)
