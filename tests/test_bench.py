@@ -76,6 +76,9 @@ def test_summary_table_marks_the_best_mean_per_column(tiny):
     best = min(nll, key=nll.get)
     assert f"**{nll[best]:.3f} ±" in rows[best]
     assert "±" in rows["map"] and rows["map"].rstrip().endswith("1.0x |")
+    # without MAP there is no ratio to show
+    alone = bench.summary_table([r for r in results if r.method == "gapa"]).splitlines()[2]
+    assert alone.rstrip().endswith("| — |")
 
 
 def test_missing_dependency_is_reported_and_skipped(tiny, monkeypatch):

@@ -23,6 +23,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .moments import Moments
+from .propagation import propagate
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,5 @@ __all__ = [
     "NumericalError",
     "UnsupportedOperationError",
     "__version__",
+    "propagate",
 ]

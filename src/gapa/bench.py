@@ -108,7 +108,7 @@ def run_benchmark(
 def summary_table(results: Sequence[MethodResult]) -> str:
     """Markdown: mean +- standard error over seeds per method; the best mean per column in bold.
 
-    ``test / map`` is the ratio of mean test times to MAP's when MAP was run.
+    ``test / map`` is the ratio of mean test times to MAP's, or "—" when MAP was not run.
     """
     methods = list(dict.fromkeys(r.method for r in results))
     stats = {m: {c: _mean_se([getattr(r, c) for r in results if r.method == m]) for c in COLUMNS}
@@ -125,8 +125,7 @@ def summary_table(results: Sequence[MethodResult]) -> str:
             digits = 2 if c.endswith("_s") else 3
             text = f"{mean:.{digits}f} ± {se:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
             cells.append(f"**{text}**" if mean == best[c] else text)
-        ratio = stats[m]["test_s"][0] / map_test if map_test else math.nan
-        cells.append(f"{ratio:.1f}x")
+        cells.append(f"{stats[m]['test_s'][0] / map_test:.1f}x" if map_test else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

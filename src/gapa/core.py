@@ -73,9 +73,13 @@ class GAPA:
     model:
         The trained network; it is never modified. Put it in eval mode first.
     layers:
-        Names from ``model.named_modules()`` of elementwise activation modules to make GP
-        activations. Default: the last such module. A module called several times in ``forward``
-        gives one call site per call, each with its own cache (``"act"``, ``"act#1"``, ...).
+        Names from ``model.named_modules()`` of elementwise activation modules (torch's or
+        ``transformers.activations``') to make GP activations. ``"auto"`` (default, also
+        ``None``): the last such module in ``named_modules()`` order, which is the activation
+        feeding the head: an MLP's last hidden layer, a ResNet's last block output (before the
+        pooling and the classifier), the MLP of a transformer's last block. A module called
+        several times in ``forward`` gives one call site per call, each with its own cache
+        (``"act"``, ``"act#1"``, ...).
     k:
         Neighbours each query is conditioned on (local conditioning). The default ``k=1`` is the
         closed form (chosen on flights: best NLL and CRPS per second, benchmarks/RESULTS.md).
@@ -104,7 +108,7 @@ class GAPA:
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[str] | str | None = None,
+        layers: Sequence[str] | str | None = "auto",
         *,
         k: int = 1,
         m: int | None = 512,
@@ -150,7 +154,7 @@ class GAPA:
     @staticmethod
     def _resolve_layers(model: nn.Module, layers: Sequence[str] | str | None) -> list[str]:
         modules = dict(model.named_modules())
-        if layers is None:
+        if layers is None or layers == "auto":
             found = [n for n, mod in modules.items() if is_activation(mod)]
             if not found:
                 raise LayerError(
@@ -281,6 +285,13 @@ class GAPA:
 
     def __call__(self, x: torch.Tensor) -> Moments:
         """Mean (the frozen network's output, bit for bit) and epistemic variance at ``x``."""
+        mean, tracker = self._forward(x)
+        return _moments(tracker, mean)
+
+    def _forward(
+        self, x: torch.Tensor, outputs: list | None = None
+    ) -> tuple[torch.Tensor, VarianceTracker]:
+        """One tracked forward pass: the output and the tracker holding every variance."""
         self._require_fitted("predict")
         self._check_input(x)
         self._check_finite(x, "inputs")
@@ -303,10 +314,28 @@ class GAPA:
 
         # tracking first: its hooks set a module's propagated variance before on_output adds
         # the GP variance to it
-        with torch.no_grad(), tracking(self.model, tracker), self._call_sites(on_call, on_output):
+        with torch.no_grad(), tracking(self.model, tracker, outputs), \
+                self._call_sites(on_call, on_output):
             mean = output_tensor(self.model(x))
-        var = tracker.var(mean)
-        return Moments(mean, torch.zeros_like(mean) if var is None else var)
+        return mean, tracker
+
+    def trace(self, x: torch.Tensor) -> dict[str, Moments]:
+        """Moments of every module's output at ``x``, in the order the calls finish (a module
+        called again gets ``"name#1"``, ...; the whole model is ``""``). Shows where variance
+        enters and how each operation carries it; ``benchmarks/rq5_propagation.py`` compares
+        each entry with Monte Carlo to find where the diagonal rule loses correlations."""
+        outputs: list[tuple[str, torch.Tensor]] = []
+        _, tracker = self._forward(x, outputs)
+        traced: dict[str, Moments] = {}
+        for name, out in outputs:
+            if isinstance(out, torch.Tensor):
+                key = name
+                i = 0
+                while key in traced:
+                    i += 1
+                    key = f"{name}#{i}"
+                traced[key] = _moments(tracker, out)
+        return traced
 
     def pre_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The pre-activation (rows, units) at every GAPA call site for inputs ``x``."""
@@ -391,6 +420,11 @@ class GAPA:
             )
         out = self(x)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
+    var = tracker.var(out)
+    return Moments(out, torch.zeros_like(out) if var is None else var)
 
 
 def _enum(kind, value, name: str):

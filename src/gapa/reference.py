@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .core import GAPA, units_last
 from .moments import Moments
+from .propagation.engine import output_tensor
 
 
 def monte_carlo_moments(
@@ -18,9 +22,17 @@ def monte_carlo_moments(
     and runs the rest of the network unchanged. The closed form of ``gm(x)`` must agree with these
     moments when variances are small (it is first order in them).
     """
+    return monte_carlo_trace(gm, x, n_samples, generator=generator)[""]
+
+
+def monte_carlo_trace(
+    gm: GAPA, x: torch.Tensor, n_samples: int, *, generator: torch.Generator
+) -> dict[str, Moments]:
+    """:func:`monte_carlo_moments` for every module's output, keyed as :meth:`GAPA.trace`."""
     gm._require_fitted("sample")
     reps = x.repeat_interleave(n_samples, dim=0) if x.shape[0] else x
     z_seen: dict[str, torch.Tensor] = {}
+    outputs: list[tuple[str, torch.Tensor]] = []
 
     def on_call(key: str, z: torch.Tensor) -> None:
         z_seen[key] = z.detach().clone()
@@ -31,10 +43,32 @@ def monte_carlo_moments(
         eps = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         return out + var.sqrt() * eps
 
-    with torch.no_grad(), gm._call_sites(on_call, on_output):
-        y = gm.model(reps)
-    y = y.reshape(x.shape[0], n_samples, *y.shape[1:])
-    return Moments(y.mean(1), y.var(1))
+    # the recording hooks come after the sampling ones, so they see the sampled outputs
+    with torch.no_grad(), gm._call_sites(on_call, on_output), _recording(gm.model, outputs):
+        gm.model(reps)
+    traced: dict[str, Moments] = {}
+    for name, out in outputs:
+        out = output_tensor(out) if name == "" else out
+        if not isinstance(out, torch.Tensor) or out.shape[:1] != reps.shape[:1]:
+            continue
+        key, i = name, 0
+        while key in traced:
+            i += 1
+            key = f"{name}#{i}"
+        y = out.reshape(x.shape[0], n_samples, *out.shape[1:])
+        traced[key] = Moments(y.mean(1), y.var(1))
+    return traced
+
+
+@contextlib.contextmanager
+def _recording(model: torch.nn.Module, outputs: list) -> Iterator[None]:
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: outputs.append((name, out)))
+               for name, m in model.named_modules()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def monte_carlo_propagate(

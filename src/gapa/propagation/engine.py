@@ -160,9 +160,12 @@ def _carries_value(out: Any) -> bool:
 
 
 @contextlib.contextmanager
-def tracking(model: nn.Module, tracker: VarianceTracker) -> Iterator[VarianceTracker]:
+def tracking(
+    model: nn.Module, tracker: VarianceTracker, outputs: list[tuple[str, Any]] | None = None
+) -> Iterator[VarianceTracker]:
     """Run ``model``'s forward passes under ``tracker``: keep ``tracker.module_path`` at the
-    running module (for error messages) and apply the module rules."""
+    running module (for error messages) and apply the module rules. With ``outputs``, append
+    ``(module name, output)`` for every module call, in the order the calls finish."""
     handles = []
     for name, module in model.named_modules():
         label = f"{name} ({type(module).__name__})" if name else type(module).__name__
@@ -172,6 +175,9 @@ def tracking(model: nn.Module, tracker: VarianceTracker) -> Iterator[VarianceTra
         handles.append(module.register_forward_hook(
             lambda mod, args, out, mrule=mrule: _leave(tracker, mod, mrule, args, out),
             always_call=True))
+        if outputs is not None:
+            handles.append(module.register_forward_hook(
+                lambda mod, args, out, name=name: outputs.append((name, out))))
     try:
         with tracker:
             yield tracker
