@@ -22,8 +22,8 @@ from .errors import (
 )
 from .moments import Moments
 from .propagation import VarianceTracker, tracking
-from .propagation.engine import output_tensor
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
+from .propagation.engine import output_tensor
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
 
@@ -117,7 +117,7 @@ class GAPA:
         inducing: str = "kmeans",
         count_noise: bool = True,
         lengthscale_quantile: float = 0.25,
-        amplitude_rule: str = "variance",
+        amplitude_rule: str = "max1",
         noise: float = 1e-2,
         hyperparameters: Mapping[str, Mapping] | None = None,
         seed: int = 0,

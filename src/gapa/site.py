@@ -45,7 +45,7 @@ class GPConfig:
     inducing: Inducing = Inducing.KMEANS
     count_noise: bool = True
     lengthscale_quantile: float = 0.25
-    amplitude_rule: str = "variance"
+    amplitude_rule: str = "max1"
     noise: float = 1e-2
     seed: int = 0
 

@@ -94,7 +94,7 @@ def _einsum(tr: VarianceTracker, func, args, kwargs):
     einsum of the variance is exact. Two: each operand is first summed over the letters that
     neither the other operand nor the output has (exact, linear), after which every term of an
     output entry multiplies distinct entries of both, and the independent-operand product rule is
-    exact. Ellipses are allowed only where the output keeps them.
+    exact. With two operands, an ellipsis must be kept in the output.
     """
     eq, ops = args[0], args[1:]
     if len(ops) == 1 and isinstance(ops[0], list | tuple):
@@ -108,11 +108,11 @@ def _einsum(tr: VarianceTracker, func, args, kwargs):
         letters = lhs.replace("...", "").replace(",", "")
         rhs = ("..." if "..." in lhs else "") + "".join(
             sorted(c for c in set(letters) if letters.count(c) == 1))
-    if "..." in lhs and "..." not in rhs:
-        raise tr.unsupported("torch.einsum summing over an ellipsis")
-    out = func(*args, **kwargs)
     if len(ops) == 1:
-        return out, func(eq, tr.var(ops[0]))
+        return func(*args, **kwargs), torch.einsum(eq, tr.var(ops[0]))
+    if "..." in lhs and "..." not in rhs:
+        raise tr.unsupported("torch.einsum of two operands summing over an ellipsis")
+    out = func(*args, **kwargs)
     a, b = ops
     keep_a = _einsum_reduce(subs[0], set(subs[1]) | set(rhs))
     keep_b = _einsum_reduce(subs[1], set(subs[0]) | set(rhs))
@@ -130,7 +130,7 @@ def _einsum(tr: VarianceTracker, func, args, kwargs):
 # --- softmax -------------------------------------------------------------------------------------
 
 
-def _softmax_dim(func, args, kwargs, x: Tensor) -> int:
+def _softmax_dim(args, kwargs, x: Tensor) -> int:
     dim = _arg(args, kwargs, 1, "dim")
     if dim is None:  # the deprecated implicit dim of F.softmax
         dim = 0 if x.dim() in (0, 1, 3) else 1
@@ -151,11 +151,11 @@ def log_softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
     return (1.0 - p).square() * v + off
 
 
-@rule(F.softmax, torch.softmax, Tensor.softmax, torch.nn.functional.softmax)
+@rule(F.softmax, torch.softmax, Tensor.softmax)
 def _softmax(tr: VarianceTracker, func, args, kwargs):
     x = args[0]
     out = func(*args, **kwargs)
-    dim = _softmax_dim(func, args, kwargs, x)
+    dim = _softmax_dim(args, kwargs, x)
     return out, softmax_var(out, tr.var(x).to(out.dtype), dim)
 
 
@@ -163,7 +163,7 @@ def _softmax(tr: VarianceTracker, func, args, kwargs):
 def _log_softmax(tr: VarianceTracker, func, args, kwargs):
     x = args[0]
     out = func(*args, **kwargs)
-    dim = _softmax_dim(func, args, kwargs, x)
+    dim = _softmax_dim(args, kwargs, x)
     return out, log_softmax_var(out.exp(), tr.var(x).to(out.dtype), dim)
 
 

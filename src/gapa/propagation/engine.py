@@ -171,7 +171,9 @@ def tracking(
         label = f"{name} ({type(module).__name__})" if name else type(module).__name__
         mrule = find_module_rule(module)
         handles.append(module.register_forward_pre_hook(
-            lambda mod, args, label=label, mrule=mrule: _enter(tracker, label, mrule, args)))
+            lambda mod, args, kwargs, label=label, mrule=mrule:
+                _enter(tracker, label, mrule, args, kwargs),
+            with_kwargs=True))
         handles.append(module.register_forward_hook(
             lambda mod, args, out, mrule=mrule: _leave(tracker, mod, mrule, args, out),
             always_call=True))
@@ -186,9 +188,17 @@ def tracking(
             h.remove()
 
 
-def _enter(tr: VarianceTracker, label: str, mrule: ModuleRule | None, args: tuple) -> None:
+def _enter(
+    tr: VarianceTracker, label: str, mrule: ModuleRule | None, args: tuple, kwargs: dict
+) -> None:
     tr.module_path.append(label)
-    uncertain = mrule is not None and not tr._paused and tr.any_uncertain(args)
+    ruled = mrule is not None and not tr._paused
+    if ruled and tr.any_uncertain(kwargs):
+        tr._module_rule_active.append(False)
+        # module rules read their input from args; the function rules would compose an
+        # inexact variance without saying so
+        raise tr.unsupported(f"{label} called with an uncertain keyword argument")
+    uncertain = ruled and tr.any_uncertain(args)
     tr._module_rule_active.append(uncertain)
     if uncertain:
         tr._paused += 1
@@ -200,6 +210,7 @@ def _leave(tr: VarianceTracker, mod: nn.Module, mrule: ModuleRule | None, args: 
     uncertain = tr._module_rule_active.pop()
     if uncertain:
         tr._paused -= 1
+    if uncertain and isinstance(out, Tensor):  # not after a failed forward
         with tr.paused():
             tr.set_var(out, mrule(tr, mod, args, out))
     tr.module_path.pop()
@@ -213,6 +224,11 @@ def propagate(model: nn.Module, mean: Tensor, var: Tensor) -> Moments:
     if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
         raise InputError(
             f"mean and var must be tensors, got {type(mean).__name__} and {type(var).__name__}"
+        )
+    if not mean.is_floating_point():
+        raise InputError(
+            f"mean is {mean.dtype}: only floating inputs can carry a variance; for a language "
+            "model propagate from the embeddings (a module taking inputs_embeds)"
         )
     if mean.shape != var.shape or mean.dtype != var.dtype or mean.device != var.device:
         raise InputError(

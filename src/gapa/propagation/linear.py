@@ -150,17 +150,22 @@ def _per_dim(value: Any, spatial: int) -> list | None:
 
 def _interpolation_matrix(func, a: dict, var: Tensor, d: int, spatial: int) -> Tensor:
     """The transposed 1-D interpolation matrix of spatial dim ``d``: input index by output
-    index. Each spatial dim's weights depend only on its own sizes, scale and alignment."""
+    index. Each spatial dim's weights depend only on its own sizes, scale and alignment; the
+    probe's other spatial dims have size 2 kept at 2 (where every mode is the identity; size 1
+    is avoided because antialiased modes mishandle it)."""
     n = var.shape[2 + d]
-    shape = [n, 1] + [1] * spatial
+    line = [n, 1] + [1] * spatial
+    line[2 + d] = n
+    shape = [n, 1] + [2] * spatial
     shape[2 + d] = n
-    probe = torch.eye(n, dtype=var.dtype, device=var.device).reshape(shape)
+    probe = torch.eye(n, dtype=var.dtype, device=var.device).reshape(line).expand(shape)
     size, scale = _per_dim(a["size"], spatial), _per_dim(a["scale_factor"], spatial)
     if size is not None:
-        size = [s if i == d else 1 for i, s in enumerate(size)]
+        size = [s if i == d else 2 for i, s in enumerate(size)]
     if scale is not None:
         scale = [s if i == d else 1.0 for i, s in enumerate(scale)]
-    w = func(probe, size=size, scale_factor=scale, mode=a["mode"],
+    w = func(probe.contiguous(), size=size, scale_factor=scale, mode=a["mode"],
              align_corners=a["align_corners"],
              recompute_scale_factor=a["recompute_scale_factor"], antialias=a["antialias"])
+    w = w[(slice(None), 0, *(slice(None) if i == d else 0 for i in range(spatial)))]
     return w.reshape(n, -1)

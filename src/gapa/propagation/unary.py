@@ -1,1 +1,168 @@
-"""(rules registered by this module: in progress)"""
+"""Elementwise maths by the delta method (``var_out = f'(mu)^2 var_in``, first order), casts,
+and selections (``where``, ``masked_fill``, ``clamp``), which pick one operand's variance per
+entry (exact, away from the switching points).
+
+The slope is taken from the input before ``func`` runs, so in-place variants (``x.pow_(2)``)
+see their input, not their result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Number
+from typing import Any
+
+import torch
+
+from .engine import Tensor, VarianceTracker, rule
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _delta(derivative: Callable[[Tensor], Tensor]):
+    def apply(tr: VarianceTracker, func, args, kwargs):
+        x = args[0]
+        var = derivative(x).square() * tr.var(x)
+        return func(*args, **kwargs), var
+
+    return apply
+
+
+rule(torch.exp, Tensor.exp, Tensor.exp_, torch.exp_)(_delta(torch.exp))
+rule(torch.log, Tensor.log, Tensor.log_, torch.log_)(_delta(torch.reciprocal))
+rule(torch.log1p, Tensor.log1p, Tensor.log1p_)(_delta(lambda x: torch.reciprocal(1.0 + x)))
+rule(torch.expm1, Tensor.expm1, Tensor.expm1_)(_delta(torch.exp))
+rule(torch.sqrt, Tensor.sqrt, Tensor.sqrt_, torch.sqrt_)(_delta(lambda x: 0.5 * torch.rsqrt(x)))
+rule(torch.rsqrt, Tensor.rsqrt, Tensor.rsqrt_, torch.rsqrt_)(
+    _delta(lambda x: -0.5 * torch.rsqrt(x).pow(3)))
+rule(torch.reciprocal, Tensor.reciprocal, Tensor.reciprocal_)(
+    _delta(lambda x: -torch.reciprocal(x).square()))
+rule(torch.square, Tensor.square, Tensor.square_, torch.square_)(_delta(lambda x: 2.0 * x))
+# |x| has slope sign(x): 0 at x = 0, where it has no derivative (as autograd).
+rule(torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.__abs__, Tensor.abs_,
+     Tensor.absolute_, torch.abs_)(_delta(torch.sign))
+rule(torch.sin, Tensor.sin, Tensor.sin_, torch.sin_)(_delta(torch.cos))
+rule(torch.cos, Tensor.cos, Tensor.cos_, torch.cos_)(_delta(torch.sin))  # squared: sign is moot
+rule(torch.erf, Tensor.erf, Tensor.erf_)(
+    _delta(lambda x: (2.0 / math.sqrt(math.pi)) * torch.exp(-x.square())))
+
+
+def _pow_var(tr: VarianceTracker, base: Any, exponent: Any) -> Tensor:
+    """First order in base and exponent (independent when both are uncertain):
+    ``(e b^(e-1))^2 Vb + (b^e ln b)^2 Ve``."""
+    vb, ve = tr.var(base), tr.var(exponent)
+    var: Tensor | float = 0.0
+    if vb is not None:
+        if isinstance(exponent, Number):
+            slope = 0.0 if exponent == 0 else exponent * torch.pow(base, exponent - 1)
+        else:
+            slope = torch.where(exponent == 0, 0.0, exponent * torch.pow(base, exponent - 1))
+        var = var + (slope * slope) * vb
+    if ve is not None:
+        b = torch.as_tensor(base, dtype=exponent.dtype, device=exponent.device)
+        var = var + (torch.pow(b, exponent) * torch.log(b)).square() * ve
+    return var
+
+
+@rule(torch.pow, Tensor.pow, Tensor.__pow__, Tensor.pow_, Tensor.__ipow__)
+def _pow(tr: VarianceTracker, func, args, kwargs):
+    base = _arg(args, kwargs, 0, "input", kwargs.get("self"))
+    exponent = _arg(args, kwargs, 1, "exponent")
+    var = _pow_var(tr, base, exponent)
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.__rpow__)
+def _rpow(tr: VarianceTracker, func, args, kwargs):
+    """``other ** self``: the exponent is the tensor."""
+    var = _pow_var(tr, args[1], args[0])
+    return func(*args, **kwargs), var
+
+
+# --- selections ----------------------------------------------------------------------------------
+
+
+def _select(cond: Tensor, va: Tensor | float, vb: Tensor | float, shape) -> Tensor:
+    var = torch.where(cond, va, vb)
+    return var if var.shape == shape else var.expand(shape).clone()
+
+
+@rule(
+    torch.clamp, torch.clip, Tensor.clamp, Tensor.clip, Tensor.clamp_, Tensor.clip_,
+    torch.clamp_, torch.clip_,
+)
+def _clamp(tr: VarianceTracker, func, args, kwargs):
+    """``min(max(x, lo), hi)``: each entry takes the variance of the operand it came from
+    (slope 1 inside ``[lo, hi]``, 0 outside for ``x``)."""
+    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    return _clamp_var(tr, func, args, kwargs, lo, hi)
+
+
+@rule(torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_min_)
+def _clamp_min(tr: VarianceTracker, func, args, kwargs):
+    return _clamp_var(tr, func, args, kwargs, _arg(args, kwargs, 1, "min"), None)
+
+
+@rule(torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_, torch.clamp_max_)
+def _clamp_max(tr: VarianceTracker, func, args, kwargs):
+    return _clamp_var(tr, func, args, kwargs, None, _arg(args, kwargs, 1, "max"))
+
+
+def _clamp_var(tr: VarianceTracker, func, args, kwargs, lo, hi):
+    x = args[0]
+    a, var = x, tr.var_or_zero(x)
+    if lo is not None:
+        keep = a >= lo
+        var = torch.where(keep, var, tr.var_or_zero(lo))
+        a = torch.where(keep, a, lo)
+    if hi is not None:
+        keep = a <= hi
+        var = torch.where(keep, var, tr.var_or_zero(hi))
+    out = func(*args, **kwargs)
+    if not isinstance(var, Tensor):  # neither bound given: torch has raised already
+        var = torch.zeros_like(out)
+    return out, var if var.shape == out.shape else var.expand(out.shape).clone()
+
+
+@rule(torch.where, Tensor.where)
+def _where(tr: VarianceTracker, func, args, kwargs):
+    """Each entry takes the variance of the branch it selects (exact)."""
+    if func is Tensor.where:  # x.where(condition, y) is torch.where(condition, x, y)
+        cond, a, b = _arg(args, kwargs, 1, "condition"), args[0], _arg(args, kwargs, 2, "other")
+    else:
+        cond = _arg(args, kwargs, 0, "condition")
+        a, b = _arg(args, kwargs, 1, "input"), _arg(args, kwargs, 2, "other")
+    out = func(*args, **kwargs)
+    return out, _select(cond, tr.var_or_zero(a), tr.var_or_zero(b), out.shape)
+
+
+@rule(Tensor.masked_fill, Tensor.masked_fill_, torch.masked_fill)
+def _masked_fill(tr: VarianceTracker, func, args, kwargs):
+    """Filled entries take the fill value's variance (0 for a number)."""
+    x, mask = args[0], _arg(args, kwargs, 1, "mask")
+    value = _arg(args, kwargs, 2, "value")
+    var = _select(mask, tr.var_or_zero(value), tr.var_or_zero(x), x.shape)
+    return func(*args, **kwargs), var
+
+
+# --- casts ---------------------------------------------------------------------------------------
+
+
+@rule(Tensor.type_as, Tensor.type, Tensor.half, Tensor.bfloat16)
+def _cast(tr: VarianceTracker, func, args, kwargs):
+    """The same cast of the variance; ``x.type()`` with no dtype returns a string."""
+    out = func(*args, **kwargs)
+    if not isinstance(out, Tensor):
+        return out, None
+    return out, func(tr.var(args[0]), *args[1:], **kwargs)
+
+
+@rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like)
+def _constant_like(tr: VarianceTracker, func, args, kwargs):
+    """A constant shaped like an uncertain tensor carries no variance."""
+    return func(*args, **kwargs), None
