@@ -67,7 +67,7 @@ def test_module_rule_replaces_the_composed_rules_and_refuses_keyword_inputs(monk
     v = torch.ones_like(x)
     out = gapa.propagate(Scale(), x, v)
     assert torch.equal(out.var, 7.0 * v)  # the module rule, not the multiplication rule (4 v)
-    with pytest.raises(gapa.UnsupportedOperationError, match="inner.*keyword"):
+    with pytest.raises(gapa.UnsupportedOperationError, match=r"inner.*keyword"):
         gapa.propagate(CallsByKeyword(), x, v)
 
 
