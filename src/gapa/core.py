@@ -328,6 +328,8 @@ class GAPA:
         _, tracker = self._forward(x, outputs)
         traced: dict[str, Moments] = {}
         for name, out in outputs:
+            if name == "":
+                out = output_tensor(out)
             if isinstance(out, torch.Tensor):
                 key = name
                 i = 0
