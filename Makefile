@@ -5,7 +5,10 @@ STAMP   := .venv/.installed
 LAPLACE := laplace-torch==0.3 backpack-for-pytorch==1.7.1
 LAPLACE_DEPS := asdfghjkl==0.1a4 curvlinops-for-pytorch==3.0.1 einops unfoldNd einconv opt-einsum torchmetrics
 
-.PHONY: demo test test-slow lint bench clean
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+FASHION_APT := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
+
+.PHONY: demo test test-slow lint bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -24,11 +27,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	.venv/bin/gapa demo
 
-test: $(STAMP)
+# Best effort (root, or passwordless sudo): without the files the Fashion-MNIST tests skip and
+# say how to install them.
+fashion-mnist:
+	@if [ -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: no apt-get; Fashion-MNIST tests will be skipped (or set GAPA_FASHION_MNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then sh -c '$(FASHION_APT)' >/dev/null || echo "note: apt-get failed"; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	  sudo -n sh -c '$(FASHION_APT)' >/dev/null || echo "note: apt-get failed"; \
+	else echo "note: Fashion-MNIST tests will be skipped; install with: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; fi
+
+test: $(STAMP) fashion-mnist
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) fashion-mnist
 	# exit status 5 means no test is marked slow yet
 	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 

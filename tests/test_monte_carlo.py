@@ -65,3 +65,35 @@ def test_diagonal_rule_is_an_approximation_after_mixing(gen):
     ratio = gm(q).var / monte_carlo_moments(gm, q, 10_000, generator=gen).var
     assert bool((ratio > 0.1).all() and (ratio < 10).all())
     assert not torch.allclose(ratio, torch.ones_like(ratio), rtol=TOL["mc_relative"])
+
+
+@pytest.mark.parametrize("layers", [["1"], ["1", "3"]])
+def test_jacobian_propagation_matches_monte_carlo_through_mixing_layers(layers, gen):
+    """The diagonal rule is off after a mixing layer (above); the Jacobian mode is the exact
+    first-order variance, so it agrees with Monte Carlo whatever the layers mix."""
+    net = mlp([3, 16, 16, 2]).double()
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    q = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    hp = {n: {"amplitude": 1e-4} for n in layers}
+    gm = gapa.GAPA(net, layers, k=4, m=None, hyperparameters=hp, propagation="jacobian")
+    gm.fit(x, progress=False)
+    closed = gm(q)
+    with torch.no_grad():
+        assert torch.equal(closed.mean, net(q))
+    mc = monte_carlo_moments(gm, q, 10_000, generator=gen)
+    torch.testing.assert_close(mc.var, closed.var, rtol=TOL["mc_relative"], atol=0)
+    diagonal = gapa.GAPA(net, layers, k=4, m=None, hyperparameters=hp).fit(x, progress=False)(q)
+    assert not torch.allclose(diagonal.var, mc.var, rtol=TOL["mc_relative"], atol=0)
+
+
+def test_jacobian_equals_diagonal_where_nothing_mixes(gen):
+    """GAPA on the last hidden layer: the output layer sums independent units, where the
+    diagonal rule is exact too, so both modes give the same variance."""
+    net = mlp([3, 16, 16, 2]).double()
+    x = torch.randn(100, 3, generator=gen, dtype=torch.float64)
+    q = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    modes = [gapa.GAPA(net, ["3"], propagation=p).fit(x, progress=False)(q)
+             for p in ("diagonal", "jacobian")]
+    torch.testing.assert_close(modes[0].var, modes[1].var, rtol=1e-12, atol=1e-18)
+    with pytest.raises(gapa.ConfigurationError, match="propagation"):
+        gapa.GAPA(net, propagation="full")

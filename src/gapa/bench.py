@@ -29,8 +29,10 @@ from .io import atomic_path
 from .regression import MethodResult, fit_gapa, fit_map, run_method
 
 #: GAPA as the benchmark and the demo run it: the middle hidden activation of the 3-layer MLP,
-#: 1-NN closed form over 512 k-means inducing points (benchmarks/RESULTS.md, ablation).
-GAPA_DEFAULT = {"layers": ["3"], "k": 1, "m": 512}
+#: 1-NN closed form over 512 k-means inducing points (benchmarks/RESULTS.md, ablation), and the
+#: exact first-order (Jacobian) propagation, one backward pass for the scalar output, which keeps
+#: the correlations the next mixing layer creates (RQ5 in RESULTS.md).
+GAPA_DEFAULT = {"layers": ["3"], "k": 1, "m": 512, "propagation": "jacobian"}
 
 METHODS: dict[str, FitFn] = {
     "map": fit_map,
@@ -41,6 +43,8 @@ METHODS: dict[str, FitFn] = {
     "mc_dropout": fit_mc_dropout,
     "ensemble": fit_ensemble,
     "gapa": partial(fit_gapa, **GAPA_DEFAULT),
+    # the paper's one-pass diagonal propagation
+    "gapa_diag": partial(fit_gapa, **{**GAPA_DEFAULT, "propagation": "diagonal"}),
     # the 1-NN closed form over the whole training cache, no inducing points
     "gapa_k1": partial(fit_gapa, layers=["3"], k=1, m=None),
 }

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=GAPA_DEFAULT["k"], help="neighbours (default %(default)s)")
     d.add_argument("--m", type=int, default=GAPA_DEFAULT["m"],
                    help="inducing points, 0 for the whole cache (default %(default)s)")
+    d.add_argument("--propagation", choices=["diagonal", "jacobian"],
+                   default=GAPA_DEFAULT["propagation"],
+                   help="how the variance reaches the output (default %(default)s)")
     d.add_argument("--no-progress", dest="progress", action="store_false")
     _bench_parser(sub)
     return p
@@ -74,7 +77,8 @@ def _bench(args) -> None:
 
 
 def _demo_config(args) -> DemoConfig:
-    gapa_opts = {"layers": args.layers.split(","), "k": args.k, "m": args.m or None}
+    gapa_opts = {"layers": args.layers.split(","), "k": args.k, "m": args.m or None,
+                 "propagation": args.propagation}
     return DemoConfig(csv=args.csv, target=args.target, split=args.split, seed=args.seed,
                       json_path=args.json_path, figure=args.figure, progress=args.progress,
                       gapa=gapa_opts)

@@ -34,6 +34,9 @@ ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 
 
+#: How the GP variance reaches the output (see :class:`GAPA`).
+PROPAGATION_MODES = ("diagonal", "jacobian")
+
 #: Lengthscale multipliers :meth:`GAPA.calibrate` chooses from by validation NLL (flights:
 #: benchmarks/RESULTS.md). The label-free rule sets the lengthscale's order of magnitude; how
 #: fast the variance should grow away from the data depends on the task, and the labels say so.
@@ -101,6 +104,14 @@ class GAPA:
     hyperparameters:
         Per-layer (or per-call-site) overrides: ``{"net.5": {"lengthscale": 0.5}}``; values are
         scalars or per-unit tensors for ``lengthscale`` and ``amplitude``, a float for ``noise``.
+    propagation:
+        How the GP variance reaches the output. ``"diagonal"`` (default): one forward pass with
+        the per-operation rules of :mod:`gapa.propagation` (any architecture; units treated as
+        independent after each operation). ``"jacobian"``: the exact first-order variance
+        ``sum_j (d y / d h_j)^2 v_j`` over the GAPA units, with one backward pass per output
+        unit of a sample, so it keeps the correlations that mixing layers create (regressors
+        and classifiers with few outputs; not language models). Needs a model whose rows along
+        dim 0 are independent (eval mode).
     seed:
         Seed of every random choice (subsamples, k-means).
     """
@@ -120,6 +131,7 @@ class GAPA:
         amplitude_rule: str = "max1",
         noise: float = 1e-2,
         hyperparameters: Mapping[str, Mapping] | None = None,
+        propagation: str = "diagonal",
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -137,6 +149,11 @@ class GAPA:
             lengthscale_quantile=lengthscale_quantile, amplitude_rule=amplitude_rule,
             noise=noise, seed=seed,
         )
+        if propagation not in PROPAGATION_MODES:
+            raise ConfigurationError(
+                f"unknown propagation {propagation!r}; use one of {list(PROPAGATION_MODES)}"
+            )
+        self.propagation = propagation
         self._overrides = dict(hyperparameters or {})
         unknown = {name.split("#")[0] for name in self._overrides} - set(self.layers)
         if unknown:
@@ -285,8 +302,59 @@ class GAPA:
 
     def __call__(self, x: torch.Tensor) -> Moments:
         """Mean (the frozen network's output, bit for bit) and epistemic variance at ``x``."""
+        if self.propagation == "jacobian":
+            return self._jacobian_moments(x)
         mean, tracker = self._forward(x)
         return _moments(tracker, mean)
+
+    def _site_variance(self, key: str, z: torch.Tensor) -> torch.Tensor:
+        site = self._sites.get(key)
+        if site is None:
+            raise LayerError(
+                f"call site {key!r} was not seen during fit (the forward pass calls the "
+                "module more often than on the training data); refit on representative data"
+            )
+        return units_last(site.variance(units_last(z.detach())), inverse=True)
+
+    def _jacobian_moments(self, x: torch.Tensor) -> Moments:
+        """``propagation="jacobian"``: a forward pass with autograd on (same values, so the mean
+        is unchanged), then one backward pass per output unit gives ``d y / d h`` at every GAPA
+        output ``h``."""
+        self._require_fitted("predict")
+        self._check_input(x)
+        self._check_finite(x, "inputs")
+        leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending: dict[str, torch.Tensor] = {}
+
+        def on_call(key: str, z: torch.Tensor) -> None:
+            with torch.no_grad():
+                pending[key] = self._site_variance(key, z)
+
+        def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
+            # gradients are taken with respect to the output itself, so that a later GAPA
+            # layer does not cut an earlier one's path; only an output outside the graph
+            # (frozen parameters) becomes a leaf, with the same values
+            if not out.requires_grad:
+                out = out.detach().requires_grad_(True)
+            leaves.append((out, pending.pop(key)))
+            return out
+
+        with torch.enable_grad():  # also for the backward passes: callers may be in no_grad
+            with self._call_sites(on_call, on_output):
+                y = output_tensor(self.model(x))
+            mean = y.detach()
+            if not leaves or not y.requires_grad:
+                return Moments(mean, torch.zeros_like(mean))
+            rows = y.reshape(y.shape[0], -1)
+            var = torch.zeros_like(mean.reshape(rows.shape))
+            inputs = [leaf for leaf, _ in leaves]
+            for c in range(rows.shape[1]):
+                grads = torch.autograd.grad(rows[:, c].sum(), inputs, retain_graph=True,
+                                            allow_unused=True)
+                for g, (_, v) in zip(grads, leaves, strict=True):
+                    if g is not None:
+                        var[:, c] += (g.square() * v).reshape(g.shape[0], -1).sum(1)
+        return Moments(mean, var.reshape(y.shape))
 
     def _forward(
         self, x: torch.Tensor, outputs: list | None = None
@@ -299,14 +367,8 @@ class GAPA:
         pending: dict[str, torch.Tensor] = {}
 
         def on_call(key: str, z: torch.Tensor) -> None:
-            site = self._sites.get(key)
-            if site is None:
-                raise LayerError(
-                    f"call site {key!r} was not seen during fit (the forward pass calls the "
-                    "module more often than on the training data); refit on representative data"
-                )
             with tracker.paused():
-                pending[key] = units_last(site.variance(units_last(z.detach())), inverse=True)
+                pending[key] = self._site_variance(key, z)
 
         def on_output(key: str, out: torch.Tensor) -> None:
             with tracker.paused():

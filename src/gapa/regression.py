@@ -76,7 +76,7 @@ def fit_gapa(
     gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
     gm.calibrate(data.x_val, data.y_val)
     info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
-            "lengthscale_factor": gm.lengthscale_factor}
+            "propagation": gm.propagation, "lengthscale_factor": gm.lengthscale_factor}
     return Fitted(gm, info=info, handle=gm)
 
 

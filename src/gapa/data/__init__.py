@@ -1,8 +1,18 @@
-"""Regression data sets, split and standardised the same way for every benchmark."""
+"""Data sets: regression tables split and standardised the same way for every benchmark, and
+the image sets of the classification benchmark (Fashion-MNIST, MNIST, rotations)."""
 
 from __future__ import annotations
 
 from .flights import FLIGHTS_FEATURES, flights_frame, load_flights
+from .images import (
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    ROTATION_ANGLES,
+    ImageData,
+    load_fashion_mnist,
+    load_mnist,
+    rotated,
+)
 from .published import (
     AIRLINE_FEATURES,
     DATASETS,
@@ -25,9 +35,13 @@ from .regression import (
 __all__ = [
     "AIRLINE_FEATURES",
     "DATASETS",
+    "FASHION_MNIST_CLASSES",
     "FLIGHTS_FEATURES",
+    "MNIST_CLASSES",
+    "ROTATION_ANGLES",
     "TAXI_FEATURES",
     "YEAR_FEATURES",
+    "ImageData",
     "RegressionData",
     "flights_frame",
     "from_arrays",
@@ -36,8 +50,11 @@ __all__ = [
     "load_airline",
     "load_csv",
     "load_dataset",
+    "load_fashion_mnist",
     "load_flights",
+    "load_mnist",
     "load_taxi",
     "load_year",
+    "rotated",
     "split_sizes",
 ]
