@@ -61,15 +61,19 @@ def _nll(r2: np.ndarray, total_var: np.ndarray) -> float:
     return float(0.5 * np.mean(_LOG_2PI + np.log(total_var) + r2 / total_var))
 
 
-def _argmin_log(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, float]:
-    """Minimise ``f`` over ``[lo, hi]`` (both > 0): log-space grid, then bounded Brent nearby."""
-    grid = np.linspace(math.log(lo), math.log(hi), _GRID)
+def argmin_log(
+    f: Callable[[float], float], lo: float, hi: float, *, points: int = _GRID,
+    xatol: float = _XATOL,
+) -> tuple[float, float]:
+    """Minimise ``f`` over ``[lo, hi]`` (both > 0): a log-space grid of ``points``, then
+    bounded Brent between the best point's neighbours (``xatol`` in log space)."""
+    grid = np.linspace(math.log(lo), math.log(hi), points)
     vals = [f(math.exp(t)) for t in grid]
     i = int(np.argmin(vals))
     best_x, best_f = math.exp(grid[i]), vals[i]
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, _GRID - 1)]
+    a, b = grid[max(i - 1, 0)], grid[min(i + 1, points - 1)]
     res = minimize_scalar(
-        lambda t: f(math.exp(t)), bounds=(a, b), method="bounded", options={"xatol": _XATOL}
+        lambda t: f(math.exp(t)), bounds=(a, b), method="bounded", options={"xatol": xatol}
     )
     if float(res.fun) < best_f:
         best_x, best_f = math.exp(float(res.x)), float(res.fun)
@@ -81,7 +85,7 @@ def _fit_noise(r2: np.ndarray, sv: np.ndarray, mse: float) -> tuple[float, float
     # The NLL increases in noise beyond max(r2), so the optimum lies below that.
     lo, hi = 1e-6 * mse, max(10.0 * mse, float(r2.max()))
     # noise stays >= lo > 0 on purpose, so predictive_std is positive even where a test var is 0.
-    return _argmin_log(lambda n: _nll(r2, sv + n), lo, hi)
+    return argmin_log(lambda n: _nll(r2, sv + n), lo, hi)
 
 
 def fit_scale_and_noise(
@@ -135,7 +139,7 @@ def fit_scale_and_noise(
             cache[s] = _fit_noise(r2, s * v, mse)
         return cache[s][1]
 
-    scale, nll = _argmin_log(profile, 1e-6 * s0, 1e6 * s0)
+    scale, nll = argmin_log(profile, 1e-6 * s0, 1e6 * s0)
     noise = cache[scale][0] if scale in cache else _fit_noise(r2, scale * v, mse)[0]
     # The noise-only fit (scale = 0) is always a candidate, so we never do worse than it.
     nll_noise_only = _nll(r2, np.full_like(r2, mse))

@@ -18,14 +18,12 @@ and never repairs NaN or Inf.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
 
+from .calibration import argmin_log
 from .errors import ConfigurationError, InputError, NonFiniteError
 from .moments import Moments
 
@@ -466,21 +464,6 @@ def predict_classes(
 # --------------------------------------------------------------------------- fits
 
 
-def _argmin_log(f: Callable[[float], float], lo: float, hi: float) -> tuple[float, float]:
-    """Minimise ``f`` over ``[lo, hi]`` (both > 0): a log-space grid, then bounded Brent nearby."""
-    grid = np.linspace(math.log(lo), math.log(hi), _GRID)
-    vals = [f(math.exp(t)) for t in grid]
-    i = int(np.argmin(vals))
-    best_x, best_f = math.exp(grid[i]), vals[i]
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, _GRID - 1)]
-    res = minimize_scalar(
-        lambda t: f(math.exp(t)), bounds=(a, b), method="bounded", options={"xatol": _XATOL}
-    )
-    if float(res.fun) < best_f:
-        best_x, best_f = math.exp(float(res.x)), float(res.fun)
-    return best_x, best_f
-
-
 def _nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
     logp = torch.log_softmax(logits, dim=-1)
     return float(-logp.gather(-1, labels.unsqueeze(-1)).mean())
@@ -535,7 +518,7 @@ def fit_variance_scale(
     def nll(c: float) -> float:
         return _nll(mu / torch.sqrt(1.0 + (_PI_OVER_8 * c) * v), labels)
 
-    scale, best = _argmin_log(nll, lo / v_mean, hi / v_mean)
+    scale, best = argmin_log(nll, lo / v_mean, hi / v_mean, points=_GRID, xatol=_XATOL)
     if map_nll <= best:
         return VarianceScaleFit(scale=0.0, nll=map_nll, map_nll=map_nll, method=method)
     return VarianceScaleFit(scale=scale, nll=best, map_nll=map_nll, method=method)
@@ -552,5 +535,6 @@ def fit_temperature(
     labels = _check_labels(labels, logits)
     lo, hi = _check_bounds(bounds, "bounds")
     z = logits.detach().to(torch.float64)
-    temperature, best = _argmin_log(lambda t: _nll(z / t, labels), lo, hi)
+    temperature, best = argmin_log(lambda t: _nll(z / t, labels), lo, hi, points=_GRID,
+                                       xatol=_XATOL)
     return TemperatureFit(temperature=temperature, nll=best)
