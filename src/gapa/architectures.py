@@ -20,10 +20,12 @@ class BasicBlock(nn.Module):
     """``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``, the standard ResNet block; the
     shortcut is a strided 1x1 convolution with batch norm when the shape changes."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, dropout: float = 0.0):
         super().__init__()
         self.conv1, self.bn1 = _conv_bn(c_in, c_out, stride)
         self.relu1 = nn.ReLU()
+        if dropout > 0:  # between the two convolutions, as in wide ResNets (MC dropout's copy)
+            self.dropout = nn.Dropout(dropout)
         self.conv2, self.bn2 = _conv_bn(c_out, c_out)
         self.shortcut = (
             nn.Sequential(*_conv_bn(c_in, c_out, stride, kernel=1))
@@ -33,6 +35,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.relu1(self.bn1(self.conv1(x)))
+        if hasattr(self, "dropout"):
+            h = self.dropout(h)
         return self.relu2(self.bn2(self.conv2(h)) + self.shortcut(x))
 
 
@@ -41,10 +45,12 @@ class SmallResNet(nn.Module):
     blocks with widths 16/32/64 (the last two halve the resolution: 28 -> 14 -> 7), global
     average pooling and a linear head. ``blocks=2`` gives a ResNet-14 of 0.17M parameters, the
     size at which ResNets commonly exceed 91% test accuracy on Fashion-MNIST with standard SGD
-    training. Being convolutional up to the pool, it also accepts other image sizes."""
+    training. Being convolutional up to the pool, it also accepts other image sizes.
+    ``dropout > 0`` adds an ``nn.Dropout`` inside every block (the MC-dropout copy); without it
+    the modules are exactly those above."""
 
     def __init__(self, num_classes: int = 10, blocks: int = 2, in_channels: int = 1,
-                 widths: tuple[int, int, int] = (16, 32, 64)):
+                 widths: tuple[int, int, int] = (16, 32, 64), dropout: float = 0.0):
         super().__init__()
         if blocks < 1 or num_classes < 1 or in_channels < 1:
             raise ConfigurationError(
@@ -54,7 +60,8 @@ class SmallResNet(nn.Module):
         self.stem = nn.Sequential(*_conv_bn(in_channels, widths[0]), nn.ReLU())
         stages, c_in = [], widths[0]
         for i, width in enumerate(widths):
-            stage = [BasicBlock(c_in if b == 0 else width, width, 2 if (i > 0 and b == 0) else 1)
+            stage = [BasicBlock(c_in if b == 0 else width, width,
+                                2 if (i > 0 and b == 0) else 1, dropout)
                      for b in range(blocks)]
             stages.append(nn.Sequential(*stage))
             c_in = width

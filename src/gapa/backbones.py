@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,41 +95,63 @@ def train_regressor(
     return model.eval()
 
 
-def _fingerprint(data: RegressionData, **config) -> str:
+def fingerprint(tensors, **config) -> str:
+    """16 hex digits of a SHA-256 over ``config`` (as sorted JSON) and the tensors' bytes."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for t in (data.x_train, data.y_train, data.x_val, data.y_val):
-        h.update(t.numpy().tobytes())
+    for t in tensors:
+        h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def cached_model(
+    path: Path, build: Callable[[], nn.Module], train: Callable[[], nn.Module], config: dict
+) -> tuple[nn.Module, Path, bool]:
+    """Load ``build()``'s weights from ``path``, or ``train()`` and save them there.
+
+    Returns ``(model, path, trained)``. The file is written aside and renamed, so an interrupted
+    run leaves none, and records the training's wall-clock seconds, the device it ran on and
+    ``config``; a file without a training time (an older gapa's) is retrained. The model comes
+    back on the CPU.
+    """
+    if path.exists() and training_seconds(path) is not None:
+        model = build()
+        model.load_state_dict(load_file(path))
+        return model.eval(), path, False
+    t0 = time.perf_counter()
+    model = train()
+    seconds = time.perf_counter() - t0
+    metadata = {"train_s": repr(seconds), "config": json.dumps(config),
+                "device": _device_name(next(model.parameters()).device)}
+    model = model.cpu()
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  tmp, metadata)
+    return model.eval(), path, True
 
 
 def cached_regressor(data: RegressionData, *, seed: int = 0, progress: bool = True, **kw):
     """Train the backbone, or load it when the same data and settings were trained before.
 
-    Returns ``(model, path, trained)``. The cache key hashes the training and validation data
-    and the settings (``kw`` are :func:`train_regressor`'s; ``dropout=0`` counts as not given,
-    so the published backbone keeps its key); files are written aside and renamed, so an
-    interrupted run leaves none. Each file records its training time (see
-    :func:`training_seconds`); a file from an older gapa without one is retrained.
+    Returns ``(model, path, trained)`` (see :func:`cached_model`). The cache key hashes the
+    training and validation data and the settings (``kw`` are :func:`train_regressor`'s;
+    ``dropout=0`` counts as not given, so the published backbone keeps its key).
     """
     if not kw.get("dropout"):
         kw.pop("dropout", None)
     config = {"seed": seed, "arch": "mlp-tanh", **kw}
-    path = cache_dir() / "backbones" / f"{data.name}-{_fingerprint(data, **config)}.safetensors"
-    if path.exists() and training_seconds(path) is not None:
-        model = mlp(
-            data.n_features,
-            width=kw.get("width", 200),
-            depth=kw.get("depth", 3),
-            dropout=kw.get("dropout", 0.0),
-        )
-        model.load_state_dict(load_file(path))
-        return model.eval(), path, False
-    t0 = time.perf_counter()
-    model = train_regressor(data, seed=seed, progress=progress, **kw)
-    metadata = {"train_s": repr(time.perf_counter() - t0), "config": json.dumps(config)}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata)
-    return model, path, True
+    key = fingerprint((data.x_train, data.y_train, data.x_val, data.y_val), **config)
+    path = cache_dir() / "backbones" / f"{data.name}-{key}.safetensors"
+
+    def build() -> nn.Module:
+        return mlp(data.n_features, width=kw.get("width", 200), depth=kw.get("depth", 3),
+                   dropout=kw.get("dropout", 0.0))
+
+    return cached_model(path, build, lambda: train_regressor(data, seed=seed, progress=progress,
+                                                             **kw), config)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def training_seconds(path: str | os.PathLike) -> float | None:
