@@ -115,7 +115,7 @@ def summary_table(results: Sequence[MethodResult]) -> str:
     ``test / map`` is the ratio of mean test times to MAP's, or "—" when MAP was not run.
     """
     methods = list(dict.fromkeys(r.method for r in results))
-    stats = {m: {c: _mean_se([getattr(r, c) for r in results if r.method == m]) for c in COLUMNS}
+    stats = {m: {c: mean_se([getattr(r, c) for r in results if r.method == m]) for c in COLUMNS}
              for m in methods}
     best = {c: min(stats[m][c][0] for m in methods) for c in COLUMNS}
     map_test = stats["map"]["test_s"][0] if "map" in stats else None
@@ -140,7 +140,8 @@ def write_records(path: str | os.PathLike, results: Sequence[MethodResult]) -> N
         json.dump([r.record() for r in results], f, indent=2)
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (``ddof=1``; 0 for a single value) of ``values``."""
     a = np.asarray(values, dtype=np.float64)
     se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
     return float(a.mean()), se

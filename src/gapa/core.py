@@ -12,6 +12,14 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .calibration import Calibration, fit_scale_and_noise
+from .classification import (
+    ClassPrediction,
+    Method,
+    OODScore,
+    VarianceScaleFit,
+    fit_variance_scale,
+    predict_classes,
+)
 from .errors import (
     ConfigurationError,
     EmptyDataError,
@@ -164,6 +172,7 @@ class GAPA:
         self._sites: dict[str, GPSite] = {}
         self._input_shape: tuple[int, ...] | None = None
         self._calibration: Calibration | None = None
+        self._class_calibration: VarianceScaleFit | None = None
         self.lengthscale_factor = 1.0
 
     # --- configuration ---------------------------------------------------------------------------
@@ -256,6 +265,7 @@ class GAPA:
             sites[key] = GPSite(key, torch.cat(chunks), module, self.config, overrides)
         self._sites = sites
         self._calibration = None
+        self._class_calibration = None
         self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
         return self
 
@@ -437,7 +447,7 @@ class GAPA:
                 "GAPA does not repair inputs: remove or impute them first"
             )
 
-    # --- regression predictive ------------------------------------------------------------------
+    # --- calibrated predictives (regression, classification) ------------------------------------------------------------------
 
     def calibrate(
         self, x: torch.Tensor, y: torch.Tensor, *,
@@ -450,25 +460,78 @@ class GAPA:
         multiplied by the factor with the best validation NLL (one pass over ``x`` per factor; no
         refit, since a common factor keeps the neighbours); ``None`` keeps them as fitted.
         """
-        self._require_fitted("calibrate")
-        best: tuple[Calibration, float] | None = None
-        for factor in lengthscale_factors or [None]:
-            if factor is not None:
-                self._rescale_lengthscales(factor)
-            out = self(x)
+
+        def fit(out: Moments) -> tuple[Calibration, float]:
             if y.shape != out.mean.shape:
                 raise InputError(
                     f"targets of shape {tuple(y.shape)} do not match the model output "
                     f"{tuple(out.mean.shape)}"
                 )
             cal = fit_scale_and_noise(out.mean, out.var, y)
-            if best is None or cal.nll < best[0].nll:
-                best = (cal, factor)
-        self._calibration, factor = best
+            return cal, cal.nll
+
+        self._calibration = self._fit_on_validation(x, fit, lengthscale_factors, None)
+        return self._calibration
+
+    def calibrate_classifier(
+        self, x: torch.Tensor, labels: torch.Tensor, *,
+        lengthscale_factors: Sequence[float] | None = LENGTHSCALE_FACTORS,
+        method: Method | str = Method.ARGMAX_PRESERVING, batch_size: int | None = 1024,
+    ) -> VarianceScaleFit:
+        """Fit one scale of the logit variance on validation NLL (classification).
+
+        The classification counterpart of :meth:`calibrate`: the scale of ``p(mean, c * var)``
+        under ``method`` (:func:`gapa.classification.fit_variance_scale`) and, with
+        ``lengthscale_factors``, the lengthscale factor with the best validation NLL. The
+        logits' mean is never changed; :meth:`classify` then uses the fitted scale.
+        """
+        def fit(out: Moments) -> tuple[VarianceScaleFit, float]:
+            scale = fit_variance_scale(out.mean, out.var, labels, method=method)
+            return scale, scale.nll
+
+        self._class_calibration = self._fit_on_validation(x, fit, lengthscale_factors, batch_size)
+        return self._class_calibration
+
+    def _fit_on_validation(self, x, fit, lengthscale_factors, batch_size):
+        """``fit(moments) -> (result, nll)`` for each lengthscale factor; keeps the best."""
+        self._require_fitted("calibrate")
+        best = None
+        for factor in lengthscale_factors or [None]:
+            if factor is not None:
+                self._rescale_lengthscales(factor)
+            result, nll = fit(self.moments(x, batch_size))
+            if best is None or nll < best[1]:
+                best = (result, nll, factor)
+        result, _, factor = best
         if factor is not None:
             self._rescale_lengthscales(factor)
             self.lengthscale_factor = factor
-        return self._calibration
+        return result
+
+    def moments(self, x: torch.Tensor, batch_size: int | None = None) -> Moments:
+        """``self(x)`` in batches of ``batch_size`` rows (all at once for ``None``)."""
+        if batch_size is None or len(x) <= batch_size:
+            return self(x)
+        parts = [self(xb) for xb in x.split(batch_size)]
+        return Moments(torch.cat([p.mean for p in parts]), torch.cat([p.var for p in parts]))
+
+    def classify(
+        self, x: torch.Tensor, *, method: Method | str | None = None,
+        ood_score: OODScore | str = OODScore.ENTROPY, batch_size: int | None = 1024,
+    ) -> ClassPrediction:
+        """Class probabilities, the network's own predicted class (default method), predictive
+        entropy, logit variances and an OOD score (higher = more OOD) per input.
+
+        Uses the scale and method fitted by :meth:`calibrate_classifier` (``method`` overrides
+        the latter); without that calibration the raw variance (scale 1) is used.
+        """
+        self._require_fitted("classify")
+        fitted = self._class_calibration
+        if method is None:
+            method = fitted.method if fitted is not None else Method.ARGMAX_PRESERVING
+        scale = 1.0 if fitted is None else fitted.scale
+        return predict_classes(self.moments(x, batch_size), method, ood_score=ood_score,
+                               variance_scale=scale)
 
     def _rescale_lengthscales(self, factor: float) -> None:
         for site in self._sites.values():

@@ -1,7 +1,8 @@
-"""Regression metrics for Gaussian predictives: NLL, CRPS, CQM, coverage and RMSE.
+"""Regression metrics for Gaussian predictives (NLL, CRPS, CQM, coverage, RMSE) and
+classification and OOD metrics (accuracy, NLL, ECE, Brier; AUROC, FPR at 95% TPR).
 
-Every function takes tensors of one identical shape (no broadcasting), computes in float64 and
-averages over all elements. Bad inputs raise; nothing is silently repaired.
+The regression functions take tensors of one identical shape (no broadcasting); all compute in
+float64 and average over all elements. Bad inputs raise; nothing is silently repaired.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ _INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
 
 __all__ = [
     "DEFAULT_ALPHAS",
+    "ECE_BINS",
+    "classification_report",
     "coverage",
     "cqm",
     "crps_gaussian",
     "gaussian_nll",
+    "ood_report",
     "regression_report",
     "rmse",
 ]
@@ -160,4 +164,63 @@ def regression_report(mean: torch.Tensor, std: torch.Tensor, y: torch.Tensor) ->
         "crps": crps_gaussian(mean, std, y),
         "cqm": cqm(mean, std, y),
         "rmse": rmse(mean, y),
+    }
+
+
+# --------------------------------------------------------------------------- classification
+
+#: Equal-width confidence bins of the expected calibration error (method.md, section 6).
+ECE_BINS = 15
+
+
+def _check_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(probs, torch.Tensor) or probs.ndim != 2 or not probs.is_floating_point():
+        raise InputError(f"probs must be a floating (N, C) tensor, got "
+                         f"{getattr(probs, 'shape', type(probs).__name__)}")
+    if (not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64
+            or labels.shape != probs.shape[:1]):
+        raise InputError(f"labels must be int64 of shape ({probs.shape[0]},), got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    (p,) = _check(probs=probs)
+    if bool((p < 0).any()) or not torch.allclose(p.sum(-1), torch.ones_like(p[:, 0]), atol=1e-4):
+        raise InputError("probs must be non-negative with rows summing to 1")
+    if bool(((labels < 0) | (labels >= p.shape[1])).any()):
+        raise InputError(f"labels must lie in [0, {p.shape[1]})")
+    return p, labels.to(p.device)
+
+
+def classification_report(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, NLL (nats, mean), ECE (15 equal-width bins, L1) and Brier score (summed over
+    classes, mean over inputs) of predicted class probabilities ``(N, C)``."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    p, y = _check_probs(probs, labels)
+    picked = p.gather(1, y[:, None]).squeeze(1)
+    one_hot = torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
+    ece = multiclass_calibration_error(p, y, num_classes=p.shape[1], n_bins=ECE_BINS, norm="l1")
+    return {
+        "accuracy": float((p.argmax(1) == y).to(torch.float64).mean()),
+        "nll": float(-torch.log(picked.clamp_min(torch.finfo(p.dtype).tiny)).mean()),
+        "ece": float(ece),
+        "brier": float((p - one_hot).square().sum(1).mean()),
+    }
+
+
+def ood_report(score_in: torch.Tensor, score_out: torch.Tensor) -> dict[str, float]:
+    """AUROC and FPR at 95% TPR of an OOD score (higher = more OOD), with out-of-distribution
+    inputs as the positives (method.md): ``fpr95`` is the fraction of in-distribution inputs
+    flagged when the threshold catches 95% of the OOD ones."""
+    from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+    (s_in,) = _check(score_in=score_in)
+    (s_out,) = _check(score_out=score_out)
+    if s_in.ndim != 1 or s_out.ndim != 1:
+        raise InputError(f"OOD scores must be 1-D, got {tuple(s_in.shape)} and {tuple(s_out.shape)}")
+    scores = torch.cat([s_in, s_out])
+    target = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)]).long()
+    fpr, tpr, _ = binary_roc(scores, target)
+    return {
+        "auroc": float(binary_auroc(scores, target)),
+        "fpr95": float(fpr[tpr >= 0.95].min()),
     }

@@ -1,4 +1,4 @@
-"""Peer methods the regression benchmark compares GAPA with.
+"""Peer methods the regression and classification benchmarks compare GAPA with.
 
 Every method is a function with one signature::
 
@@ -11,6 +11,12 @@ maps standardised inputs to :class:`gapa.Moments` in standardised target units w
 the method's *epistemic* variance only: the benchmark then fits one scale and one homoscedastic
 noise on validation for every method alike (:mod:`gapa.calibration`), so that no method wins by
 its noise model.
+
+The classification methods take a frozen classifier and a :class:`gapa.data.ImageData`;
+``train`` holds :func:`gapa.classifiers.cached_classifier`'s settings (``arch`` first), and
+``Fitted.predict`` maps images to class probabilities ``(N, C)``. Their OOD score is the
+predictive entropy of those probabilities unless ``Fitted.ood_score`` gives another (higher =
+more likely out of distribution).
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ class Fitted:
     hyperparameters, sample counts, ...).
     """
 
-    predict: Callable[[torch.Tensor], Moments]
+    predict: Callable[[torch.Tensor], Moments | torch.Tensor]
     fit_s: float | None = None
     info: dict = field(default_factory=dict)
     handle: Any = field(default=None, repr=False)  # the fitted object itself, for figures
+    ood_score: Callable[[torch.Tensor], torch.Tensor] | None = None  # classification only
 
 
 #: The signature every method shares.

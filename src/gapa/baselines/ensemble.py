@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backbones import cached_regressor, training_seconds
+from ..classifiers import ENSEMBLE_MEMBERS, cached_classifier
 from ..data import RegressionData
 from ..errors import ConfigurationError
 from ..moments import Moments
@@ -57,5 +58,28 @@ def fit_ensemble(
         with torch.no_grad():
             means = torch.stack([net(x) for net in nets])
         return Moments(means.mean(0), means.var(0, correction=0))
+
+    return Fitted(predict, fit_s=seconds, info={"members": members, "member_seeds": seeds})
+
+
+def fit_ensemble_classifier(
+    backbone: nn.Module, data, *, seed: int, progress: bool, train: dict, members: int = ENSEMBLE_MEMBERS,
+) -> Fitted:
+    """Train (or load) ``members`` classifiers of ``train["arch"]``; member 0 is the MAP
+    backbone's cache file. ``predict`` is the members' average softmax (the ensemble's own
+    predictive, not a moment match); ``fit_s`` the sum of their training times."""
+    if members < 2:
+        raise ConfigurationError(f"an ensemble needs at least 2 members, got {members}.")
+    seeds = member_seeds(seed, members)
+    nets, seconds = [], 0.0
+    for s in tqdm(seeds, desc="ensemble members", disable=not progress, leave=False):
+        net, path, _ = cached_classifier(data, seed=s, progress=progress, **train)
+        nets.append(net)
+        seconds += training_seconds(path)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([torch.softmax(torch.cat([net(xb) for xb in x.split(2048)]), -1)
+                                for net in nets]).mean(0)
 
     return Fitted(predict, fit_s=seconds, info={"members": members, "member_seeds": seeds})
