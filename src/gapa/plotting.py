@@ -1,4 +1,5 @@
-"""The demo's figure: where GAPA's variance comes from, and what it buys on the test set."""
+"""Figures: the demo's (where GAPA's variance comes from, and what it buys on the test set) and
+the classification benchmark's (reliability, OOD scores, rotation curves)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,90 @@ def demo_figure(
           title="Does the predicted sd track the error?")
     b.legend()
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def classification_figures(folder: Path, results, labels, *, title: str = "") -> list[Path]:
+    """The classification benchmark's three figures, from the ``ClassResult`` of every method
+    (first seed of each for the per-input ones):
+
+    - ``reliability.png``: accuracy against confidence in 15 equal-width bins on the test set;
+    - ``ood_scores.png``: histograms of each method's OOD score, test set against each OOD set;
+    - ``rotation.png``: accuracy, NLL and ECE against the rotation angle (mean over seeds).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = {}
+    for r in results:
+        first.setdefault(r.method, r)
+    paths = [_reliability(folder / "reliability.png", first, labels, title)]
+    if any(len(r.scores) > 1 for r in first.values()):
+        paths.append(_score_histograms(folder / "ood_scores.png", first, title))
+    if any(r.rotated for r in results):
+        paths.append(_rotation_curves(folder / "rotation.png", results, title))
+    return paths
+
+
+def _reliability(path: Path, first: dict, labels, title: str) -> Path:
+    y = np.asarray(labels)
+    edges = np.linspace(0.0, 1.0, 16)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, r in first.items():
+        probs = r.probs.double().numpy()
+        conf, correct = probs.max(1), probs.argmax(1) == y
+        bins = np.clip(np.digitize(conf, edges) - 1, 0, 14)
+        used = [b for b in range(15) if (bins == b).any()]
+        ax.plot([conf[bins == b].mean() for b in used], [correct[bins == b].mean() for b in used],
+                "o-", ms=3, label=f"{name} (ECE {r.ece:.3f})")
+    ax.set(xlabel="confidence (max probability)", ylabel="accuracy", title=f"Reliability {title}")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _score_histograms(path: Path, first: dict, title: str) -> Path:
+    names = [n for n, r in first.items() if len(r.scores) > 1]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        scores = {k: v.double().numpy() for k, v in first[name].scores.items()}
+        bins = np.histogram_bin_edges(np.concatenate(list(scores.values())), 50)
+        for set_name, s in scores.items():
+            label = "in distribution (test)" if set_name == "test" else f"OOD: {set_name}"
+            ax.hist(s, bins=bins, density=True, alpha=0.5, label=label)
+        auroc = ", ".join(f"{k} {v['auroc']:.3f}" for k, v in first[name].ood.items())
+        ax.set_title(f"{name} (AUROC {auroc})", fontsize=9)
+        ax.set_xlabel(first[name].info.get("ood_score", "predictive entropy"), fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"OOD scores {title}")
+    return _save(fig, path)
+
+
+def _rotation_curves(path: Path, results, title: str) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    methods = list(dict.fromkeys(r.method for r in results))
+    for name in methods:
+        runs = [r for r in results if r.method == name and r.rotated]
+        if not runs:
+            continue
+        angles = sorted(runs[0].rotated)
+        for ax, key in zip(axes, ("accuracy", "nll", "ece"), strict=True):
+            values = np.mean([[r.rotated[a][key] for a in angles] for r in runs], axis=0)
+            ax.plot(angles, values, "o-", ms=3, label=name)
+    for ax, key in zip(axes, ("accuracy", "NLL", "ECE"), strict=True):
+        ax.set(xlabel="rotation (degrees)", ylabel=key, title=f"{key} under rotation")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Rotated test images {title}")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
