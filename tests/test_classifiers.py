@@ -98,7 +98,7 @@ def test_mc_dropout_is_seeded_leaves_random_state_and_eval_mode(images):
         plain = torch.softmax(model(images.x_test), -1)
     assert not torch.equal(one, plain)  # masks were drawn
     assert not model.training and not any(m.training for m in model.modules())
-    with pytest.raises(ConfigurationError, match="no nn.Dropout"):
+    with pytest.raises(ConfigurationError, match=r"no nn\.Dropout"):
         mc_dropout_probs(build_classifier("mlp", 3, in_shape=(1, 8, 8)), images.x_test,
                          samples=2, seed=0)
 
