@@ -101,3 +101,33 @@ def test_whole_network_variance_against_monte_carlo(case, record_property):
 def test_unet_refuses_sizes_it_cannot_halve_twice():
     with pytest.raises(InputError, match="divisible by 4"):
         UNet()(torch.randn(1, 1, 14, 14))
+
+
+def test_whole_inputs_as_queries(case):
+    """``queries="inputs"``: one query per image over all C x H x W values of the layer; the
+    variance is the site's own, reshaped, and a training image is certain where a shifted one
+    is not."""
+    _, model, layer = case
+    train = _inputs(16, 6)
+    gm = gapa.GAPA(model, [layer], k=1, m=None, queries="inputs").fit(train, progress=False)
+    per_position = gapa.GAPA(model, [layer], k=1, m=None).fit(train, progress=False)
+    rows = gm.pre_activations(train[:2])[layer]
+    seen = []
+    handle = model.get_submodule(layer).register_forward_pre_hook(lambda _, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(train[:2])
+    handle.remove()
+    z = seen[0]  # (2, C, H, W)
+    assert torch.equal(rows, z.flatten(1))  # one row of C x H x W values per image
+    assert gm.sites[layer].cache_size == 16
+    assert per_position.sites[layer].cache_size == 16 * z[0, 0].numel()
+    site_var = gm.sites[layer].variance(z.flatten(1)).reshape(z.shape)
+    assert torch.equal(gm._site_variance(layer, z), site_var)
+    near, far = gm(train[:3]), gm(train[:3] + 3.0)
+    assert torch.equal(near.mean, model(train[:3]))
+    assert bool((far.var.sum(-1) > near.var.sum(-1)).all())
+
+
+def test_unknown_query_mode_raises():
+    with pytest.raises(gapa.ConfigurationError, match="unknown queries"):
+        gapa.GAPA(SmallResNet(), queries="pixels")

@@ -224,7 +224,7 @@ def test_entropy_and_ood_score_are_monotone_in_variance():
     assert bool((ent.diff(dim=0) > 0).all())
     assert bool((ent[-1] <= math.log(6) + 1e-12).all())
     tv = torch.stack([p.total_logit_variance for p in preds])
-    assert bool((tv.diff(dim=0) > 0).all())
+    assert bool((tv == var.sum(-1)).all())  # raw: the scale leaves the variance score alone
     conf = torch.stack(
         [
             predict_classes(Moments(mu, var), ood_score="max_prob", variance_scale=s).ood_score
@@ -328,10 +328,15 @@ def test_predict_classes_fields(method):
         assert getattr(pred, field).shape == (40,)
     torch.testing.assert_close(pred.probs.sum(-1), torch.ones(40, dtype=F64))
     assert torch.equal(pred.predicted, pred.probs.argmax(-1))
-    torch.testing.assert_close(pred.total_logit_variance, 2.0 * var.sum(-1))
+    # raw variances: the scale changes no ranking and a scale of 0 must not erase them
+    torch.testing.assert_close(pred.total_logit_variance, var.sum(-1))
     torch.testing.assert_close(
-        pred.predicted_logit_variance, 2.0 * var.gather(-1, pred.predicted[:, None])[:, 0]
+        pred.predicted_logit_variance, var.gather(-1, pred.predicted[:, None])[:, 0]
     )
+    if method is not Method.LAPLACE_BRIDGE:  # the bridge refuses var = 0
+        zero = predict_classes(Moments(mu, var), method.value, variance_scale=0.0,
+                               n_samples=200, ood_score="total_variance")
+        torch.testing.assert_close(zero.ood_score, var.sum(-1))
     p = pred.probs
     torch.testing.assert_close(pred.predictive_entropy, -(p * p.log()).sum(-1))
     assert (pred.concentration is not None) == (method is Method.LAPLACE_BRIDGE)

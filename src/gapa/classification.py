@@ -85,7 +85,9 @@ class ClassPrediction:
 
     ``ood_score`` follows the convention *higher = more likely out-of-distribution*; which
     quantity it is is named by ``ood_score_kind`` (predictive entropy by default). The logit
-    variances are the ones the predictive used, i.e. after any ``variance_scale``.
+    variances are the raw ones, before any ``variance_scale``: a positive scale changes no
+    ranking, and a fitted scale of 0 (the plain softmax calibrates best) must not erase the
+    epistemic signal that an OOD score reads.
     """
 
     probs: torch.Tensor
@@ -95,9 +97,9 @@ class ClassPrediction:
     predictive_entropy: torch.Tensor
     """``-sum_c p_c log p_c`` in nats."""
     total_logit_variance: torch.Tensor
-    """``sum_c var_c``."""
+    """``sum_c var_c`` (raw, before ``variance_scale``)."""
     predicted_logit_variance: torch.Tensor
-    """``var`` at the ``predicted`` class."""
+    """``var`` at the ``predicted`` class (raw)."""
     ood_score: torch.Tensor
     """Higher = more likely out-of-distribution."""
     ood_score_kind: OODScore
@@ -440,8 +442,8 @@ def predict_classes(
         probs, concentration = bridge.probs, bridge.concentration
     predicted = probs.argmax(-1)
     entropy = _entropy(probs)
-    total_var = var.sum(-1)
-    predicted_var = var.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+    total_var = moments.var.sum(-1)
+    predicted_var = moments.var.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
     score = {
         OODScore.ENTROPY: entropy,
         OODScore.TOTAL_VARIANCE: total_var,

@@ -57,8 +57,36 @@ def _bench_parser(sub) -> None:
     r.add_argument("--json", dest="json_path", help="write one record per method and seed")
     r.add_argument("--no-progress", dest="progress", action="store_false")
 
+    from .classification_bench import METHODS as CLASS_METHODS
+    from .classifiers import ARCHITECTURES
+
+    c = bsub.add_parser("classification", help="GAPA and its peers on a frozen image classifier")
+    c.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
+    c.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files (default: the "
+                   "Debian package's, or $GAPA_FASHION_MNIST_DIR)")
+    c.add_argument("--backbone", default="mlp", choices=ARCHITECTURES)
+    c.add_argument("--ood", default="mnist,rotated",
+                   help="comma-separated OOD and shift sets: mnist, rotated (default %(default)s)")
+    c.add_argument("--rotated-size", type=int, default=2000,
+                   help="test images rotated at each angle (default %(default)s)")
+    c.add_argument("--methods", default="all",
+                   help=f"comma-separated, from {', '.join(CLASS_METHODS)} (default: all)")
+    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default %(default)s)")
+    c.add_argument("--subset", type=int, help="a quick look: N class-balanced training images "
+                   "and N/4 validation and test images")
+    c.add_argument("--max-epochs", type=int, help="cap on the training epochs of networks that "
+                   "are not cached yet (default: the architecture's own)")
+    c.add_argument("--device", default="cpu", help="where networks that are not cached yet "
+                   "train (cpu, cuda); every method is then scored on the CPU")
+    c.add_argument("--json", dest="json_path", help="write one record per method and seed")
+    c.add_argument("--figures", help="folder for the reliability, OOD-score and rotation figures")
+    c.add_argument("--no-progress", dest="progress", action="store_false")
+
 
 def _bench(args) -> None:
+    if args.task == "classification":
+        _bench_classification(args)
+        return
     methods = parse_methods(args.methods)
     if args.csv:
         data = load_csv(args.csv, args.target)
@@ -74,6 +102,34 @@ def _bench(args) -> None:
     print(f"\n{data.name}: mean ± standard error over seeds (CRPS, RMSE in target units; "
           "lower is better, best in bold)")
     print(summary_table(results))
+
+
+def _bench_classification(args) -> None:
+    from . import classification_bench as cb
+    from .data.images import load_fashion_mnist, subset
+    from .plotting import classification_figures
+
+    methods = cb.parse_methods(args.methods)
+    data = load_fashion_mnist(args.data_path)
+    if args.subset:
+        data = subset(data, args.subset, max(1, args.subset // 4))
+    print(f"data: {data.describe()}; backbone: {args.backbone}")
+    sets = cb.eval_sets(data, [s.strip() for s in args.ood.split(",") if s.strip()],
+                        rotated_size=args.rotated_size)
+    results = cb.run_benchmark(data, args.backbone, methods, args.seeds, sets=sets,
+                               train={"device": args.device} | (
+                                   {"epochs": args.max_epochs} if args.max_epochs else {}),
+                               progress=args.progress,
+                               json_path=args.json_path)
+    if args.json_path:
+        print(f"records written to {args.json_path}")
+    if args.figures and results:
+        for path in classification_figures(args.figures, results, sets.y_test,
+                                           title=f"({data.name}, {args.backbone})"):
+            print(f"figure: {path}")
+    print(f"\n{data.name}, {args.backbone}: mean ± standard error over seeds (best in bold; "
+          "accuracy and AUROC higher is better, the rest lower)")
+    print(cb.summary_table(results))
 
 
 def _demo_config(args) -> DemoConfig:

@@ -73,6 +73,10 @@ def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return z.movedim(-1, 1) if inverse else z.movedim(1, -1)
 
 
+#: What one GP query is (see :class:`GAPA`).
+QUERY_MODES = ("positions", "inputs")
+
+
 def site_key(layer: str, call: int) -> str:
     """Name of the ``call``-th call (0-based) of module ``layer`` in one forward pass."""
     return layer if call == 0 else f"{layer}#{call}"
@@ -122,6 +126,14 @@ class GAPA:
         unit of a sample, so it keeps the correlations that mixing layers create (regressors
         and classifiers with few outputs; not language models). Needs a model whose rows along
         dim 0 are independent (eval mode).
+    queries:
+        What one GP query is. ``"positions"`` (default): every spatial position of a feature map
+        (every token of a sequence) is a query over the channels, as :func:`units_last` reads
+        them. ``"inputs"``: every element of the activation but the batch axis is a unit and each
+        input is one query, so the neighbours are whole training inputs' feature maps (fixed
+        shapes only; the cache holds one row of C x H x W values per training input). On the
+        Fashion-MNIST ResNet this is what makes the variance see out-of-distribution images
+        (benchmarks/RESULTS.md).
     seed:
         Seed of every random choice (subsamples, k-means).
     """
@@ -142,6 +154,7 @@ class GAPA:
         noise: float = 1e-2,
         hyperparameters: Mapping[str, Mapping] | None = None,
         propagation: str = "diagonal",
+        queries: str = "positions",
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -164,6 +177,9 @@ class GAPA:
                 f"unknown propagation {propagation!r}; use one of {list(PROPAGATION_MODES)}"
             )
         self.propagation = propagation
+        if queries not in QUERY_MODES:
+            raise ConfigurationError(f"unknown queries {queries!r}; use one of {list(QUERY_MODES)}")
+        self.queries = queries
         self._overrides = dict(hyperparameters or {})
         unknown = {name.split("#")[0] for name in self._overrides} - set(self.layers)
         if unknown:
@@ -274,7 +290,7 @@ class GAPA:
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
         def record(key: str, z: torch.Tensor) -> None:
-            rows = units_last(z.detach())
+            rows = self._as_queries(z.detach())
             cache.setdefault(key, []).append(rows.reshape(-1, rows.shape[-1]).clone())
 
         with self._call_sites(record):
@@ -326,7 +342,14 @@ class GAPA:
                 f"call site {key!r} was not seen during fit (the forward pass calls the "
                 "module more often than on the training data); refit on representative data"
             )
-        return units_last(site.variance(units_last(z.detach())), inverse=True)
+        return self._as_queries(site.variance(self._as_queries(z.detach())), like=z)
+
+    def _as_queries(self, z: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+        """An activation as (..., units) rows of GP queries, per :attr:`queries`; with ``like``,
+        the inverse: such rows back in the shape of the activation ``like``."""
+        if self.queries == "inputs":
+            return z.flatten(1) if like is None else z.reshape(like.shape)
+        return units_last(z, inverse=like is not None)
 
     def _jacobian_moments(self, x: torch.Tensor) -> Moments:
         """``propagation="jacobian"``: a forward pass with autograd on (same values, so the mean

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .core import GAPA, units_last
+from .core import GAPA
 from .moments import Moments
 from .propagation.engine import output_tensor
 
@@ -39,7 +39,7 @@ def monte_carlo_trace(
 
     def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
         z = z_seen.pop(key)
-        var = units_last(gm.sites[key].variance(units_last(z)), inverse=True)
+        var = gm._site_variance(key, z)
         eps = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         return out + var.sqrt() * eps
 

@@ -53,7 +53,8 @@ def fit_knn(backbone: nn.Module, data: ImageData, *, seed: int, progress: bool, 
         kth = index.points[index.search(q, k)[:, -1]]
         return (q - kth).norm(dim=1)
 
-    return Fitted(predict, ood_score=ood_score, info={"k": k, "n_index": len(index)})
+    return Fitted(predict, ood_score=ood_score,
+                  info={"k": k, "n_index": len(index), "ood_score": f"distance to neighbour {k}"})
 
 
 def _normalised(z: torch.Tensor) -> torch.Tensor:
