@@ -1,0 +1,112 @@
+"""`gapa bench classification` end to end on a tiny real subset of Fashion-MNIST: every method
+runs, records are complete, the metrics are those of gapa.metrics, GAPA never changes a decision
+of the network, and the CLI writes its JSON and figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gapa import classification_bench as cb
+from gapa.classifiers import cached_classifier
+from gapa.cli import main
+from gapa.data.images import _FILES, FASHION_MNIST_DIR, load_fashion_mnist, subset
+from gapa.errors import ConfigurationError
+from gapa.metrics import classification_report, ood_report
+
+needs_fashion = pytest.mark.skipif(
+    not all((FASHION_MNIST_DIR / f"{s}.gz").is_file() for s in _FILES.values()),
+    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR} "
+    "(apt-get install -y dataset-fashion-mnist)",
+)
+TRAIN = {"epochs": 2, "batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return subset(load_fashion_mnist(), 500, 200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def results(tiny, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GAPA_CACHE_DIR", str(cache))
+        sets = cb.EvalSets(tiny.x_test, tiny.y_test, ood={"flipped": tiny.x_test.flip(-2)},
+                           rotated={0: (tiny.x_test, tiny.y_test),
+                                    90: (tiny.x_test.rot90(1, (-2, -1)), tiny.y_test)})
+        out = cb.run_benchmark(tiny, "mlp", list(cb.METHODS), seeds=1, sets=sets, train=TRAIN,
+                               progress=False, json_path=cache / "records.json")
+        backbone = cached_classifier(tiny, "mlp", seed=0, progress=False, **TRAIN)[0]
+    return out, sets, backbone, cache
+
+
+@needs_fashion
+def test_every_method_runs_and_records_are_complete(results):
+    out, _, _, cache = results
+    assert [r.method for r in out] == list(cb.METHODS)
+    records = json.loads((cache / "records.json").read_text())
+    assert len(records) == len(cb.METHODS)
+    for rec in records:
+        assert set(rec) >= {"dataset", "backbone", "method", "seed", "accuracy", "nll", "ece", "ood_entropy",
+                            "brier", "ood", "rotated", "fit_s", "test_s", "info"}
+        assert set(rec["ood"]) == {"flipped"} and set(rec["ood"]["flipped"]) == {"auroc", "fpr95"}
+        assert set(rec["rotated"]) == {"0", "90"}
+        assert rec["fit_s"] > 0 and rec["test_s"] > 0
+
+
+@needs_fashion
+def test_scores_equal_the_metrics_module(results):
+    out, sets, _, _ = results
+    for r in out:
+        rep = classification_report(r.probs, sets.y_test)
+        assert (r.accuracy, r.nll, r.ece, r.brier) == tuple(rep[k] for k in
+                                                               ("accuracy", "nll", "ece", "brier"))
+        assert r.ood["flipped"] == ood_report(r.scores["test"], r.scores["flipped"])
+    # unrotated images score as the test set
+    gapa = next(r for r in out if r.method == "gapa")
+    assert gapa.rotated[0]["nll"] == pytest.approx(gapa.nll, rel=1e-12)
+
+
+@needs_fashion
+def test_gapa_never_changes_a_decision(results):
+    out, sets, backbone, _ = results
+    with torch.no_grad():
+        decisions = backbone(sets.x_test).argmax(-1)
+    by_name = {r.method: r for r in out}
+    assert torch.equal(by_name["gapa"].probs.argmax(-1), decisions)
+    assert by_name["gapa"].accuracy == by_name["map"].accuracy
+    assert by_name["gapa"].info["layers"] == ["4"]  # the last tanh, feeding the head
+
+
+@needs_fashion
+def test_table_marks_the_best_and_the_test_time_ratio(results):
+    table = cb.summary_table(results[0])
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(cb.METHODS)
+    assert "AUROC flipped" in lines[0] and "rot. NLL" in lines[0]
+    assert "**" in table and lines[2].endswith("1.00x |")  # map's own ratio
+
+
+def test_unknown_methods_and_sets_raise():
+    with pytest.raises(ConfigurationError, match="unknown method"):
+        cb.parse_methods("map,bogus")
+    assert cb.parse_methods(None) == list(cb.METHODS)
+    with pytest.raises(ConfigurationError, match="unknown OOD"):
+        cb.eval_sets(None, ["svhn"])
+
+
+@needs_fashion
+def test_cli_writes_records_and_figures(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GAPA_CACHE_DIR", str(tmp_path / "cache"))
+    code = main(["bench", "classification", "--methods", "map,gapa", "--seeds", "1",
+                 "--subset", "400", "--max-epochs", "1", "--ood", "rotated",
+                 "--rotated-size", "50", "--json", str(tmp_path / "r.json"),
+                 "--figures", str(tmp_path / "fig"), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| gapa |" in printed and "rot. ECE" in printed
+    assert len(json.loads((tmp_path / "r.json").read_text())) == 2
+    assert {p.name for p in (tmp_path / "fig").iterdir()} == {"reliability.png", "rotation.png"}
