@@ -110,3 +110,9 @@ def test_cli_writes_records_and_figures(tmp_path, monkeypatch, capsys):
     assert "| gapa |" in printed and "rot. ECE" in printed
     assert len(json.loads((tmp_path / "r.json").read_text())) == 2
     assert {p.name for p in (tmp_path / "fig").iterdir()} == {"reliability.png", "rotation.png"}
+
+
+@needs_fashion
+def test_records_reload_into_the_same_table(results):
+    out, _, _, cache = results
+    assert cb.summary_table(cb.load_records(cache / "records.json")) == cb.summary_table(out)

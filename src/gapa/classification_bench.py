@@ -39,9 +39,12 @@ from .metrics import classification_report, ood_report
 
 #: GAPA as the classification benchmark runs it: the activation feeding the head, the 1-NN
 #: closed form over 512 k-means inducing points, the one-pass propagation (exact under the
-#: model from the last activation through pooling and the linear head) and the
-#: argmax-preserving probit with its variance scale and lengthscale factor fitted on validation.
-GAPA_CLASSIFIER_DEFAULT = {"layers": "auto", "k": 1, "m": 512, "propagation": "diagonal"}
+#: model from the last activation through pooling and the linear head), whole images as queries
+#: (a ResNet's last feature map is compared image to image, not pixel to pixel: OOD AUROC 0.96
+#: against 0.57 on Fashion-MNIST vs MNIST; no change for the MLP) and the argmax-preserving
+#: probit with its variance scale and lengthscale factor fitted on validation.
+GAPA_CLASSIFIER_DEFAULT = {"layers": "auto", "k": 1, "m": 512, "propagation": "diagonal",
+                           "queries": "inputs"}
 
 _BATCH = 1024
 
@@ -277,6 +280,18 @@ def write_records(path: str | os.PathLike, results: Sequence[ClassResult]) -> No
     """One JSON record per method and seed, written aside then renamed."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump([r.record() for r in results], f, indent=2)
+
+
+def load_records(*paths: str | os.PathLike) -> list[ClassResult]:
+    """The results of one or more :func:`write_records` files, for :func:`summary_table`
+    (without the per-input tensors, so no figures)."""
+    results = []
+    for path in paths:
+        with open(path) as f:
+            for rec in json.load(f):
+                rec["rotated"] = {int(a): v for a, v in rec["rotated"].items()}
+                results.append(ClassResult(**rec))
+    return results
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,7 @@ def _demo_config(args) -> DemoConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.csv and not args.target:
+    if getattr(args, "csv", None) and not args.target:
         print(f"gapa {args.command}: --csv needs --target COLUMN", file=sys.stderr)
         return 2
     try:

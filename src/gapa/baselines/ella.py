@@ -40,7 +40,13 @@ from ..errors import ConfigurationError
 from ..moments import Moments
 from . import Fitted
 
-__all__ = ["exact_lla_logit_variance", "exact_lla_variance", "fit_ella", "fit_ella_classifier"]
+__all__ = [
+    "EllaClassifier",
+    "exact_lla_logit_variance",
+    "exact_lla_variance",
+    "fit_ella",
+    "fit_ella_classifier",
+]
 
 #: Noise variances σ² tried on validation (standardised target units): 10^-6 ... 10^1.
 SIGMA2_GRID = torch.logspace(-6.0, 1.0, 36, dtype=torch.float64)
@@ -578,8 +584,8 @@ def fit_ella_classifier(
 
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n_train, generator=gen)[:m]
-    directions, evals = _nystrom_directions(lin, data.x_train[idx], k, n_outputs=c,
-                                            progress=progress)
+    directions, _ = _nystrom_directions(lin, data.x_train[idx], k, n_outputs=c,
+                                        progress=progress)
     batch = _jvp_batch(lin, data.x_train, directions.shape[1])
 
     gram = torch.zeros(directions.shape[1], directions.shape[1], dtype=torch.float64)
