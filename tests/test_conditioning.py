@@ -175,3 +175,15 @@ def test_calibrate_chooses_the_lengthscale_factor_by_validation_nll(gen):
     assert gm.calibrate(xv, yv, lengthscale_factors=None).nll == best.nll
     with pytest.raises(gapa.ConfigurationError, match="positive"):
         gm.calibrate(xv, yv, lengthscale_factors=[0.0])
+
+
+def test_a_flat_validation_nll_keeps_the_rules_lengthscale(gen):
+    """When no factor is strictly better (e.g. the fitted variance scale is 0 for all of them),
+    the calibration keeps the label-free rule's lengthscale (factor 1), whatever the order."""
+    net = mlp([3, 12, 12, 4]).double()
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    gm = _fit(net, x, m=None)
+    with torch.no_grad():
+        labels = net(x[:50]).argmax(-1)  # the network is always right: variance only hurts
+    fit = gm.calibrate_classifier(x[:50], labels, lengthscale_factors=[0.25, 4.0, 1.0, 0.5])
+    assert fit.scale == 0.0 and gm.lengthscale_factor == 1.0

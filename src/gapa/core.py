@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 
@@ -518,10 +519,18 @@ class GAPA:
         return self._class_calibration
 
     def _fit_on_validation(self, x, fit, lengthscale_factors, batch_size):
-        """``fit(moments) -> (result, nll)`` for each lengthscale factor; keeps the best."""
+        """``fit(moments) -> (result, nll)`` for each lengthscale factor; keeps the best, and
+        on ties the factor nearest 1."""
         self._require_fitted("calibrate")
+        bad = [f for f in lengthscale_factors or [] if not f > 0]
+        if bad:
+            raise ConfigurationError(f"lengthscale factors must be positive, got {bad}")
         best = None
-        for factor in lengthscale_factors or [None]:
+        # nearest to the label-free rule's own lengthscale first: only a strictly better
+        # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
+        factors = sorted(lengthscale_factors, key=lambda f: abs(math.log(f))) \
+            if lengthscale_factors else [None]
+        for factor in factors:
             if factor is not None:
                 self._rescale_lengthscales(factor)
             result, nll = fit(self.moments(x, batch_size))
