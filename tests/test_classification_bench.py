@@ -116,3 +116,29 @@ def test_cli_writes_records_and_figures(tmp_path, monkeypatch, capsys):
 def test_records_reload_into_the_same_table(results):
     out, _, _, cache = results
     assert cb.summary_table(cb.load_records(cache / "records.json")) == cb.summary_table(out)
+
+
+@needs_fashion
+def test_eval_sets_subsets_for_slow_methods(tiny):
+    sets = cb.eval_sets(tiny, ["mnist", "rotated"], rotated_size=30, test_size=50,
+                        angles=(0, 45))
+    assert sets.x_test.shape == (50, 1, 28, 28) and sets.ood["mnist"].shape == (50, 1, 28, 28)
+    assert torch.bincount(sets.y_test).tolist() == [5] * 10  # class-balanced
+    assert set(sets.rotated) == {0, 45} and sets.rotated[0][0].shape[0] == 30
+
+
+@needs_fashion
+def test_methods_that_do_not_apply_are_skipped_and_said(tiny, tmp_path, monkeypatch):
+    from gapa.errors import NotApplicableError
+
+    def refuse(*_, **__):
+        raise NotApplicableError("not on this backbone")
+
+    monkeypatch.setenv("GAPA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(cb.METHODS, "refuses", refuse)
+    said = []
+    sets = cb.EvalSets(tiny.x_test[:20], tiny.y_test[:20])
+    out = cb.run_benchmark(tiny, "mlp", ["refuses", "map"], seeds=1, sets=sets, train=TRAIN,
+                           progress=False, log=said.append)
+    assert [r.method for r in out] == ["map"]
+    assert said == ["refuses: skipped (not on this backbone)"]

@@ -33,7 +33,7 @@ from .classification import OODScore, fit_temperature
 from .classifiers import cached_classifier
 from .core import GAPA
 from .data.images import ROTATION_ANGLES, ImageData, load_mnist, rotated, subset
-from .errors import ConfigurationError, MissingDependencyError
+from .errors import ConfigurationError, MissingDependencyError, NotApplicableError
 from .io import atomic_path
 from .metrics import classification_report, ood_report
 
@@ -111,15 +111,24 @@ class EvalSets:
 
 
 def eval_sets(data: ImageData, ood: Sequence[str] = ("mnist", "rotated"), *,
-              rotated_size: int = 2000, angles: Sequence[int] = ROTATION_ANGLES) -> EvalSets:
+              rotated_size: int = 2000, test_size: int | None = None,
+              angles: Sequence[int] = ROTATION_ANGLES) -> EvalSets:
     """``"mnist"``: the 5,000 MNIST digits as OOD inputs; ``"rotated"``: a class-balanced test
-    subset of ``rotated_size`` images (seed 0) rotated by each angle."""
+    subset of ``rotated_size`` images (seed 0) rotated by each angle. ``test_size`` scores on a
+    class-balanced subset of the test set and as many MNIST digits instead (seed 0), for
+    methods too slow for the whole sets."""
     unknown = set(ood) - {"mnist", "rotated"}
     if unknown:
         raise ConfigurationError(f"unknown OOD set(s) {sorted(unknown)}; use mnist and/or rotated")
+    if test_size is not None:
+        data = subset(data, 1, min(test_size, len(data.y_test)), n_val=1)
     sets = EvalSets(data.x_test, data.y_test)
     if "mnist" in ood:
-        sets.ood["mnist"] = load_mnist()[0]
+        digits = load_mnist()[0]
+        if test_size is not None:
+            keep = torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))
+            digits = digits[keep[:test_size].sort().values]
+        sets.ood["mnist"] = digits
     if "rotated" in ood:
         size = min(rotated_size, len(data.y_test))
         base = subset(data, 1, size, n_val=1)
@@ -201,8 +210,9 @@ def run_benchmark(
     log=print,
 ) -> list[ClassResult]:
     """Each method on each seed's backbone (trained once, cached). With ``json_path`` the
-    records are rewritten after every result; a method whose optional dependency is missing is
-    reported and skipped, never faked."""
+    records are rewritten after every result; a method whose optional dependency is missing, or
+    that does not apply to the backbone (all-weights KFAC on the ResNet), is reported and
+    skipped, never faked."""
     if seeds < 1:
         raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
     sets = sets or eval_sets(data)
@@ -216,7 +226,7 @@ def run_benchmark(
             try:
                 res = run_method(name, METHODS[name], backbones[seed], data, sets, seed=seed,
                                  progress=progress, train=train)
-            except MissingDependencyError as exc:
+            except (MissingDependencyError, NotApplicableError) as exc:
                 log(f"{name}: skipped ({exc})")
                 break
             res.backbone = arch

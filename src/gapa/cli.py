@@ -72,6 +72,8 @@ def _bench_parser(sub) -> None:
     c.add_argument("--methods", default="all",
                    help=f"comma-separated, from {', '.join(CLASS_METHODS)} (default: all)")
     c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default %(default)s)")
+    c.add_argument("--test-size", type=int, help="score on N class-balanced test images and N "
+                   "MNIST digits (for methods too slow for the whole sets)")
     c.add_argument("--subset", type=int, help="a quick look: N class-balanced training images "
                    "and N/4 validation and test images")
     c.add_argument("--max-epochs", type=int, help="cap on the training epochs of networks that "
@@ -115,7 +117,7 @@ def _bench_classification(args) -> None:
         data = subset(data, args.subset, max(1, args.subset // 4))
     print(f"data: {data.describe()}; backbone: {args.backbone}")
     sets = cb.eval_sets(data, [s.strip() for s in args.ood.split(",") if s.strip()],
-                        rotated_size=args.rotated_size)
+                        rotated_size=args.rotated_size, test_size=args.test_size)
     results = cb.run_benchmark(data, args.backbone, methods, args.seeds, sets=sets,
                                train={"device": args.device} | (
                                    {"epochs": args.max_epochs} if args.max_epochs else {}),

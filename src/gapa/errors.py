@@ -49,3 +49,8 @@ class DataError(GAPAError, ValueError):
 
 class MissingDependencyError(GAPAError, ImportError):
     """An optional back end (e.g. faiss) is not installed."""
+
+
+class NotApplicableError(ConfigurationError):
+    """A benchmark method cannot run on this backbone (e.g. all-weights KFAC Laplace on a
+    ResNet); the benchmark reports and skips it."""
