@@ -9,23 +9,14 @@ Usage: python benchmarks/forward_cost.py [--layer 3] [--m none,512,2048,8192] [-
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 
+from _common import best_of, header
 from gapa import GAPA
 from gapa.backbones import cached_regressor
 from gapa.data import load_flights
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
@@ -44,8 +35,7 @@ def main() -> None:
     with torch.no_grad():
         plain = best_of(lambda: model(x), a.repeats * 4)
         train_pass = best_of(lambda: [model(b) for b in data.x_train.split(1024)], 2)
-    print(f"machine: {platform.processor() or platform.machine()}, torch threads "
-          f"{torch.get_num_threads()}, torch {torch.__version__}")
+    print(header())
     print(f"plain forward, batch {a.batch}: {plain * 1e3:.2f} ms; one inference pass over "
           f"{len(data.x_train)} training rows: {train_pass:.2f} s\n")
     print("| M | K | search | GAPA / plain | search ms | conditioning ms | propagation ms "

@@ -8,24 +8,13 @@ Usage: python benchmarks/propagation_cost.py [--batches 1,256] [--repeats 5] [--
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import subprocess
 import time
 
 import torch
 
+from _common import best_of, header
 from gapa import GAPA
 from gapa.architectures import SmallResNet
-
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def resnet_case(n_fit: int) -> tuple[torch.nn.Module, torch.Tensor, callable]:
@@ -68,10 +57,7 @@ def main() -> None:
     a = p.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    print(f"{datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}"
-          f", torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    print(header())
     print("| model | GAPA layer | batch | plain ms | GAPA ms | GAPA / plain | fit s |")
     print("|---|---|---|---|---|---|---|")
     for line in measure("SmallResNet 28x28", *resnet_case(a.fit_rows), batches, a.repeats):

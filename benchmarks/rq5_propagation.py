@@ -14,12 +14,10 @@ Usage: python benchmarks/rq5_propagation.py [--samples 2000] [--queries 32]
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
-import subprocess
 
 import torch
 
+from _common import header
 from gapa import GAPA
 from gapa.architectures import SmallResNet
 from gapa.backbones import cached_regressor
@@ -88,10 +86,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=32)
     a = p.parse_args()
     gen = torch.Generator().manual_seed(0)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    print(f"{datetime.date.today()}, commit {commit}, {platform.processor() or platform.machine()}"
-          f", torch {torch.__version__}, CPU, float64, {a.samples} Monte-Carlo samples")
+    print(header(f"float64, {a.samples} Monte-Carlo samples"))
     print("| network | GAPA layer | output ratio median | 5–95% | first module off by >10% |")
     print("|---|---|---|---|---|")
     cases = {"flights MLP (trained)": flights_mlp, "SmallResNet (random)": small_resnet,
