@@ -258,7 +258,8 @@ _COLUMNS = [
 
 
 def summary_table(results: Sequence[ClassResult]) -> str:
-    """Markdown: mean ± standard error over seeds per method, the best mean per column in bold;
+    """Markdown: mean ± standard error over seeds per method (in :data:`METHODS` order, variants
+    after), the best mean per column in bold;
     AUROC / FPR95 per OOD set, mean NLL and ECE over the rotation angles, costs, and the test
     time relative to MAP's ("—" when MAP was not run)."""
     columns = list(_COLUMNS)
@@ -269,7 +270,10 @@ def summary_table(results: Sequence[ClassResult]) -> str:
         columns += [("rot. NLL", lambda r: np.mean([v["nll"] for v in r.rotated.values()]), False),
                     ("rot. ECE", lambda r: np.mean([v["ece"] for v in r.rotated.values()]), False)]
     columns += [("fit s", lambda r: r.fit_s, False), ("test s", lambda r: r.test_s, False)]
-    methods = list(dict.fromkeys(r.method for r in results))
+    seen = list(dict.fromkeys(r.method for r in results))
+    order = list(METHODS)
+    methods = sorted(seen, key=lambda m: (order.index(m) if m in order else len(order),
+                                          seen.index(m)))
     stats = {m: [mean_se([get(r) for r in results if r.method == m]) for _, get, _ in columns]
              for m in methods}
     best = [(max if hi else min)(stats[m][i][0] for m in methods)
