@@ -80,6 +80,7 @@ BUILTIN = {
     gapa.NumericalError: RuntimeError,
     gapa.DataError: ValueError,
     gapa.MissingDependencyError: ImportError,
+    gapa.NotApplicableError: ValueError,
 }
 
 

@@ -53,8 +53,10 @@ METHODS: dict[str, FitFn] = {
 COLUMNS = ("nll", "crps", "cqm", "rmse", "fit_s", "test_s")
 
 
-def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
-    """``None`` or ``"all"`` for every method, else a comma-separated list of known names."""
+def parse_methods(spec: str | Sequence[str] | None, methods: dict | None = None) -> list[str]:
+    """``None`` or ``"all"`` for every method of ``methods`` (default: the regression ones),
+    else a comma-separated list of known names."""
+    METHODS = methods if methods is not None else globals()["METHODS"]
     if spec is None or spec == "all":
         return list(METHODS)
     names = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -134,7 +136,7 @@ def summary_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def write_records(path: str | os.PathLike, results: Sequence[MethodResult]) -> None:
+def write_records(path: str | os.PathLike, results: Sequence) -> None:
     """One JSON record per method and seed, written aside then renamed."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump([r.record() for r in results], f, indent=2)

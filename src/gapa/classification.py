@@ -24,7 +24,7 @@ from enum import Enum
 import torch
 
 from .calibration import argmin_log
-from .errors import ConfigurationError, InputError, NonFiniteError
+from .errors import ConfigurationError, InputError, NonFiniteError, parse_enum
 from .moments import Moments
 
 __all__ = [
@@ -210,14 +210,6 @@ def _check_labels(labels: object, mean: torch.Tensor) -> torch.Tensor:
             f"(min {int(labels.min())}, max {int(labels.max())})"
         )
     return labels.to(torch.int64)
-
-
-def _enum(kind, value, name: str):
-    try:
-        return kind(value)
-    except ValueError:
-        options = ", ".join(repr(v.value) for v in kind)
-        raise ConfigurationError(f"unknown {name} {value!r}; use one of {options}") from None
 
 
 def _check_scale(variance_scale: float) -> float:
@@ -422,8 +414,8 @@ def predict_classes(
     """
     if not isinstance(moments, Moments):
         raise InputError(f"moments must be a gapa.Moments, got {type(moments).__name__}")
-    method = _enum(Method, method, "method")
-    kind = _enum(OODScore, ood_score, "ood_score")
+    method = parse_enum(Method, method, "method")
+    kind = parse_enum(OODScore, ood_score, "ood_score")
     c = _check_scale(variance_scale)
     mean = moments.mean
     _check_moments(mean, moments.var)
@@ -499,7 +491,7 @@ def fit_variance_scale(
     the Laplace-bridge mean does not depend on ``c`` at all.
     """
     _check_moments(mean, var)
-    method = _enum(Method, method, "method")
+    method = parse_enum(Method, method, "method")
     if method not in (Method.ARGMAX_PRESERVING, Method.PROBIT):
         raise ConfigurationError(
             f"fit_variance_scale supports method 'argmax_preserving' or 'probit', not "

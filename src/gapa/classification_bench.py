@@ -22,19 +22,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import bench
 from .baselines import FitFn, Fitted
 from .baselines.dropout import fit_mc_dropout_classifier
 from .baselines.ella import fit_ella_classifier
 from .baselines.ensemble import fit_ensemble_classifier
 from .baselines.knn import fit_knn
 from .baselines.laplace import fit_lla_kfac_classifier, fit_lla_lastlayer_classifier
-from .bench import mean_se
+from .bench import mean_se, write_records
 from .classification import OODScore, fit_temperature
 from .classifiers import cached_classifier
 from .core import GAPA
 from .data.images import ROTATION_ANGLES, ImageData, load_mnist, rotated, subset
 from .errors import ConfigurationError, MissingDependencyError, NotApplicableError
-from .io import atomic_path
 from .metrics import classification_report, ood_report
 
 #: GAPA as the classification benchmark runs it: the activation feeding the head, the 1-NN
@@ -238,14 +238,7 @@ def run_benchmark(
 
 def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
     """``None`` or ``"all"`` for every method, else a comma-separated list of known names."""
-    if spec is None or spec == "all":
-        return list(METHODS)
-    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise ConfigurationError(
-            f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)} or 'all'")
-    return names
+    return bench.parse_methods(spec, METHODS)
 
 
 #: Summary columns: (header, how to read it from a result, higher is better).
@@ -292,12 +285,6 @@ def summary_table(results: Sequence[ClassResult]) -> str:
         cells.append(f"{stats[m][-1][0] / map_test:.2f}x" if map_test else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_records(path: str | os.PathLike, results: Sequence[ClassResult]) -> None:
-    """One JSON record per method and seed, written aside then renamed."""
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump([r.record() for r in results], f, indent=2)
 
 
 def load_records(*paths: str | os.PathLike) -> list[ClassResult]:

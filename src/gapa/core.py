@@ -28,6 +28,7 @@ from .errors import (
     LayerError,
     NonFiniteError,
     NotFittedError,
+    parse_enum,
 )
 from .moments import Moments
 from .propagation import VarianceTracker, tracking
@@ -167,9 +168,9 @@ class GAPA:
         self.model = model
         self.layers = self._resolve_layers(model, layers)
         self.config = GPConfig(
-            k=k, m=m, conditioning=_enum(Conditioning, conditioning, "conditioning"),
-            search=_enum(SearchBackend, search, "search"),
-            inducing=_enum(Inducing, inducing, "inducing"), count_noise=count_noise,
+            k=k, m=m, conditioning=parse_enum(Conditioning, conditioning, "conditioning"),
+            search=parse_enum(SearchBackend, search, "search"),
+            inducing=parse_enum(Inducing, inducing, "inducing"), count_noise=count_noise,
             lengthscale_quantile=lengthscale_quantile, amplitude_rule=amplitude_rule,
             noise=noise, seed=seed,
         )
@@ -586,14 +587,6 @@ class GAPA:
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
     var = tracker.var(out)
     return Moments(out, torch.zeros_like(out) if var is None else var)
-
-
-def _enum(kind, value, name: str):
-    try:
-        return kind(value)
-    except ValueError:
-        options = ", ".join(repr(v.value) for v in kind)
-        raise ConfigurationError(f"unknown {name} {value!r}; use one of {options}") from None
 
 
 def _iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:

@@ -54,3 +54,12 @@ class MissingDependencyError(GAPAError, ImportError):
 class NotApplicableError(ConfigurationError):
     """A benchmark method cannot run on this backbone (e.g. all-weights KFAC Laplace on a
     ResNet); the benchmark reports and skips it."""
+
+
+def parse_enum(kind, value, name: str):
+    """``kind(value)``, or a ConfigurationError that names ``name`` and lists the options."""
+    try:
+        return kind(value)
+    except ValueError:
+        options = ", ".join(repr(v.value) for v in kind)
+        raise ConfigurationError(f"unknown {name} {value!r}; use one of {options}") from None
