@@ -31,7 +31,7 @@ from .baselines.knn import fit_knn
 from .baselines.laplace import fit_lla_kfac_classifier, fit_lla_lastlayer_classifier
 from .bench import mean_se, write_records
 from .classification import OODScore, fit_temperature
-from .classifiers import cached_classifier
+from .classifiers import cached_classifier, logits
 from .core import GAPA
 from .data.images import ROTATION_ANGLES, ImageData, load_mnist, rotated, subset
 from .errors import ConfigurationError, MissingDependencyError, NotApplicableError
@@ -48,18 +48,16 @@ from .metrics import classification_report, ood_report
 GAPA_CLASSIFIER_DEFAULT = {"layers": "auto", "k": 1, "m": 2048, "propagation": "diagonal",
                            "queries": "inputs"}
 
-_BATCH = 1024
-
 
 def fit_map(backbone: nn.Module, data: ImageData, **_) -> Fitted:
     """The frozen network's softmax."""
-    return Fitted(lambda x: torch.softmax(_logits(backbone, x), -1))
+    return Fitted(lambda x: torch.softmax(logits(backbone, x), -1))
 
 
 def fit_temperature_scaling(backbone: nn.Module, data: ImageData, **_) -> Fitted:
     """The network's logits divided by one temperature fitted on validation NLL (Guo et al.)."""
-    fit = fit_temperature(_logits(backbone, data.x_val), data.y_val)
-    return Fitted(lambda x: torch.softmax(_logits(backbone, x) / fit.temperature, -1),
+    fit = fit_temperature(logits(backbone, data.x_val), data.y_val)
+    return Fitted(lambda x: torch.softmax(logits(backbone, x) / fit.temperature, -1),
                   info={"temperature": fit.temperature})
 
 
@@ -297,11 +295,6 @@ def load_records(*paths: str | os.PathLike) -> list[ClassResult]:
                 rec["rotated"] = {int(a): v for a, v in rec["rotated"].items()}
                 results.append(ClassResult(**rec))
     return results
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(xb) for xb in x.split(_BATCH)])
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -72,13 +72,16 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` without autograd, in batches (bounded memory), on ``x``'s device; the model
+    runs on its own device."""
+    device = next(model.parameters()).device
+    return torch.cat([model(xb.to(device)).to(x.device) for xb in x.split(_EVAL_BATCH)])
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on ``(x, y)``, in batches."""
-    device = next(model.parameters()).device
-    correct = 0
-    for xb, yb in zip(x.split(_EVAL_BATCH), y.split(_EVAL_BATCH), strict=True):
-        correct += int((model(xb.to(device)).argmax(-1).cpu() == yb).sum())
-    return correct / len(y)
+    return int((logits(model, x).argmax(-1) == y.to(x.device)).sum()) / len(y)
 
 
 def train_classifier(

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..backbones import cached_regressor, training_seconds
-from ..classifiers import ENSEMBLE_MEMBERS, cached_classifier
+from ..classifiers import ENSEMBLE_MEMBERS, cached_classifier, logits
 from ..data import RegressionData
 from ..errors import ConfigurationError
 from ..moments import Moments
@@ -78,8 +78,6 @@ def fit_ensemble_classifier(
         seconds += training_seconds(path)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack([torch.softmax(torch.cat([net(xb) for xb in x.split(2048)]), -1)
-                                for net in nets]).mean(0)
+        return torch.stack([torch.softmax(logits(net, x), -1) for net in nets]).mean(0)
 
     return Fitted(predict, fit_s=seconds, info={"members": members, "member_seeds": seeds})

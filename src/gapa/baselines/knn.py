@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..classifiers import logits
 from ..data.images import ImageData
 from ..errors import ConfigurationError, LayerError
 from ..search import NeighbourIndex
@@ -45,8 +46,7 @@ def fit_knn(backbone: nn.Module, data: ImageData, *, seed: int, progress: bool, 
     index = NeighbourIndex(_normalised(penultimate_features(backbone, data.x_train)), "faiss")
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.softmax(torch.cat([backbone(xb) for xb in x.split(_BATCH)]), -1)
+        return torch.softmax(logits(backbone, x), -1)
 
     def ood_score(x: torch.Tensor) -> torch.Tensor:
         q = _normalised(penultimate_features(backbone, x))
