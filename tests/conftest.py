@@ -16,6 +16,16 @@ TOL = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: on two shared cores threads mostly contend (the
+    classification and Laplace modules ran up to 20x faster)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def mlp(widths: list[int], act: type[nn.Module] = nn.Tanh, seed: int = 0) -> nn.Sequential:
     """A small MLP with a fresh activation module after each hidden Linear."""
     gen = torch.Generator().manual_seed(seed)

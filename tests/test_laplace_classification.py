@@ -35,13 +35,7 @@ METHODS = {"lastlayer": lap.fit_lla_lastlayer_classifier, "kfac": lap.fit_lla_kf
 RTOL = 1e-9  # laplace in float64 (eigendecomposed Kronecker factors) against dense solves
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On two shared cores intra-op threads mostly contend (the ResNet test ran 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image_data(n: tuple[int, int, int], side: int, n_classes: int, seed: int) -> ImageData:

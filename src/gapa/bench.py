@@ -53,18 +53,18 @@ METHODS: dict[str, FitFn] = {
 COLUMNS = ("nll", "crps", "cqm", "rmse", "fit_s", "test_s")
 
 
-def parse_methods(spec: str | Sequence[str] | None, methods: dict | None = None) -> list[str]:
-    """``None`` or ``"all"`` for every method of ``methods`` (default: the regression ones),
+def parse_methods(spec: str | Sequence[str] | None, known: dict | None = None) -> list[str]:
+    """``None`` or ``"all"`` for every method of ``known`` (default: the regression ones),
     else a comma-separated list of known names."""
-    METHODS = methods if methods is not None else globals()["METHODS"]
+    known = METHODS if known is None else known
     if spec is None or spec == "all":
-        return list(METHODS)
+        return list(known)
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise ConfigurationError(
-            f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)} or 'all'"
+            f"unknown method(s) {unknown or names}; choose from {', '.join(known)} or 'all'"
         )
     return names
 
