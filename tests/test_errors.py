@@ -81,6 +81,15 @@ BUILTIN = {
     gapa.DataError: ValueError,
     gapa.MissingDependencyError: ImportError,
     gapa.NotApplicableError: ValueError,
+    gapa.ModelModeError: RuntimeError,
+    gapa.StateFileError: OSError,
+    gapa.CorruptStateError: OSError,
+    gapa.FormatVersionError: OSError,
+    gapa.ModelMismatchError: OSError,
+    gapa.ArchitectureMismatchError: OSError,
+    gapa.WeightsMismatchError: OSError,
+    gapa.StoreMismatchError: OSError,
+    gapa.MemoryBudgetError: MemoryError,
 }
 
 
@@ -344,7 +353,10 @@ def test_operation_without_variance_rule_names_op_and_module(x20, head, op):
 
 def test_dropout_in_training_mode_after_a_gapa_layer(x20):
     model = net(head=nn.Dropout(0.5)).train()
-    gm = _fit(model, x20, layers="act")
+    with pytest.raises(gapa.ModelModeError, match=r"training mode.*Dropout.*model\.eval\(\)"):
+        _fit(model, x20, layers="act")
+    gm = _fit(model.eval(), x20, layers="act")
+    model.train()  # switched back after the fit: the forward pass refuses it
     with pytest.raises(gapa.UnsupportedOperationError, match=r"dropout.*training mode.*\.eval\(\)") as info:
         gm(x20[:5])
     assert isinstance(info.value, NotImplementedError)

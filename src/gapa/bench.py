@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -77,23 +78,33 @@ def run_benchmark(
     train: dict | None = None,
     progress: bool = True,
     json_path: str | os.PathLike | None = None,
+    resume: bool = False,
     log=print,
 ) -> list[MethodResult]:
     """Each method on each seed; the backbone of seed ``s`` is trained once (cached on disk) and
     loaded once per run.
 
     With ``json_path`` the records are rewritten after every result, so an interrupted run keeps
-    what it finished. A method whose optional dependency is missing (laplace-torch) is reported
-    and skipped, never faked.
+    what it finished; with ``resume`` the records already in that file for this data set and
+    split are kept and their method/seed pairs are not run again. A method whose optional
+    dependency is missing (laplace-torch) is reported and skipped, never faked.
     """
     if seeds < 1:
         raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+    if resume and json_path is None:
+        raise ConfigurationError("resume needs the JSON path whose records it keeps")
     train = dict(train or {})
     results: list[MethodResult] = []
+    if resume and os.path.exists(json_path):
+        results = [r for r in load_records(json_path)
+                   if (r.dataset, r.split) == (data.name, data.split)]
+    done = {(r.method, r.seed) for r in results}
     backbones: dict[int, nn.Module] = {}
     for name in methods:
         bar = tqdm(range(seeds), desc=name, disable=not progress)
         for seed in bar:
+            if (name, seed) in done:
+                continue
             if seed not in backbones:
                 backbones[seed] = cached_regressor(data, seed=seed, progress=progress, **train)[0]
             backbone = backbones[seed]
@@ -140,6 +151,13 @@ def write_records(path: str | os.PathLike, results: Sequence) -> None:
     """One JSON record per method and seed, written aside then renamed."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump([r.record() for r in results], f, indent=2)
+
+
+def load_records(path: str | os.PathLike) -> list[MethodResult]:
+    """The results of a :func:`write_records` file, without the per-row predictions."""
+    with open(path) as f:
+        return [MethodResult(**rec, mean=torch.empty(0), std=torch.empty(0))
+                for rec in json.load(f)]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

@@ -55,6 +55,8 @@ def _bench_parser(sub) -> None:
     r.add_argument("--max-epochs", type=int, default=None,
                    help="cap on backbone training epochs (default: the backbone's own, 40)")
     r.add_argument("--json", dest="json_path", help="write one record per method and seed")
+    r.add_argument("--resume", action="store_true",
+                   help="keep the records already in --json; run only the missing method/seed pairs")
     r.add_argument("--no-progress", dest="progress", action="store_false")
 
     from .classification_bench import METHODS as CLASS_METHODS
@@ -98,7 +100,8 @@ def _bench(args) -> None:
     print(f"data: {data.describe()}")
     train = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     results = run_benchmark(data, methods, args.seeds, train=train,
-                            progress=args.progress, json_path=args.json_path)
+                            progress=args.progress, json_path=args.json_path,
+                            resume=args.resume)
     if args.json_path:
         print(f"records written to {args.json_path}")
     print(f"\n{data.name}: mean ± standard error over seeds (CRPS, RMSE in target units; "

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 
 import torch
@@ -26,16 +29,20 @@ from .errors import (
     EmptyDataError,
     InputError,
     LayerError,
+    ModelModeError,
     NonFiniteError,
     NotFittedError,
+    StoreMismatchError,
     parse_enum,
 )
 from .moments import Moments
+from .persistence import load_state, model_fingerprint, save_state
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
 from .propagation.engine import output_tensor
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
+from .store import ActivationStore
 
 #: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -243,6 +250,46 @@ class GAPA:
     def calibration(self) -> Calibration | None:
         return self._calibration
 
+    def options(self) -> dict:
+        """The constructor's keyword arguments (JSON-safe): ``GAPA(model, **gm.options())``
+        builds an unfitted twin of this GAPA."""
+        cfg = self.config
+        overrides = {
+            name: {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in hp.items()}
+            for name, hp in self._overrides.items()
+        }
+        return {
+            "layers": list(self.layers), "k": cfg.k, "m": cfg.m,
+            "conditioning": cfg.conditioning.value, "search": cfg.search.value,
+            "inducing": cfg.inducing.value, "count_noise": cfg.count_noise,
+            "lengthscale_quantile": cfg.lengthscale_quantile,
+            "amplitude_rule": cfg.amplitude_rule, "noise": cfg.noise,
+            "hyperparameters": overrides, "propagation": self.propagation,
+            "queries": self.queries, "seed": cfg.seed,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted state to ``path`` (one safetensors file with JSON metadata; no
+        pickle), atomically: an interrupted save leaves any previous file intact. Load it with
+        :meth:`GAPA.load` onto the same network."""
+        return save_state(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module,
+             map_location: str | torch.device | None = None) -> GAPA:
+        """The GAPA saved at ``path``, around ``model``, which must be the network it was fitted
+        on (architecture and weights are checked); ``map_location`` puts the state's tensors on
+        another device (default: the model's). Raises a :class:`gapa.StateFileError` subclass
+        that says what is wrong with the file."""
+        return load_state(cls, path, model, map_location)
+
+    def _restore(self, sites, input_shape, lengthscale_factor, calibration, class_calibration):
+        self._sites = dict(sites)
+        self._input_shape = input_shape
+        self.lengthscale_factor = lengthscale_factor
+        self._calibration = calibration
+        self._class_calibration = class_calibration
+
     def _require_fitted(self, what: str) -> None:
         if not self._sites:
             raise NotFittedError(
@@ -251,43 +298,124 @@ class GAPA:
 
     # --- fit ------------------------------------------------------------------------------------
 
-    def fit(self, data, *, batch_size: int = 1024, progress: bool = True) -> GAPA:
+    def fit(
+        self, data=None, *, batch_size: int = 1024, progress: bool = True,
+        store: str | os.PathLike | ActivationStore | None = None, store_dtype: str = "float32",
+        memory_budget: int | str | None = None,
+    ) -> GAPA:
         """Cache the pre-activations of every GAPA call site over ``data`` and build the GPs.
 
         ``data``: a Tensor of inputs, a TensorDataset, or a DataLoader yielding inputs or
-        ``(inputs, targets)`` tuples (targets are never used).
+        ``(inputs, targets)`` tuples (targets are never used). The model must be deterministic
+        (eval mode); a model whose forward pass is random or changes its buffers is refused.
+
+        ``store``: a directory (or :class:`gapa.store.ActivationStore`) to stream the cache to
+        instead of memory, in ``store_dtype`` (``"float32"`` or ``"float16"``). The GPs are
+        then built from it in bounded memory (sampled statistics, k-means on a sample, streamed
+        cluster counts). An interrupted capture resumes at its first unfinished shard when
+        called again with the same store and data order; a finished store can be refitted with
+        ``data=None``. ``memory_budget`` (bytes, or a string such as ``"4GiB"``): refuse with
+        :class:`gapa.MemoryBudgetError` before anything is cached when :meth:`plan` expects
+        the fit to need more resident memory.
         """
-        cache: dict[str, list[torch.Tensor]] = {}
-        n_rows = 0
         self._input_shape = None  # a refit may use inputs of another shape
-        with torch.no_grad(), self._capture(cache):
-            for x in tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
-                          disable=not progress, leave=False):
-                self._check_finite(x, "training inputs")
-                if self._input_shape is None:
-                    self._input_shape = tuple(x.shape[1:])
-                self._check_input(x)
-                self.model(x)
-                n_rows += x.shape[0]
-        if n_rows == 0:
-            raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
-        if not cache:
+        if memory_budget is not None:
+            if data is None:
+                raise InputError("memory_budget needs the training data to plan the fit")
+            self.plan(data, batch_size=batch_size, store=store is not None,
+                      store_dtype=store_dtype).check(memory_budget)
+        if store is None:
+            if data is None:
+                raise InputError("fit needs training inputs (or a finished store=...)")
+            cache: dict[str, list[torch.Tensor]] = {}
+            with torch.no_grad(), self._capture(cache):
+                for x in self._training_batches(data, batch_size, progress):
+                    self.model(x)
+            sources = {key: torch.cat(chunks) for key, chunks in cache.items()}
+        else:
+            if not isinstance(store, ActivationStore):
+                store = ActivationStore(store, store_dtype)
+            self._capture_to_store(data, store, batch_size, progress)
+            sources = {key: store.rows(key) for key in store.keys}
+        if not sources:
             raise LayerError(
                 f"the GAPA layers {self.layers} were never called in model.forward; "
                 "choose activation modules the forward pass actually uses"
             )
         sites = {}
-        for key, chunks in tqdm(cache.items(), desc="gapa: building GPs", disable=not progress,
-                                leave=False):
+        for key, rows in tqdm(sources.items(), desc="gapa: building GPs", disable=not progress,
+                              leave=False):
             layer = key.split("#")[0]
             overrides = {**self._overrides.get(layer, {}), **self._overrides.get(key, {})}
             module = self.model.get_submodule(layer)
-            sites[key] = GPSite(key, torch.cat(chunks), module, self.config, overrides)
+            sites[key] = GPSite(key, rows, module, self.config, overrides)
         self._sites = sites
         self._calibration = None
         self._class_calibration = None
         self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
         return self
+
+    def _training_batches(self, data, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+        """The input batches of ``data``, each checked (finite, one shape, the model's dtype
+        and device; the first also for a deterministic model); EmptyDataError when none."""
+        n_rows = 0
+        for x in tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
+                      disable=not progress, leave=False):
+            self._check_finite(x, "training inputs")
+            first = self._input_shape is None
+            if first:
+                self._input_shape = tuple(x.shape[1:])
+            self._check_input(x)
+            if first:
+                _check_deterministic(self.model, x)
+            n_rows += x.shape[0]
+            yield x
+        if n_rows == 0:
+            raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
+
+    def _capture_to_store(self, data, store: ActivationStore, batch_size: int,
+                          progress: bool) -> None:
+        """Stream the cache into ``store`` shard by shard; shards it already holds are checked
+        against the inputs' digest and skipped without running the model."""
+        finished = store.open({"model": model_fingerprint(self.model), "layers": self.layers,
+                               "queries": self.queries})
+        if data is None:
+            if not store.complete:
+                raise InputError(f"the activation store {store.path} is not complete; pass the "
+                                 "training data to finish the capture")
+            self._input_shape = store.input_shape
+            return
+        cache: dict[str, list[torch.Tensor]] = {}
+        shard = Shard()
+        done = 0  # shards of this pass over the data that are on disk
+        with torch.no_grad(), self._capture(cache):
+            for x in self._training_batches(data, batch_size, progress):
+                shard.add(x)
+                if done < len(finished):  # on disk already: the inputs are only hashed
+                    if shard.batches == finished[done]["batches"]:
+                        shard.check(finished[done], done, store)
+                        shard, done = Shard(), done + 1
+                    continue
+                self.model(x)
+                if max(sum(len(c) for c in chunks) for chunks in cache.values()) >= store.shard_rows:
+                    self._write_shard(store, cache, shard, x)
+                    shard, done = Shard(), done + 1
+        if done < len(finished):
+            raise StoreMismatchError(
+                f"the data ended inside shard {done} of {store.path}, which was written from "
+                "more batches: the data changed; resume with the same data or use a new store")
+        if shard.batches:
+            self._write_shard(store, cache, shard, x)
+        store.finish(self._input_shape)
+
+    @staticmethod
+    def _write_shard(store: ActivationStore, cache: dict, shard: Shard, x: torch.Tensor) -> None:
+        rows = {key: torch.cat(chunks) for key, chunks in cache.items()}
+        cache.clear()
+        for key, value in rows.items():
+            GAPA._check_finite(value, f"the pre-activations cached at {key!r}")
+        store.write_shard(rows, batches=shard.batches, inputs=shard.inputs,
+                          digest=shard.digest.hexdigest(), device=x.device, dtype=x.dtype)
 
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
@@ -582,6 +710,51 @@ class GAPA:
             )
         out = self(x)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+class Shard:
+    """The input batches of one store shard: how many, and a digest of their bytes (what
+    tells a resumed capture that the data did not change)."""
+
+    def __init__(self):
+        self.digest = hashlib.blake2b(digest_size=16)
+        self.batches = 0
+        self.inputs = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.digest.update(x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.batches += 1
+        self.inputs += x.shape[0]
+
+    def check(self, entry: dict, index: int, store: ActivationStore) -> None:
+        if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
+            raise StoreMismatchError(
+                f"the inputs of shard {index} differ from those that wrote it to {store.path}: "
+                "the data or its order changed (a shuffling DataLoader?); resume with the same "
+                "data in the same order, or use a new store")
+
+
+def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse a model whose forward pass is random or changes its own buffers (dropout or
+    BatchNorm left in training mode): GAPA's mean must be the network's one fixed function.
+    Only models with a module in training mode are run twice; their buffers are restored."""
+    if not any(m.training for m in model.modules()):
+        return
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        first = output_tensor(model(x))
+        second = output_tensor(model(x))
+    changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
+    for k, b in model.named_buffers():
+        b.copy_(buffers[k])
+    if changed or not torch.equal(first, second):
+        training = sorted({type(m).__name__ for m in model.modules() if m.training})
+        why = (f"its forward pass changed the buffers {changed[:3]}" if changed
+               else "two identical forward passes gave different outputs")
+        raise ModelModeError(
+            f"the model is in training mode ({', '.join(training)}) and {why}; call "
+            "model.eval() before fitting GAPA (dropout and BatchNorm must be frozen)"
+        )
 
 
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:

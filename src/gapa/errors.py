@@ -56,6 +56,43 @@ class NotApplicableError(ConfigurationError):
     ResNet); the benchmark reports and skips it."""
 
 
+class ModelModeError(GAPAError, RuntimeError):
+    """The model is not deterministic at fit time (dropout or BatchNorm left in training mode):
+    two identical forward passes differed or changed its buffers."""
+
+
+class StateFileError(GAPAError, OSError):
+    """A saved GAPA state cannot be used; the subclass says why."""
+
+
+class CorruptStateError(StateFileError):
+    """The state file is truncated, not a GAPA file, or its contents fail their checksum."""
+
+
+class FormatVersionError(StateFileError):
+    """The state file was written in a format this version of gapa does not know."""
+
+
+class ModelMismatchError(StateFileError):
+    """The state was fitted on another model than the one it is loaded onto."""
+
+
+class ArchitectureMismatchError(ModelMismatchError):
+    """The model's modules or parameter shapes differ from those the state was fitted on."""
+
+
+class WeightsMismatchError(ModelMismatchError):
+    """Same architecture, other weights: the cached activations no longer match the model."""
+
+
+class StoreMismatchError(StateFileError):
+    """An activation store on disk belongs to another model, layer set or data order."""
+
+
+class MemoryBudgetError(GAPAError, MemoryError):
+    """The fit's plan exceeds the memory budget the user set."""
+
+
 def parse_enum(kind, value, name: str):
     """``kind(value)``, or a ConfigurationError that names ``name`` and lists the options."""
     try:

@@ -1,14 +1,21 @@
-"""Inducing points: M representatives of the cached activations, with the count each stands for."""
+"""Inducing points: M representatives of the cached activations, with the count each stands for.
+
+The cache is a tensor, or a :class:`gapa.store.StoredRows` on disk: then k-means trains on a
+sample and the cluster counts are streamed shard by shard, so memory stays bounded.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 
 from .search import import_faiss
 
 
 def kmeans_inducing(
-    points: torch.Tensor, m: int, *, seed: int, iters: int = 10, points_per_centroid: int = 64
+    points, m: int, *, seed: int, iters: int = 10, points_per_centroid: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means centroids (M, d) of ``points`` (N, d) and cluster sizes (M,) over all N rows.
 
@@ -17,29 +24,48 @@ def kmeans_inducing(
     Empty clusters are dropped, so fewer than M centroids may come back.
     """
     faiss = import_faiss()
-    x = points.detach().to("cpu", torch.float32).contiguous().numpy()
+    if isinstance(points, torch.Tensor):
+        sample, chunks = points, [points]  # faiss samples the rows itself
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        n_sample = min(len(points), points_per_centroid * m)
+        sample = points[torch.randperm(len(points), generator=gen)[:n_sample].sort().values]
+        chunks = points.chunks()
+    x = _float32(sample)
     km = faiss.Kmeans(
         x.shape[1], m, niter=iters, seed=seed, max_points_per_centroid=points_per_centroid,
         min_points_per_centroid=1, verbose=False,
     )
     km.train(x)
-    _, assign = km.index.search(x, 1)
-    counts = torch.bincount(torch.from_numpy(assign[:, 0]), minlength=m)
+    counts = _cluster_sizes(km.index, chunks, m)
     keep = counts > 0
     centroids = torch.from_numpy(km.centroids)[keep]
-    return centroids.to(points.device, points.dtype), counts[keep].to(points.device)
+    return centroids.to(sample.device, sample.dtype), counts[keep].to(sample.device)
 
 
-def random_inducing(
-    points: torch.Tensor, m: int, *, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def random_inducing(points, m: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """M rows drawn without replacement, each standing for the rows nearest to it."""
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(points.shape[0], generator=gen)[:m].to(points.device)
-    chosen = points[idx]
+    idx = torch.randperm(len(points), generator=gen)[:m]
+    if isinstance(points, torch.Tensor):
+        chosen, chunks = points[idx.to(points.device)], [points]
+    else:
+        chosen, chunks = points[idx], points.chunks()
     faiss = import_faiss()
-    index = faiss.IndexFlatL2(points.shape[1])
-    index.add(chosen.detach().to("cpu", torch.float32).contiguous().numpy())
-    _, assign = index.search(points.detach().to("cpu", torch.float32).contiguous().numpy(), 1)
-    counts = torch.bincount(torch.from_numpy(assign[:, 0]), minlength=m).to(points.device)
+    index = faiss.IndexFlatL2(chosen.shape[1])
+    index.add(_float32(chosen))
+    counts = _cluster_sizes(index, chunks, m).to(chosen.device)
     return chosen, counts.clamp_min(1)
+
+
+def _cluster_sizes(index, chunks: Iterable[torch.Tensor], m: int) -> torch.Tensor:
+    """How many rows of ``chunks`` have each of the ``m`` indexed points as nearest."""
+    counts = np.zeros(m, dtype=np.int64)
+    for chunk in chunks:
+        _, assign = index.search(_float32(chunk), 1)
+        counts += np.bincount(assign[:, 0], minlength=m)
+    return torch.from_numpy(counts)
+
+
+def _float32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()

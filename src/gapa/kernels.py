@@ -40,7 +40,7 @@ def pairwise_difference_quantile(
     x: torch.Tensor, q: float, n_pairs: int, generator: torch.Generator
 ) -> torch.Tensor:
     """Per-column ``q``-quantile of ``|x_i - x_j|`` over ``n_pairs`` random pairs ``i != j``."""
-    n = x.shape[0]
+    n = len(x)
     i = torch.randint(n, (n_pairs,), generator=generator)
     j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n
     return torch.quantile((x[i] - x[j]).abs().double(), q, dim=0).to(x.dtype)
@@ -72,13 +72,13 @@ def estimate_hyperparameters(
         )
     if noise <= 0.0:
         raise ConfigurationError(f"noise must be positive, got {noise}")
-    scale = pre.std(0).clamp_min(1.0) if pre.shape[0] > 1 else torch.ones_like(pre[0])
-    if pre.shape[0] > 1:
+    if len(pre) > 1:
+        std, act_var = _column_stats(pre, activation)
         lengthscale = pairwise_difference_quantile(pre, lengthscale_quantile, n_pairs, generator)
+        lengthscale = torch.maximum(lengthscale, MIN_LENGTHSCALE * std.clamp_min(1.0))
     else:
-        lengthscale = torch.ones_like(pre[0])
-    lengthscale = torch.maximum(lengthscale, MIN_LENGTHSCALE * scale)
-    act_var = activation(pre.clone()).var(0) if pre.shape[0] > 1 else torch.zeros_like(pre[0])
+        one = pre[torch.zeros(1, dtype=torch.long)][0]
+        lengthscale, act_var = torch.ones_like(one), torch.zeros_like(one)
     if amplitude_rule == "variance":
         amplitude = act_var.clamp_min(1e-6)
     elif amplitude_rule == "unit":
@@ -90,6 +90,23 @@ def estimate_hyperparameters(
             f"unknown amplitude_rule {amplitude_rule!r}; use 'variance', 'unit' or 'max1'"
         )
     return Hyperparameters(lengthscale=lengthscale, amplitude=amplitude, noise=float(noise))
+
+
+def _column_stats(pre, activation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit standard deviation of ``pre`` and variance of ``activation(pre)``: directly for
+    a tensor, from float64 sums over the chunks of a :class:`gapa.store.StoredRows`."""
+    if isinstance(pre, torch.Tensor):
+        return pre.std(0), activation(pre.clone()).var(0)
+    n = len(pre)
+    sums = torch.zeros(4, pre.width, dtype=torch.float64, device=pre.device)
+    for chunk in pre.chunks():
+        act = activation(chunk.clone()).double()
+        chunk = chunk.double()
+        sums += torch.stack([chunk.sum(0), chunk.square().sum(0), act.sum(0), act.square().sum(0)])
+    mean, act_mean = sums[0] / n, sums[2] / n
+    var = ((sums[1] - n * mean.square()) / (n - 1)).clamp_min(0)
+    act_var = ((sums[3] - n * act_mean.square()) / (n - 1)).clamp_min(0)
+    return var.sqrt().to(pre.dtype), act_var.to(pre.dtype)
 
 
 def override(hp: Hyperparameters, values: dict) -> Hyperparameters:

@@ -14,6 +14,7 @@ from .errors import ConfigurationError, EmptyDataError, InputError, NonFiniteErr
 from .inducing import kmeans_inducing, random_inducing
 from .kernels import Hyperparameters, estimate_hyperparameters, override
 from .search import NeighbourIndex, SearchBackend
+from .store import StoredRows
 
 
 class Conditioning(str, Enum):
@@ -54,54 +55,79 @@ class GPSite:
     """A fitted GP activation at one call site of an activation module.
 
     The search space is the pre-activation divided by the per-unit lengthscale, so the nearest
-    rows are those with the largest product kernel over all units.
+    rows are those with the largest product kernel over all units. ``pre`` is the cache: a
+    tensor, or the rows of an activation store on disk, read in samples and chunks.
     """
 
     def __init__(
         self,
         key: str,
-        pre: torch.Tensor,
+        pre: torch.Tensor | StoredRows,
         activation: Callable[[torch.Tensor], torch.Tensor],
         config: GPConfig,
         overrides: dict | None = None,
     ):
-        if pre.shape[0] == 0:
+        n = len(pre)
+        if n == 0:
             raise EmptyDataError(f"no activations were cached at {key!r}: the training set is empty")
-        bad = ~torch.isfinite(pre)
-        if bool(bad.any()):
-            rows = bad.any(1).nonzero()[:5, 0].tolist()
-            raise NonFiniteError(
-                f"the cached pre-activations at {key!r} contain {int(bad.sum())} NaN/Inf values "
-                f"(first rows: {rows}); the model produces non-finite activations on the "
-                "training data: clean the data or fix the model before fitting"
-            )
-        self.key = key
-        self.config = config
-        self.cache_size = pre.shape[0]
-        self.width = pre.shape[1]
+        if isinstance(pre, torch.Tensor):  # a store checks its rows as it writes them
+            bad = ~torch.isfinite(pre)
+            if bool(bad.any()):
+                rows = bad.any(1).nonzero()[:5, 0].tolist()
+                raise NonFiniteError(
+                    f"the cached pre-activations at {key!r} contain {int(bad.sum())} NaN/Inf "
+                    f"values (first rows: {rows}); the model produces non-finite activations on "
+                    "the training data: clean the data or fix the model before fitting"
+                )
         gen = torch.Generator().manual_seed(config.seed)
         hp = estimate_hyperparameters(
             pre, activation, lengthscale_quantile=config.lengthscale_quantile,
             amplitude_rule=config.amplitude_rule, noise=config.noise, generator=gen,
         )
-        self.hyperparameters: Hyperparameters = override(hp, overrides) if overrides else hp
+        hp = override(hp, overrides) if overrides else hp
         # Neighbours are searched in the fit-time scaled space. A common factor on every
         # lengthscale (rescale_lengthscale) changes the kernel but not which rows are nearest.
-        self._search_scale = self.hyperparameters.lengthscale
-        scaled = pre / self._search_scale
-        if config.m is None or config.m >= self.cache_size:
-            rows, counts = scaled, torch.ones(self.cache_size, device=pre.device)
-        elif config.inducing is Inducing.KMEANS:
-            rows, counts = kmeans_inducing(scaled, config.m, seed=config.seed)
+        if config.m is None or config.m >= n:
+            if not isinstance(pre, torch.Tensor):
+                pre = pre.materialize()  # the whole cache conditions every query
+            rows, counts = pre / hp.lengthscale, torch.ones(n, device=pre.device)
         else:
-            rows, counts = random_inducing(scaled, config.m, seed=config.seed)
+            scaled = pre / hp.lengthscale if isinstance(pre, torch.Tensor) else pre.scaled(hp.lengthscale)
+            choose = kmeans_inducing if config.inducing is Inducing.KMEANS else random_inducing
+            rows, counts = choose(scaled, config.m, seed=config.seed)
+        self._build(key, config, rows * hp.lengthscale, counts, hp, n, scaled=rows)
+
+    @classmethod
+    def restore(
+        cls, key: str, config: GPConfig, rows: torch.Tensor, counts: torch.Tensor,
+        hyperparameters: Hyperparameters, cache_size: int, lengthscale_factor: float = 1.0,
+        index_state: dict | None = None,
+    ) -> GPSite:
+        """A site from saved state (:mod:`gapa.persistence`): the conditioning rows, their
+        counts and the fitted hyperparameters, with no cache and no refit; ``index_state``
+        (from :meth:`gapa.search.NeighbourIndex.state`) restores the index without retraining."""
+        site = cls.__new__(cls)
+        site._build(key, config, rows, counts, hyperparameters, cache_size, index_state)
+        if lengthscale_factor != 1.0:
+            site.rescale_lengthscale(lengthscale_factor)
+        return site
+
+    def _build(self, key, config, rows, counts, hp, cache_size, index_state=None, scaled=None):
+        """Set the conditioning set and build its index; ``scaled`` is ``rows`` over the
+        lengthscale when the caller already has it."""
+        self.key = key
+        self.config = config
+        self.cache_size = cache_size
+        self.width = rows.shape[1]
+        self.hyperparameters: Hyperparameters = hp
+        self._search_scale = hp.lengthscale  # the fitted lengthscale, before any factor
         self.counts = counts
-        self.rows = rows * self._search_scale  # conditioning inputs (pre-activations)
-        weight = counts.to(pre.dtype) if config.count_noise else torch.ones_like(counts, dtype=pre.dtype)
-        self.row_noise = self.hyperparameters.noise / weight  # relative to the amplitude
+        self.rows = rows  # conditioning inputs (pre-activations)
+        weight = counts.to(rows.dtype) if config.count_noise else torch.ones_like(counts, dtype=rows.dtype)
+        self.row_noise = hp.noise / weight  # relative to the amplitude
         self.timings = {"search": 0.0, "conditioning": 0.0}
         if config.conditioning is Conditioning.EXACT:
-            self._exact = ExactConditioner(self.rows, self.row_noise, self.hyperparameters)
+            self._exact = ExactConditioner(self.rows, self.row_noise, hp)
             self._index = None
         else:
             if config.k > len(self.rows):
@@ -111,7 +137,19 @@ class GPSite:
                     "lower k or fit on more data"
                 )
             self._exact = None
-            self._index = NeighbourIndex(rows, config.search)
+            scaled = self.rows / self._search_scale if scaled is None else scaled
+            self._index = (NeighbourIndex(scaled, config.search) if index_state is None
+                           else NeighbourIndex.from_state(scaled, index_state))
+
+    @property
+    def fitted_lengthscale(self) -> torch.Tensor:
+        """The lengthscale the label-free rule (or an override) gave, before any factor."""
+        return self._search_scale
+
+    @property
+    def index(self):
+        """The neighbour index (``None`` for exact conditioning)."""
+        return self._index
 
     def rescale_lengthscale(self, factor: float) -> None:
         """Set every lengthscale to ``factor`` times its fitted value. Neighbour ranks do not
