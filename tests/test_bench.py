@@ -134,3 +134,27 @@ def test_synthetic_year_has_the_published_shape():
     assert data.sizes[0] == round(400_000 * 5_000 / 515_345)
     with pytest.raises(DataError, match="takes no path"):
         load_dataset("year-synthetic", "x.txt")
+
+
+def test_resume_keeps_records_and_runs_only_missing_pairs(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "records.json"
+    first = bench.run_benchmark(tiny, ["map", "gapa"], seeds=1, train=TRAIN, progress=False,
+                                json_path=out)
+    calls = []
+    original = bench.run_method
+
+    def counting(name, *args, **kw):
+        calls.append((name, kw["seed"]))
+        return original(name, *args, **kw)
+
+    monkeypatch.setattr(bench, "run_method", counting)
+    results = bench.run_benchmark(tiny, ["map", "gapa"], seeds=2, train=TRAIN, progress=False,
+                                  json_path=out, resume=True)
+    assert calls == [("map", 1), ("gapa", 1)]
+    assert {(r.method, r.seed) for r in results} == {(m, s) for m in ("map", "gapa") for s in (0, 1)}
+    kept = {r.method: r.nll for r in results if r.seed == 0}
+    assert kept == {r.method: r.nll for r in first}
+    assert len(json.loads(out.read_text())) == 4
+    assert "gapa" in bench.summary_table(results)
+    with pytest.raises(ConfigurationError, match="JSON path"):
+        bench.run_benchmark(tiny, ["map"], seeds=1, train=TRAIN, progress=False, resume=True)

@@ -10,7 +10,10 @@ import torch
 from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_table
 from .data import DATASETS, load_csv, load_dataset
 from .demo import DemoConfig, run_demo
-from .errors import GAPAError
+from .errors import ConfigurationError, GAPAError
+from .plan import plan_fit
+from .search import SearchBackend
+from .site import GPConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +37,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="how the variance reaches the output (default %(default)s)")
     d.add_argument("--no-progress", dest="progress", action="store_false")
     _bench_parser(sub)
+    _plan_parser(sub)
     return p
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="expected cache, index and memory of a fit, before fitting")
+    p.add_argument("--n-train", type=int, required=True, help="training inputs")
+    p.add_argument("--width", required=True,
+                   help="units of each GAPA call site, comma-separated (e.g. 256 or 64,256)")
+    p.add_argument("--queries-per-input", type=int, default=1,
+                   help="GP queries per input at each site: 1 for MLPs or queries='inputs', "
+                   "H x W for a feature map's positions (default %(default)s)")
+    p.add_argument("--m", type=int, default=GPConfig.m,
+                   help="inducing points, 0 for the whole cache (default %(default)s)")
+    p.add_argument("--k", type=int, default=1, help="neighbours (default %(default)s)")
+    p.add_argument("--search", default="torch", choices=[b.value for b in SearchBackend])
+    p.add_argument("--store", action="store_true", help="stream the cache to disk")
+    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--budget", help="memory budget, e.g. 4GiB: exit 1 when the plan exceeds it")
 
 
 def _bench_parser(sub) -> None:
@@ -137,6 +158,20 @@ def _bench_classification(args) -> None:
     print(cb.summary_table(results))
 
 
+def _plan(args) -> None:
+    widths = [int(w) for w in args.width.split(",") if w.strip()]
+    if not widths or min(widths) < 1 or args.queries_per_input < 1:
+        raise ConfigurationError("--width needs positive unit counts and --queries-per-input >= 1")
+    config = GPConfig(k=args.k, m=args.m or None, search=SearchBackend(args.search))
+    sites = {f"site{i}": (w, args.queries_per_input) for i, w in enumerate(widths)}
+    plan = plan_fit(args.n_train, sites, config, store=args.store, store_dtype=args.store_dtype)
+    if args.budget:
+        plan.check(args.budget)  # the error shows the plan
+    print(plan)
+    if args.budget:
+        print(f"within the budget of {args.budget}")
+
+
 def _demo_config(args) -> DemoConfig:
     gapa_opts = {"layers": args.layers.split(","), "k": args.k, "m": args.m or None,
                  "propagation": args.propagation}
@@ -154,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             _bench(args)
+        elif args.command == "plan":
+            _plan(args)
         else:
             run_demo(_demo_config(args))
     except GAPAError as exc:

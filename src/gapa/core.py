@@ -37,6 +37,7 @@ from .errors import (
 )
 from .moments import Moments
 from .persistence import load_state, model_fingerprint, save_state
+from .plan import Plan, plan_fit
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
 from .propagation.engine import output_tensor
@@ -246,6 +247,11 @@ class GAPA:
         self._require_fitted("read the fitted sites")
         return MappingProxyType(self._sites)
 
+    def summary(self) -> str:
+        """What was fitted, one line per call site (see :meth:`gapa.site.GPSite.describe`)."""
+        self._require_fitted("summarise")
+        return "\n".join(site.describe() for site in self._sites.values())
+
     @property
     def calibration(self) -> Calibration | None:
         return self._calibration
@@ -322,16 +328,18 @@ class GAPA:
         if memory_budget is not None:
             if data is None:
                 raise InputError("memory_budget needs the training data to plan the fit")
-            self.plan(data, batch_size=batch_size, store=store is not None,
+            n_train, example = _size_and_example(data, batch_size)
+            self.plan(n_train, example, store=store is not None,
                       store_dtype=store_dtype).check(memory_budget)
         if store is None:
             if data is None:
                 raise InputError("fit needs training inputs (or a finished store=...)")
             cache: dict[str, list[torch.Tensor]] = {}
+            batches = self._training_batches(data, batch_size, progress)
             with torch.no_grad(), self._capture(cache):
-                for x in self._training_batches(data, batch_size, progress):
+                for x in batches:
                     self.model(x)
-            sources = {key: torch.cat(chunks) for key, chunks in cache.items()}
+            sources = {key: torch.cat(cache.pop(key)) for key in list(cache)}
         else:
             if not isinstance(store, ActivationStore):
                 store = ActivationStore(store, store_dtype)
@@ -355,23 +363,52 @@ class GAPA:
         self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
         return self
 
+    def plan(self, n_train: int, example: torch.Tensor, *, store: bool = False,
+             store_dtype: str = "float32") -> Plan:
+        """The expected cost of fitting on ``n_train`` inputs like ``example`` (a batch of a
+        few training inputs: one forward pass on it shows every call site's width and queries
+        per input), before anything is cached. ``print(gm.plan(...))`` shows a table; see
+        :mod:`gapa.plan`."""
+        self._check_input(example)
+        seen: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            _check_deterministic(self.model, example)
+            with self._capture(seen):
+                self.model(example)
+        if not seen:
+            raise LayerError(f"the GAPA layers {self.layers} were never called in model.forward")
+        sites = {key: (chunks[0].shape[1], sum(len(c) for c in chunks) // len(example))
+                 for key, chunks in seen.items()}
+        return plan_fit(n_train, sites, self.config, store=store, store_dtype=store_dtype,
+                        compute_dtype=str(example.dtype).removeprefix("torch."))
+
     def _training_batches(self, data, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
         """The input batches of ``data``, each checked (finite, one shape, the model's dtype
-        and device; the first also for a deterministic model); EmptyDataError when none."""
-        n_rows = 0
-        for x in tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
-                      disable=not progress, leave=False):
-            self._check_finite(x, "training inputs")
-            first = self._input_shape is None
-            if first:
-                self._input_shape = tuple(x.shape[1:])
-            self._check_input(x)
-            if first:
-                _check_deterministic(self.model, x)
-            n_rows += x.shape[0]
-            yield x
-        if n_rows == 0:
+        and device); EmptyDataError when there are none. The first batch is read and the model
+        checked for determinism now, before the caller starts capturing activations."""
+        batches = iter(tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
+                            disable=not progress, leave=False))
+        first = next(batches, None)
+        if first is None or first.shape[0] == 0:
             raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
+        self._input_shape = tuple(first.shape[1:])
+        self._check_batch(first, 0)
+        with torch.no_grad():
+            _check_deterministic(self.model, first)
+
+        def checked() -> Iterator[torch.Tensor]:
+            yield first
+            offset = first.shape[0]
+            for x in batches:
+                self._check_batch(x, offset)
+                offset += x.shape[0]
+                yield x
+
+        return checked()
+
+    def _check_batch(self, x: torch.Tensor, offset: int) -> None:
+        self._check_finite(x, "training inputs", offset)
+        self._check_input(x)
 
     def _capture_to_store(self, data, store: ActivationStore, batch_size: int,
                           progress: bool) -> None:
@@ -388,8 +425,9 @@ class GAPA:
         cache: dict[str, list[torch.Tensor]] = {}
         shard = Shard()
         done = 0  # shards of this pass over the data that are on disk
+        batches = self._training_batches(data, batch_size, progress)
         with torch.no_grad(), self._capture(cache):
-            for x in self._training_batches(data, batch_size, progress):
+            for x in batches:
                 shard.add(x)
                 if done < len(finished):  # on disk already: the inputs are only hashed
                     if shard.batches == finished[done]["batches"]:
@@ -413,7 +451,7 @@ class GAPA:
         rows = {key: torch.cat(chunks) for key, chunks in cache.items()}
         cache.clear()
         for key, value in rows.items():
-            GAPA._check_finite(value, f"the pre-activations cached at {key!r}")
+            GAPA._check_finite(value, f"the pre-activations cached at {key!r}", store.n_rows(key))
         store.write_shard(rows, batches=shard.batches, inputs=shard.inputs,
                           digest=shard.digest.hexdigest(), device=x.device, dtype=x.dtype)
 
@@ -593,10 +631,12 @@ class GAPA:
             )
 
     @staticmethod
-    def _check_finite(x: torch.Tensor, what: str) -> None:
+    def _check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
+        """NonFiniteError naming the first bad rows; ``offset`` is the number of the first row
+        of ``x`` in the whole data (for batches)."""
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             bad = ~torch.isfinite(x)
-            rows = bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0].tolist()
+            rows = (bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0] + offset).tolist()
             raise NonFiniteError(
                 f"{what} contain {int(bad.sum())} NaN/Inf values (first rows: {rows}); "
                 "GAPA does not repair inputs: remove or impute them first"
@@ -741,14 +781,22 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
     if not any(m.training for m in model.modules()):
         return
     buffers = {k: b.clone() for k, b in model.named_buffers()}
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        first = output_tensor(model(x))
-        second = output_tensor(model(x))
+    training = sorted({type(m).__name__ for m in model.modules() if m.training})
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            first = output_tensor(model(x))
+            second = output_tensor(model(x))
+    except Exception as exc:  # e.g. BatchNorm in training mode on a one-row batch
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+        raise ModelModeError(
+            f"the model is in training mode ({', '.join(training)}) and its forward pass failed "
+            f"on the first training batch of shape {tuple(x.shape)} ({type(exc).__name__}: "
+            f"{exc}); call model.eval() before fitting GAPA") from exc
     changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
     for k, b in model.named_buffers():
         b.copy_(buffers[k])
     if changed or not torch.equal(first, second):
-        training = sorted({type(m).__name__ for m in model.modules() if m.training})
         why = (f"its forward pass changed the buffers {changed[:3]}" if changed
                else "two identical forward passes gave different outputs")
         raise ModelModeError(
@@ -760,6 +808,19 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
     var = tracker.var(out)
     return Moments(out, torch.zeros_like(out) if var is None else var)
+
+
+def _size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
+    """How many inputs ``data`` holds and a batch of them, without consuming it: a Tensor, a
+    Dataset, or a DataLoader over a sized dataset."""
+    if isinstance(data, torch.Tensor):
+        return len(data), data[:batch_size]
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise InputError(
+            "planning against a memory budget needs training data of known size: a Tensor, a "
+            f"Dataset or a DataLoader over one, not a {type(data).__name__}")
+    return len(dataset), next(iter(_iterate_inputs(data, batch_size)))
 
 
 def _iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:

@@ -39,11 +39,16 @@ class Hyperparameters:
 def pairwise_difference_quantile(
     x: torch.Tensor, q: float, n_pairs: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-column ``q``-quantile of ``|x_i - x_j|`` over ``n_pairs`` random pairs ``i != j``."""
+    """Per-column ``q``-quantile of the non-zero ``|x_i - x_j|`` over ``n_pairs`` random pairs
+    ``i != j`` (0 for a column without distinct values)."""
     n = len(x)
     i = torch.randint(n, (n_pairs,), generator=generator)
     j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n
-    return torch.quantile((x[i] - x[j]).abs().double(), q, dim=0).to(x.dtype)
+    diff = (x[i] - x[j]).abs().double()
+    # duplicated rows say nothing about the spacing of distinct values: on a cache with many
+    # copies the plain quantile is 0 and every new point would sit at the prior variance
+    diff[diff == 0] = float("nan")
+    return torch.nanquantile(diff, q, dim=0).nan_to_num(0.0).to(x.dtype)
 
 
 def estimate_hyperparameters(

@@ -318,16 +318,30 @@ def _exact_knn(faiss, points, rows: np.ndarray, q: np.ndarray, k: int) -> np.nda
     (a flat index over the whole cache would be a second full float32 copy)."""
     best_d = np.full((len(q), 0), np.inf, dtype=np.float32)
     best_i = np.empty((len(q), 0), dtype=np.int64)
-    for part, x in _chunks(points, rows):
-        flat = faiss.IndexFlatL2(x.shape[1])
-        flat.add(x)
-        d, i = flat.search(q, min(k, len(part)))
+    # faiss computes batched flat distances as |x|^2 - 2 x.y + |y|^2, which cancels when the
+    # nearest rows are much closer than the rows' norms (dense caches) and then misranks them:
+    # the reference must use the direct sum of squared differences, which faiss does below
+    # distance_compute_blas_threshold queries.
+    threshold = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = len(q) + 1
+    try:
+        parts = [(part, _flat_search(faiss, x, q, min(k, len(part))))
+                 for part, x in _chunks(points, rows)]
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = threshold
+    for part, (d, i) in parts:
         best_d = np.concatenate([best_d, d], 1)
         best_i = np.concatenate([best_i, part[i]], 1)
         keep = np.argsort(best_d, axis=1, kind="stable")[:, :k]  # stable: ties go to lower rows
         best_d = np.take_along_axis(best_d, keep, 1)
         best_i = np.take_along_axis(best_i, keep, 1)
     return best_i
+
+
+def _flat_search(faiss, x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = faiss.IndexFlatL2(x.shape[1])
+    flat.add(x)
+    return flat.search(q, k)
 
 
 def _wants_gpu(faiss, gpu: bool | None, points, backend: SearchBackend) -> bool:

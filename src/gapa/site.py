@@ -138,13 +138,21 @@ class GPSite:
                 )
             self._exact = None
             scaled = self.rows / self._search_scale if scaled is None else scaled
-            self._index = (NeighbourIndex(scaled, config.search) if index_state is None
-                           else NeighbourIndex.from_state(scaled, index_state))
+            self._index = (
+                NeighbourIndex(scaled, config.search, k=config.k, seed=config.seed)
+                if index_state is None else NeighbourIndex.from_state(scaled, index_state))
 
     @property
     def fitted_lengthscale(self) -> torch.Tensor:
         """The lengthscale the label-free rule (or an override) gave, before any factor."""
         return self._search_scale
+
+    def describe(self) -> str:
+        """One line: cache size, conditioning set, width and how neighbours are found (with the
+        recall an approximate index measured at fit time)."""
+        how = "exact conditioning" if self._index is None else self._index.describe()
+        return (f"{self.key}: {self.cache_size:,} cached rows -> {self.n_conditioning:,} "
+                f"conditioning rows x {self.width} units; search {how}")
 
     @property
     def index(self):

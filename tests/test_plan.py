@@ -1,0 +1,92 @@
+"""gm.plan / gapa plan: sizes that match what a fit allocates, and a budget that refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import gapa
+from conftest import mlp
+from gapa.cli import main
+from gapa.plan import parse_bytes
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("4GiB", 4 * 2**30), ("512 MiB", 512 * 2**20), ("2GB", 2 * 10**9), ("1.5e3", 1500),
+    (1024, 1024), ("3kib", 3072),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["four GiB", "4 parsecs", 0, -5, ""])
+def test_parse_bytes_refuses(bad):
+    with pytest.raises(gapa.ConfigurationError):
+        parse_bytes(bad)
+
+
+def test_plan_sizes_match_the_fit(tmp_path):
+    model, x = mlp([3, 24, 40, 1], seed=0), torch.randn(3000, 3)
+    gm = gapa.GAPA(model, layers=["1", "3"], m=100)
+    plan = gm.plan(len(x), x[:4])
+    assert [(s.key, s.width, s.cache_rows, s.conditioning_rows) for s in plan.sites] == [
+        ("1", 24, 3000, 100), ("3", 40, 3000, 100)]
+    cached = {k: v.numel() * v.element_size() for k, v in gm.fit(x, progress=False)
+              .pre_activations(x).items()}
+    assert {s.key: s.cache_bytes for s in plan.sites} == cached
+    assert all(s.query_flops == 100 * s.width + s.width for s in plan.sites)  # search + K = 1
+    assert plan.peak_bytes >= 2 * sum(cached.values())  # chunks and their concatenation
+    stored = gm.plan(len(x), x[:4], store=True, store_dtype="float16")
+    assert stored.disk_bytes == sum(cached.values()) // 2
+    gm.fit(x, store=tmp_path / "s", store_dtype="float16", progress=False)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "s").glob("*.npy"))
+    assert stored.disk_bytes <= on_disk <= stored.disk_bytes + 4096  # .npy headers
+
+
+def test_plan_counts_feature_map_positions():
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 8 * 8, 2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    positions = gapa.GAPA(model, m=None).plan(1000, x).sites[0]
+    assert (positions.width, positions.cache_rows) == (6, 1000 * 64)
+    inputs = gapa.GAPA(model, m=None, queries="inputs").plan(1000, x).sites[0]
+    assert (inputs.width, inputs.cache_rows) == (6 * 64, 1000)
+
+
+def test_approximate_back_end_is_planned_by_size():
+    model = mlp([3, 16, 1])
+    gm = gapa.GAPA(model, m=None, search="auto")
+    assert gm.plan(1000, torch.randn(2, 3)).sites[0].search == "torch (exact)"
+    big = gm.plan(10**6, torch.randn(2, 3)).sites[0]
+    assert big.search.startswith("ivf") and big.index_bytes > 10**6 * 16 * 4
+    assert big.query_flops < 10**6 * 16  # far fewer rows visited than exact search
+
+
+def test_fit_refuses_a_plan_over_budget_before_caching():
+    model, x = mlp([3, 64, 1]), torch.randn(5000, 3)
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(len(args[0])))
+    with pytest.raises(gapa.MemoryBudgetError, match=r"over the budget of 1\.0 MiB.*store=DIR"):
+        gapa.GAPA(model).fit(DataLoader(TensorDataset(x), batch_size=500), memory_budget="1MiB",
+                             progress=False)
+    assert calls == [500]  # one forward pass on the example batch, nothing cached
+    gm = gapa.GAPA(model).fit(x, memory_budget="64MiB", progress=False)
+    assert gm.sites["1"].cache_size == len(x)
+
+
+def test_budget_needs_sized_data():
+    model, x = mlp([3, 8, 1]), torch.randn(100, 3)
+    with pytest.raises(gapa.InputError, match="known size"):
+        gapa.GAPA(model).fit((b for b in x.split(10)), memory_budget="1GiB", progress=False)
+
+
+def test_cli_plan(capsys):
+    assert main(["plan", "--n-train", "2000000", "--width", "64,256", "--store",
+                 "--store-dtype", "float16", "--budget", "4GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "2,000,000" in out and "within the budget" in out
+    assert main(["plan", "--n-train", "2000000", "--width", "256", "--m", "0",
+                 "--budget", "4GiB"]) == 1
+    assert "MemoryBudgetError" in capsys.readouterr().err
