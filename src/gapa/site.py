@@ -95,7 +95,7 @@ class GPSite:
             scaled = pre / hp.lengthscale if isinstance(pre, torch.Tensor) else pre.scaled(hp.lengthscale)
             choose = kmeans_inducing if config.inducing is Inducing.KMEANS else random_inducing
             rows, counts = choose(scaled, config.m, seed=config.seed)
-        self._build(key, config, rows * hp.lengthscale, counts, hp, n, scaled=rows)
+        self._build(key, config, rows * hp.lengthscale, counts, hp, n)
 
     @classmethod
     def restore(
@@ -112,9 +112,9 @@ class GPSite:
             site.rescale_lengthscale(lengthscale_factor)
         return site
 
-    def _build(self, key, config, rows, counts, hp, cache_size, index_state=None, scaled=None):
-        """Set the conditioning set and build its index; ``scaled`` is ``rows`` over the
-        lengthscale when the caller already has it."""
+    def _build(self, key, config, rows, counts, hp, cache_size, index_state=None):
+        """Set the conditioning set and build its index, from the same values whether fitted
+        or restored, so a saved site finds the same neighbours to the last tie."""
         self.key = key
         self.config = config
         self.cache_size = cache_size
@@ -137,7 +137,7 @@ class GPSite:
                     "lower k or fit on more data"
                 )
             self._exact = None
-            scaled = self.rows / self._search_scale if scaled is None else scaled
+            scaled = self.rows / self._search_scale
             self._index = (
                 NeighbourIndex(scaled, config.search, k=config.k, seed=config.seed)
                 if index_state is None else NeighbourIndex.from_state(scaled, index_state))
