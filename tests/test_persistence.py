@@ -16,6 +16,7 @@ import gapa
 from conftest import mlp
 from gapa import persistence
 from gapa.persistence import FORMAT_VERSION, META_KEY, FormatWarning
+from gapa.search import NeighbourIndex
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -154,11 +155,16 @@ def test_not_a_gapa_file(tmp_path):
         gapa.GAPA.load(tmp_path / "other.safetensors", model)
 
 
-def _rewrite_metadata(path: Path, edit) -> None:
+def _rewrite_metadata(path: Path, edit, sign: bool = False) -> None:
+    """Edit the JSON metadata in place; ``sign`` recomputes the checksum (a writer's bug rather
+    than a corruption)."""
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()[META_KEY])
     tensors = load_file(str(path))
     edit(meta)
+    if sign:
+        meta.pop("checksum")
+        meta["checksum"] = persistence._checksum(tensors, meta)
     save_file(tensors, str(path), {META_KEY: json.dumps(meta)})
 
 
@@ -176,9 +182,36 @@ def test_unknown_format_version(tmp_path):
 def test_malformed_metadata(tmp_path):
     gm, model, _ = _fitted()
     path = gm.save(tmp_path / "s.gapa")
-    _rewrite_metadata(path, lambda m: m.pop("sites"))
+    _rewrite_metadata(path, lambda m: m.update(lengthscale_factor=3.0))
+    with pytest.raises(gapa.CorruptStateError, match="checksum"):  # metadata is covered too
+        gapa.GAPA.load(path, model)
+    _rewrite_metadata(path, lambda m: m.pop("sites"), sign=True)
     with pytest.raises(gapa.CorruptStateError, match="malformed"):
         gapa.GAPA.load(path, model)
+    _rewrite_metadata(path, lambda m: m.update(format_version=1))
+    with pytest.raises(gapa.CorruptStateError, match="altered"):
+        gapa.GAPA.load(path, model)
+
+
+def test_saved_index_is_restored_not_retrained(tmp_path, monkeypatch):
+    gm, model, x = _fitted(m=None, search="ivf")
+    path = gm.save(tmp_path / "s.gapa")
+
+    def retrain(self):
+        raise AssertionError("the approximate index was retrained on load")
+
+    monkeypatch.setattr(NeighbourIndex, "_build_approximate", retrain)
+    loaded = gapa.GAPA.load(path, model)
+    assert loaded.sites["1"].index.params == gm.sites["1"].index.params
+    _same_outputs(gm, loaded, x)
+
+
+def test_saved_file_is_readable_by_others(tmp_path):
+    gm, _, _ = _fitted()
+    path = gm.save(tmp_path / "s.gapa")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_other_architecture(tmp_path):

@@ -37,7 +37,9 @@ def test_plan_sizes_match_the_fit(tmp_path):
               .pre_activations(x).items()}
     assert {s.key: s.cache_bytes for s in plan.sites} == cached
     assert all(s.query_flops == 100 * s.width + s.width for s in plan.sites)  # search + K = 1
-    assert plan.peak_bytes >= 2 * sum(cached.values())  # chunks and their concatenation
+    # every cache, plus one site's chunks being concatenated (the measured peaks are in
+    # benchmarks/RESULTS.md, from benchmarks/fit_scale.py)
+    assert plan.peak_bytes >= sum(cached.values()) + max(cached.values())
     stored = gm.plan(len(x), x[:4], store=True, store_dtype="float16")
     assert stored.disk_bytes == sum(cached.values()) // 2
     gm.fit(x, store=tmp_path / "s", store_dtype="float16", progress=False)
@@ -87,6 +89,6 @@ def test_cli_plan(capsys):
                  "--store-dtype", "float16", "--budget", "4GiB"]) == 0
     out = capsys.readouterr().out
     assert "2,000,000" in out and "within the budget" in out
-    assert main(["plan", "--n-train", "2000000", "--width", "256", "--m", "0",
+    assert main(["plan", "--n-train", "2000000", "--width", "512", "--m", "0",
                  "--budget", "4GiB"]) == 1
     assert "MemoryBudgetError" in capsys.readouterr().err

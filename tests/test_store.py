@@ -111,7 +111,7 @@ def test_resume_refuses_other_data_order(tmp_path):
         gapa.GAPA(model).fit(_interrupting(_loader(x), after=9), store=_store(tmp_path),
                              progress=False)
     shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))]
-    with pytest.raises(gapa.StoreMismatchError, match="order changed"):
+    with pytest.raises(gapa.StoreMismatchError, match="its order"):
         gapa.GAPA(model).fit(_loader(shuffled), store=_store(tmp_path), progress=False)
     with pytest.raises(gapa.StoreMismatchError, match="data ended inside shard"):
         gapa.GAPA(model).fit(_loader(x[:20]), store=_store(tmp_path), progress=False)
@@ -157,3 +157,41 @@ def test_bad_store_options(tmp_path):
         ActivationStore(tmp_path, dtype="int8")
     with pytest.raises(gapa.ConfigurationError, match="shard_rows"):
         ActivationStore(tmp_path, shard_rows=0)
+
+
+def test_kmeans_from_a_store_trains_on_a_sample_and_counts_every_row(tmp_path):
+    model, x = mlp([3, 16, 1], seed=1), _data(2000)
+    gm = gapa.GAPA(model, m=8).fit(x, store=_store(tmp_path), progress=False)  # 8 x 64 < 2000
+    site = gm.sites["1"]
+    assert site.n_conditioning <= 8 and int(site.counts.sum()) == len(x)
+    memory = gapa.GAPA(model, m=8).fit(x, progress=False).sites["1"]
+    # a different sample, the same clusters to within a few rows each
+    assert sorted(site.counts.tolist()) == pytest.approx(sorted(memory.counts.tolist()), abs=60)
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    model, x = mlp([3, 16, 1], seed=1), _data(200)
+    with pytest.raises(gapa.NonFiniteError, match="float16"):
+        gapa.GAPA(model).fit(x * 1e5, store=_store(tmp_path, dtype="float16"), progress=False)
+
+
+def test_integer_inputs_store_the_activations_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 1)).eval()
+    tokens = torch.randint(0, 50, (600, 4), generator=torch.Generator().manual_seed(0))
+    stored = gapa.GAPA(model, m=16).fit(tokens, store=_store(tmp_path), progress=False)
+    memory = gapa.GAPA(model, m=16).fit(tokens, progress=False)
+    assert stored.sites["3"].rows.dtype == torch.float32
+    q = tokens[:20]
+    torch.testing.assert_close(stored(q).var, memory(q).var)
+
+
+def test_resume_with_another_batch_size_says_so(tmp_path):
+    model, x = mlp([3, 16, 1], seed=1), _data()
+    with pytest.raises(Interrupted):
+        gapa.GAPA(model).fit(_interrupting(_loader(x), after=9), store=_store(tmp_path),
+                             progress=False)
+    with pytest.raises(gapa.StoreMismatchError, match="batch size"):
+        gapa.GAPA(model).fit(_loader(x, batch_size=25), store=_store(tmp_path), progress=False)

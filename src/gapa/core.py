@@ -344,7 +344,8 @@ class GAPA:
             if not isinstance(store, ActivationStore):
                 store = ActivationStore(store, store_dtype)
             self._capture_to_store(data, store, batch_size, progress)
-            sources = {key: store.rows(key) for key in store.keys}
+            device = next(self.model.parameters(), torch.empty(0)).device
+            sources = {key: store.rows(key, device) for key in store.keys}
         if not sources:
             raise LayerError(
                 f"the GAPA layers {self.layers} were never called in model.forward; "
@@ -425,6 +426,7 @@ class GAPA:
         cache: dict[str, list[torch.Tensor]] = {}
         shard = Shard()
         done = 0  # shards of this pass over the data that are on disk
+        limit = None  # rows per shard, once the sites' widths are known
         batches = self._training_batches(data, batch_size, progress)
         with torch.no_grad(), self._capture(cache):
             for x in batches:
@@ -435,25 +437,26 @@ class GAPA:
                         shard, done = Shard(), done + 1
                     continue
                 self.model(x)
-                if max(sum(len(c) for c in chunks) for chunks in cache.values()) >= store.shard_rows:
-                    self._write_shard(store, cache, shard, x)
+                if limit is None:
+                    limit = store.rows_per_shard(sum(c[0].shape[1] for c in cache.values()))
+                if max(sum(len(c) for c in chunks) for chunks in cache.values()) >= limit:
+                    self._write_shard(store, cache, shard)
                     shard, done = Shard(), done + 1
         if done < len(finished):
             raise StoreMismatchError(
                 f"the data ended inside shard {done} of {store.path}, which was written from "
                 "more batches: the data changed; resume with the same data or use a new store")
         if shard.batches:
-            self._write_shard(store, cache, shard, x)
+            self._write_shard(store, cache, shard)
         store.finish(self._input_shape)
 
     @staticmethod
-    def _write_shard(store: ActivationStore, cache: dict, shard: Shard, x: torch.Tensor) -> None:
-        rows = {key: torch.cat(chunks) for key, chunks in cache.items()}
-        cache.clear()
+    def _write_shard(store: ActivationStore, cache: dict, shard: Shard) -> None:
+        rows = {key: torch.cat(cache.pop(key)) for key in list(cache)}
         for key, value in rows.items():
             GAPA._check_finite(value, f"the pre-activations cached at {key!r}", store.n_rows(key))
         store.write_shard(rows, batches=shard.batches, inputs=shard.inputs,
-                          digest=shard.digest.hexdigest(), device=x.device, dtype=x.dtype)
+                          digest=shard.digest.hexdigest())
 
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
@@ -769,9 +772,10 @@ class Shard:
     def check(self, entry: dict, index: int, store: ActivationStore) -> None:
         if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
             raise StoreMismatchError(
-                f"the inputs of shard {index} differ from those that wrote it to {store.path}: "
-                "the data or its order changed (a shuffling DataLoader?); resume with the same "
-                "data in the same order, or use a new store")
+                f"the inputs of shard {index} differ from those that wrote it to {store.path} "
+                f"({entry['batches']} batches, {entry['inputs']} inputs): the data, its order "
+                "(a shuffling DataLoader?) or the batch size changed; resume with the same "
+                "data, order and batch size, or use a new store")
 
 
 def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
@@ -812,15 +816,22 @@ def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
 
 def _size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
     """How many inputs ``data`` holds and a batch of them, without consuming it: a Tensor, a
-    Dataset, or a DataLoader over a sized dataset."""
+    Dataset, or a DataLoader over a sized dataset (counted through its sampler, so a subset
+    counts as such)."""
     if isinstance(data, torch.Tensor):
         return len(data), data[:batch_size]
-    dataset = data.dataset if isinstance(data, DataLoader) else data
-    if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+    if isinstance(data, DataLoader):
+        batches_of_items = data.batch_sampler is None  # batch_size=None: every item is a batch
+        sized = data.sampler if batches_of_items else getattr(data.batch_sampler, "sampler",
+                                                               data.dataset)
+    else:
+        batches_of_items, sized = False, data if isinstance(data, Dataset) else None
+    if not hasattr(sized, "__len__"):
         raise InputError(
             "planning against a memory budget needs training data of known size: a Tensor, a "
             f"Dataset or a DataLoader over one, not a {type(data).__name__}")
-    return len(dataset), next(iter(_iterate_inputs(data, batch_size)))
+    example = next(iter(_iterate_inputs(data, batch_size)))
+    return len(sized) * (len(example) if batches_of_items else 1), example
 
 
 def _iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:

@@ -105,8 +105,8 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         "class_calibration": None if class_cal is None else {
             **asdict(class_cal), "method": class_cal.method.value},
         "sites": sites,
-        "checksum": _checksum(tensors),
     }
+    metadata["checksum"] = _checksum(tensors, metadata)
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, {META_KEY: json.dumps(metadata)})
     return path
@@ -131,13 +131,16 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
             f"formats 1 to {FORMAT_VERSION}: upgrade gapa to load it"
         )
     if version < FORMAT_VERSION:
+        if "checksum" in metadata:  # only the current format has one: the version was altered
+            raise CorruptStateError(f"{path} claims format {version} but carries a checksum; "
+                                    "its metadata was altered")
         warnings.warn(f"{path} is GAPA state format {version} (current {FORMAT_VERSION}); it "
                       "loads, and saving it again writes the current format", FormatWarning,
                       stacklevel=3)
     else:
-        expected = metadata.get("checksum")
-        if expected != _checksum(tensors):
-            raise CorruptStateError(f"{path}: the tensors do not match their recorded checksum; "
+        expected = metadata.pop("checksum", None)
+        if expected != _checksum(tensors, metadata):
+            raise CorruptStateError(f"{path}: the contents do not match their recorded checksum; "
                                     "the file is corrupted: refit or restore a good copy")
     _check_model(path, metadata.get("model", {}), model)
     device = map_location if map_location is not None else _model_device(model)
@@ -161,21 +164,24 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
         shape = metadata["input_shape"]
         calibration = metadata["calibration"]
         class_cal = metadata["class_calibration"]
+        gm._restore(
+            sites, tuple(shape) if shape is not None else None,
+            float(metadata["lengthscale_factor"]),
+            Calibration(**calibration) if calibration is not None else None,
+            None if class_cal is None else VarianceScaleFit(
+                **{**class_cal, "method": Method(class_cal["method"])}),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptStateError(f"{path}: the GAPA metadata is incomplete or malformed "
                                 f"({type(exc).__name__}: {exc})") from exc
-    gm._restore(
-        sites, tuple(shape) if shape is not None else None, float(metadata["lengthscale_factor"]),
-        Calibration(**calibration) if calibration is not None else None,
-        None if class_cal is None else VarianceScaleFit(
-            **{**class_cal, "method": Method(class_cal["method"])}),
-    )
     return gm
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise StateFileError(f"no GAPA state file at {path}")
+    if not os.access(path, os.R_OK):
+        raise StateFileError(f"{path} is not readable by this user (permissions)")
     try:
         with safe_open(str(path), "pt") as f:
             header = f.metadata() or {}
@@ -207,8 +213,9 @@ def _check_model(path: Path, saved: dict, model: nn.Module) -> None:
             "activations do not describe this network: refit GAPA after changing the weights")
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _checksum(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
+    """SHA-256 over the metadata (canonical JSON, without the checksum) and every tensor."""
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())

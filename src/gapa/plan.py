@@ -20,7 +20,7 @@ from .search import (
     SearchBackend,
 )
 from .site import Conditioning, GPConfig
-from .store import SHARD_ROWS
+from .store import SHARD_BYTES
 
 #: Search-time settings assumed before the fit tunes them (the tuned values are reported by
 #: ``gm.summary()``): IVF lists probed, HNSW beam width.
@@ -114,26 +114,44 @@ def plan_fit(
     if store_dtype not in ("float32", "float16"):
         raise ConfigurationError(f"store_dtype must be float32 or float16, got {store_dtype!r}")
     item = FLOAT_BYTES.get(compute_dtype, 4)
-    plans, extra, disk = [], 0, 0
+    plans = []
     for key, (width, per_input) in sites.items():
         n = n_train * per_input
         m = n if config.m is None else min(config.m, n)
-        cache = n * width * (FLOAT_BYTES[store_dtype] if store else item)
         search, index = _index(n if config.m is None else m, width, config)
-        site = SitePlan(
+        plans.append(SitePlan(
             key=key, width=width, cache_rows=n, conditioning_rows=m, search=search,
-            cache_bytes=cache, conditioning_bytes=m * width * item, index_bytes=index,
+            cache_bytes=n * width * (FLOAT_BYTES[store_dtype] if store else item),
+            conditioning_bytes=m * width * item, index_bytes=index,
             query_flops=_query_flops(m, width, config, search),
-        )
-        plans.append(site)
-        disk += cache if store else 0
-        extra = max(extra, _site_extra(site, config, store, item))
-    if store:
-        peak = extra
-    else:  # the batches' chunks and their concatenation, then the caches while GPs are built
-        total = sum(s.cache_bytes for s in plans)
-        peak = max(2 * total, total + extra)
+        ))
+    peak = _peak(plans, config, store, item)
+    disk = sum(s.cache_bytes for s in plans) if store else 0
     return Plan(n_train, tuple(plans), store, store_dtype, peak, disk)
+
+
+def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> int:
+    """Peak resident bytes of the capture and of building the GPs (gapa.core, gapa.site)."""
+    whole = config.m is None
+    full = [s.cache_rows * s.width * item for s in sites]  # each cache in the model's dtype
+    # kept after the build: the conditioning rows, their scaled copy and the index
+    kept = sum(2 * s.conditioning_bytes + s.index_bytes for s in sites)
+    if store:
+        # capture: one shard of every site as batch chunks and their concatenation
+        capture = 2 * SHARD_BYTES * item // 4
+        if whole:  # every cache is read back whole (chunks and their concatenation)
+            return max(capture, kept + max(full))
+        # one site at a time: a shard read, scaled and cast for statistics and k-means counts
+        # (about 6 copies), the k-means sample and its scaled float32 copy
+        shard = SHARD_BYTES * item // 4
+        sample = max(min(s.cache_rows, KMEANS_ROWS_PER_CENTROID * s.conditioning_rows) * s.width
+                     for s in sites)
+        return max(capture, kept + 6 * shard + sample * (2 * item + 4))
+    total = sum(full)  # in memory: every cache until the GPs are built
+    capture = total + max(full)  # the chunks of a site and their concatenation
+    if whole:  # the caches are the conditioning rows: only their scaled copies and indexes add
+        return max(capture, total + kept - sum(s.conditioning_bytes for s in sites))
+    return max(capture, total + max(full) + kept)  # + one site's scaled copy for k-means
 
 
 def _index(rows: int, width: int, config: GPConfig) -> tuple[str, int]:
@@ -171,19 +189,6 @@ def _query_flops(rows: int, width: int, config: GPConfig, search: str) -> int:
         visited = rows
     conditioning = width * (1 if k == 1 else k**3 // 3 + k * k)  # closed form, or a Cholesky
     return visited * width + conditioning
-
-
-def _site_extra(site: SitePlan, config: GPConfig, store: bool, item: int) -> int:
-    """Memory building one site's GP needs beyond a cache held in memory."""
-    rows_bytes = site.cache_rows * site.width * item
-    whole = config.m is None or site.conditioning_rows >= site.cache_rows
-    if whole:  # the rows scaled and unscaled, and the index over them (from a store: read too)
-        return (3 if store else 2) * rows_bytes + site.index_bytes
-    if store:  # one shard at a time (read, scaled, float32), the k-means sample, the centroids
-        shard = min(SHARD_ROWS, site.cache_rows) * site.width * item * 3
-        sample = min(site.cache_rows, KMEANS_ROWS_PER_CENTROID * site.conditioning_rows)
-        return shard + sample * site.width * (item + 4) + site.conditioning_bytes
-    return rows_bytes  # the scaled copy k-means reads
 
 
 def _size(n: int) -> str:

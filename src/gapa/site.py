@@ -90,12 +90,13 @@ class GPSite:
         if config.m is None or config.m >= n:
             if not isinstance(pre, torch.Tensor):
                 pre = pre.materialize()  # the whole cache conditions every query
-            rows, counts = pre / hp.lengthscale, torch.ones(n, device=pre.device)
+            rows, counts = pre, torch.ones(n, device=pre.device)
         else:
             scaled = pre / hp.lengthscale if isinstance(pre, torch.Tensor) else pre.scaled(hp.lengthscale)
             choose = kmeans_inducing if config.inducing is Inducing.KMEANS else random_inducing
             rows, counts = choose(scaled, config.m, seed=config.seed)
-        self._build(key, config, rows * hp.lengthscale, counts, hp, n)
+            rows = rows * hp.lengthscale
+        self._build(key, config, rows, counts, hp, n)
 
     @classmethod
     def restore(

@@ -8,7 +8,7 @@ store and the same data in the same order, and refuses (:class:`gapa.StoreMismat
 the model, the layers or the data differ.
 
 Reads never map more than one shard at a time, so the resident memory of a fit from a store is
-bounded by one shard (:data:`SHARD_ROWS` rows) plus what the fit keeps (M inducing points).
+bounded by a few shards (:data:`SHARD_BYTES` each) plus what the fit keeps (M inducing points).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigurationError, StoreMismatchError
+from .errors import ConfigurationError, NonFiniteError, StoreMismatchError
 from .io import atomic_path
 
-#: Cached rows (of the call site with the most) per shard: 65,536 rows of 256 float32 units are
-#: 64 MiB, the most a read maps at once.
-SHARD_ROWS = 1 << 16
+#: Bytes of cached rows (all call sites together, float32) a shard holds: what a capture keeps
+#: in memory before writing, and at most what a read maps at once.
+SHARD_BYTES = 64 << 20
 STORE_FORMAT = 1
 MANIFEST = "manifest.json"
 #: The dtypes a store keeps rows in: float32, or float16 to halve the disk and read cost.
@@ -90,10 +90,11 @@ class StoredRows:
 class ActivationStore:
     """A directory of per-site shards (``.npy``) and a JSON manifest of the finished ones."""
 
-    def __init__(self, path: str | os.PathLike, dtype: str = "float32", shard_rows: int = SHARD_ROWS):
+    def __init__(self, path: str | os.PathLike, dtype: str = "float32",
+                 shard_rows: int | None = None):
         if dtype not in STORE_DTYPES:
             raise ConfigurationError(f"store dtype must be one of {list(STORE_DTYPES)}, got {dtype!r}")
-        if not isinstance(shard_rows, int) or shard_rows < 1:
+        if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
             raise ConfigurationError(f"shard_rows must be a positive integer, got {shard_rows!r}")
         self.path = Path(path)
         self.dtype = dtype
@@ -124,21 +125,32 @@ class ActivationStore:
             self._save_manifest()
         return list(self.manifest["shards"])
 
+    def rows_per_shard(self, total_width: int) -> int:
+        """Rows per shard for call sites of ``total_width`` units together: ``shard_rows`` if
+        given, else :data:`SHARD_BYTES` worth of float32 rows."""
+        return self.shard_rows or max(1, SHARD_BYTES // (4 * total_width))
+
     def write_shard(self, rows: dict[str, torch.Tensor], *, batches: int, inputs: int,
-                    digest: str, device: torch.device, dtype: torch.dtype) -> None:
+                    digest: str) -> None:
         """Append one shard: every site's rows, then the manifest entry that makes it count."""
         index = len(self.manifest["shards"])
         entry = {"batches": batches, "inputs": inputs, "digest": digest, "sites": {}}
         for key, value in rows.items():
             name = f"{_file_key(key)}-{index:05d}.npy"  # _file_key is unique per key
-            array = value.detach().to("cpu").numpy().astype(STORE_DTYPES[self.dtype], copy=False)
+            limit = float(np.finfo(STORE_DTYPES[self.dtype]).max)
+            if float(value.abs().max()) > limit:  # the cast would store them as inf
+                raise NonFiniteError(
+                    f"the pre-activations at {key!r} exceed {self.dtype}'s range (max "
+                    f"{float(value.abs().max()):.3g} > {limit:.6g}); use store_dtype='float32'")
+            # through float32 in torch: numpy has no bfloat16
+            array = value.detach().to("cpu", torch.float32).numpy().astype(
+                STORE_DTYPES[self.dtype], copy=False)
             with atomic_path(self.path / name) as tmp, open(tmp, "wb") as f:
                 np.save(f, array)
             entry["sites"][key] = {"file": name, "rows": int(array.shape[0]),
-                                   "width": int(array.shape[1])}
+                                   "width": int(array.shape[1]),
+                                   "dtype": str(value.dtype).removeprefix("torch.")}
         self.manifest["shards"].append(entry)
-        self.manifest["model_dtype"] = str(dtype).removeprefix("torch.")
-        self.manifest["device"] = str(device)
         self._save_manifest()
 
     def finish(self, input_shape: tuple[int, ...]) -> None:
@@ -163,12 +175,12 @@ class ActivationStore:
         shape = self.manifest.get("input_shape")
         return None if shape is None else tuple(shape)
 
-    def rows(self, key: str, device: torch.device | None = None) -> StoredRows:
+    def rows(self, key: str, device: torch.device | str = "cpu") -> StoredRows:
+        """One site's rows, read back in the dtype the model computed them in, on ``device``."""
         shards = [s["sites"][key] for s in self.manifest["shards"] if key in s["sites"]]
-        dtype = getattr(torch, self.manifest.get("model_dtype", "float32"))
+        dtype = getattr(torch, shards[0]["dtype"])
         return StoredRows([self.path / s["file"] for s in shards], [s["rows"] for s in shards],
-                          shards[0]["width"], dtype,
-                          torch.device(device or self.manifest.get("device", "cpu")))
+                          shards[0]["width"], dtype, torch.device(device))
 
     def n_rows(self, key: str) -> int:
         return sum(s["sites"][key]["rows"] for s in self.manifest["shards"] if key in s["sites"])
