@@ -81,7 +81,7 @@ def fit_one(n: int, width: int, mode: str) -> dict:
             "disk_mib": plan.disk_bytes / 2**20}
 
 
-def queries(rows: int, widths: list[int], n_queries: int = 20_000) -> list[dict]:
+def queries(rows: int, widths: list[int], n_queries: int = 10_000) -> list[dict]:
     torch.set_num_threads(2)
     out = []
     for width in widths:
@@ -96,7 +96,7 @@ def queries(rows: int, widths: list[int], n_queries: int = 20_000) -> list[dict]
             t0 = time.perf_counter()
             gm = GAPA(model, layers=["1"], m=m, search=search).fit(x_train, progress=False)
             fit_s = time.perf_counter() - t0
-            test_s = best_of(lambda gm=gm, x=x: gm(x), 3)
+            test_s = best_of(lambda gm=gm, x=x: gm(x), 2)
             index = gm.sites["1"].index
             out.append({"rows": rows, "width": width, "m": m, "search": search, "fit_s": fit_s,
                         "queries_per_s": n_queries / test_s, "over_plain": test_s / plain,
