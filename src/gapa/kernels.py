@@ -16,6 +16,10 @@ import torch
 
 from .errors import ConfigurationError
 
+#: Random pairs of cached rows whose differences set the lengthscale.
+LENGTHSCALE_PAIRS = 20_000
+#: Rows per chunk of the activation statistics (bounds their temporaries).
+STATS_CHUNK_ROWS = 1 << 16
 #: Smallest lengthscale, relative to the unit's pre-activation scale, so constant units stay finite.
 MIN_LENGTHSCALE = 1e-6
 
@@ -59,7 +63,7 @@ def estimate_hyperparameters(
     amplitude_rule: str,
     noise: float,
     generator: torch.Generator,
-    n_pairs: int = 20_000,
+    n_pairs: int = LENGTHSCALE_PAIRS,
 ) -> Hyperparameters:
     """Hyperparameters from the cached pre-activations ``pre`` (N x d) of one call site.
 
@@ -98,14 +102,14 @@ def estimate_hyperparameters(
 
 
 def _column_stats(pre, activation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit standard deviation of ``pre`` and variance of ``activation(pre)``: directly for
-    a tensor, from float64 sums over the chunks of a :class:`gapa.store.StoredRows`."""
-    if isinstance(pre, torch.Tensor):
-        return pre.std(0), activation(pre.clone()).var(0)
+    """Per-unit standard deviation of ``pre`` and variance of ``activation(pre)`` from float64
+    sums over chunks (of a tensor, or the shards of a :class:`gapa.store.StoredRows`), so no
+    full-size temporary is made."""
+    chunks = pre.split(STATS_CHUNK_ROWS) if isinstance(pre, torch.Tensor) else pre.chunks()
     n = len(pre)
-    sums = torch.zeros(4, pre.width, dtype=torch.float64, device=pre.device)
-    for chunk in pre.chunks():
-        act = activation(chunk.clone()).double()
+    sums = torch.zeros(4, pre.shape[1], dtype=torch.float64, device=pre.device)
+    for chunk in chunks:
+        act = activation(chunk.clone()).double()  # clone: an in-place activation must not write
         chunk = chunk.double()
         sums += torch.stack([chunk.sum(0), chunk.square().sum(0), act.sum(0), act.square().sum(0)])
     mean, act_mean = sums[0] / n, sums[2] / n

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import ConfigurationError, MemoryBudgetError
+from .kernels import LENGTHSCALE_PAIRS
 from .search import (
     AUTO_EXACT_MAX_ROWS,
     HNSW_M,
@@ -136,22 +137,24 @@ def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> in
     full = [s.cache_rows * s.width * item for s in sites]  # each cache in the model's dtype
     # kept after the build: the conditioning rows, their scaled copy and the index
     kept = sum(2 * s.conditioning_bytes + s.index_bytes for s in sites)
+    # the lengthscale rule: sampled pair differences in float64 and the quantile's sort
+    pairs = max(LENGTHSCALE_PAIRS * s.width * 8 * 3 for s in sites)
     if store:
         # capture: one shard of every site as batch chunks and their concatenation
-        capture = 2 * SHARD_BYTES * item // 4
+        shard = min(SHARD_BYTES * item // 4, sum(full))
+        capture = 2 * shard
         if whole:  # every cache is read back whole (chunks and their concatenation)
-            return max(capture, kept + max(full))
+            return max(capture, kept + max(full) + pairs)
         # one site at a time: a shard read, scaled and cast for statistics and k-means counts
         # (about 6 copies), the k-means sample and its scaled float32 copy
-        shard = SHARD_BYTES * item // 4
         sample = max(min(s.cache_rows, KMEANS_ROWS_PER_CENTROID * s.conditioning_rows) * s.width
                      for s in sites)
-        return max(capture, kept + 6 * shard + sample * (2 * item + 4))
+        return max(capture, kept + max(6 * shard + sample * (2 * item + 4), pairs))
     total = sum(full)  # in memory: every cache until the GPs are built
     capture = total + max(full)  # the chunks of a site and their concatenation
     if whole:  # the caches are the conditioning rows: only their scaled copies and indexes add
-        return max(capture, total + kept - sum(s.conditioning_bytes for s in sites))
-    return max(capture, total + max(full) + kept)  # + one site's scaled copy for k-means
+        return max(capture, total + kept - sum(s.conditioning_bytes for s in sites) + pairs)
+    return max(capture, total + max(full) + kept + pairs)  # + one site's scaled copy
 
 
 def _index(rows: int, width: int, config: GPConfig) -> tuple[str, int]:
