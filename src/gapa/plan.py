@@ -139,22 +139,24 @@ def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> in
     kept = sum(2 * s.conditioning_bytes + s.index_bytes for s in sites)
     # the lengthscale rule: sampled pair differences in float64 and the quantile's sort
     pairs = max(LENGTHSCALE_PAIRS * s.width * 8 * 3 for s in sites)
+    # The capture's batch-sized chunks, once freed, mostly stay in the process (glibc keeps
+    # them in its heap: measured in benchmarks/fit_scale.py), so the capture's peak is added to
+    # the build's rather than compared with it.
     if store:
         # capture: one shard of every site as batch chunks and their concatenation
         shard = min(SHARD_BYTES * item // 4, sum(full))
         capture = 2 * shard
         if whole:  # every cache is read back whole (chunks and their concatenation)
-            return max(capture, kept + max(full) + pairs)
+            return capture + kept + max(full) + pairs
         # one site at a time: a shard read, scaled and cast for statistics and k-means counts
         # (about 6 copies), the k-means sample and its scaled float32 copy
         sample = max(min(s.cache_rows, KMEANS_ROWS_PER_CENTROID * s.conditioning_rows) * s.width
                      for s in sites)
-        return max(capture, kept + max(6 * shard + sample * (2 * item + 4), pairs))
-    total = sum(full)  # in memory: every cache until the GPs are built
-    capture = total + max(full)  # the chunks of a site and their concatenation
+        return capture + kept + max(6 * shard + sample * (2 * item + 4), pairs)
+    total = sum(full)  # in memory: the chunks, then every cache until the GPs are built
     if whole:  # the caches are the conditioning rows: only their scaled copies and indexes add
-        return max(capture, total + kept - sum(s.conditioning_bytes for s in sites) + pairs)
-    return max(capture, total + max(full) + kept + pairs)  # + one site's scaled copy
+        return 2 * total + kept - sum(s.conditioning_bytes for s in sites) + pairs
+    return 2 * total + max(full) + kept + pairs  # + one site's scaled copy for k-means
 
 
 def _index(rows: int, width: int, config: GPConfig) -> tuple[str, int]:
