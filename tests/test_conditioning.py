@@ -154,13 +154,16 @@ def test_rescaled_lengthscale_equals_a_site_fitted_with_it(conditioning, k, gen)
                                rtol=1e-12, atol=1e-15)
 
 
-def test_calibrate_chooses_the_lengthscale_factor_by_validation_nll(gen):
+@pytest.mark.parametrize("propagation", ["diagonal", "jacobian"])
+def test_calibrate_chooses_the_lengthscale_factor_by_validation_nll(gen, propagation):
+    """One factor at a time is the plain predictive; several at once reuse one backward pass
+    for the Jacobian rule, and must give the same NLLs to the last bit."""
     net = mlp([3, 12, 12, 1]).double()
     x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
     xv = torch.randn(100, 3, generator=gen, dtype=torch.float64) * 1.5
     with torch.no_grad():
         yv = net(xv) + 0.3 * xv[:, :1].abs() * torch.randn(100, 1, generator=gen, dtype=torch.float64)
-    gm = _fit(net, x, m=None)
+    gm = _fit(net, x, m=None, propagation=propagation)
     nlls = {}
     for f in (0.125, 0.5, 2.0):
         nlls[f] = gm.calibrate(xv, yv, lengthscale_factors=[f]).nll
@@ -187,3 +190,17 @@ def test_a_flat_validation_nll_keeps_the_rules_lengthscale(gen):
         labels = net(x[:50]).argmax(-1)  # the network is always right: variance only hurts
     fit = gm.calibrate_classifier(x[:50], labels, lengthscale_factors=[0.25, 4.0, 1.0, 0.5])
     assert fit.scale == 0.0 and gm.lengthscale_factor == 1.0
+
+
+def test_classifier_calibration_in_batches_reuses_the_gradients_exactly(gen):
+    net = mlp([3, 12, 4]).double()
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    xv = torch.randn(90, 3, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, 4, (90,), generator=gen)
+    gm = gapa.GAPA(net, propagation="jacobian", m=None).fit(x, progress=False)
+    single = {f: gm.calibrate_classifier(xv, labels, lengthscale_factors=[f], batch_size=16).nll
+              for f in (0.25, 1.0, 4.0)}
+    fit = gm.calibrate_classifier(xv, labels, lengthscale_factors=list(single), batch_size=16)
+    assert len(set(single.values())) == 3  # the factor matters
+    assert fit.nll == min(single.values())
+    assert gm.lengthscale_factor == min(single, key=single.get)

@@ -526,15 +526,20 @@ class GAPA:
         """``propagation="jacobian"``: a forward pass with autograd on (same values, so the mean
         is unchanged), then one backward pass per output unit gives ``d y / d h`` at every GAPA
         output ``h``."""
+        return self._combine_jacobian(*self._jacobian_parts(x))
+
+    def _jacobian_parts(self, x: torch.Tensor):
+        """The mean and, per GAPA call, its pre-activation and ``(d y_c / d h)^2`` for every
+        output unit ``c``: everything but the GP variance, which :meth:`_combine_jacobian`
+        adds. A lengthscale search reuses them (the gradients do not depend on the kernel)."""
         self._require_fitted("predict")
         self._check_input(x)
         self._check_finite(x, "inputs")
-        leaves: list[tuple[torch.Tensor, torch.Tensor]] = []
+        leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         pending: dict[str, torch.Tensor] = {}
 
         def on_call(key: str, z: torch.Tensor) -> None:
-            with torch.no_grad():
-                pending[key] = self._site_variance(key, z)
+            pending[key] = z.detach()
 
         def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
             # gradients are taken with respect to the output itself, so that a later GAPA
@@ -542,7 +547,7 @@ class GAPA:
             # (frozen parameters) becomes a leaf, with the same values
             if not out.requires_grad:
                 out = out.detach().requires_grad_(True)
-            leaves.append((out, pending.pop(key)))
+            leaves.append((key, pending.pop(key), out))
             return out
 
         with torch.enable_grad():  # also for the backward passes: callers may be in no_grad
@@ -550,17 +555,29 @@ class GAPA:
                 y = output_tensor(self.model(x))
             mean = y.detach()
             if not leaves or not y.requires_grad:
-                return Moments(mean, torch.zeros_like(mean))
+                return mean, []
             rows = y.reshape(y.shape[0], -1)
-            var = torch.zeros_like(mean.reshape(rows.shape))
-            inputs = [leaf for leaf, _ in leaves]
+            inputs = [out for _, _, out in leaves]
+            squares = [[] for _ in leaves]
             for c in range(rows.shape[1]):
                 grads = torch.autograd.grad(rows[:, c].sum(), inputs, retain_graph=True,
                                             allow_unused=True)
-                for g, (_, v) in zip(grads, leaves, strict=True):
-                    if g is not None:
-                        var[:, c] += (g.square() * v).reshape(g.shape[0], -1).sum(1)
-        return Moments(mean, var.reshape(y.shape))
+                for g, sq in zip(grads, squares, strict=True):
+                    sq.append(None if g is None else g.square())
+        return mean, [(key, z, sq) for (key, z, _), sq in zip(leaves, squares, strict=True)]
+
+    def _combine_jacobian(self, mean: torch.Tensor, parts) -> Moments:
+        """``sum_j (d y_c / d h_j)^2 v_j`` with the GP variances ``v`` at the current
+        lengthscales."""
+        rows = mean.reshape(mean.shape[0], -1)
+        var = torch.zeros_like(rows)
+        with torch.no_grad():
+            variances = [self._site_variance(key, z) for key, z, _ in parts]
+            for c in range(rows.shape[1]):
+                for (_, _, squares), v in zip(parts, variances, strict=True):
+                    if squares[c] is not None:
+                        var[:, c] += (squares[c] * v).reshape(v.shape[0], -1).sum(1)
+        return Moments(mean, var.reshape(mean.shape))
 
     def _forward(
         self, x: torch.Tensor, outputs: list | None = None
@@ -702,10 +719,21 @@ class GAPA:
         # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
         factors = sorted(lengthscale_factors, key=lambda f: abs(math.log(f))) \
             if lengthscale_factors else [None]
+        if self.propagation == "jacobian" and len(factors) > 1:
+            # the gradients do not depend on the lengthscale: one backward pass for all factors
+            batches = [x] if batch_size is None else list(x.split(batch_size))
+            parts = [self._jacobian_parts(xb) for xb in batches]
+
+            def moments() -> Moments:
+                out = [self._combine_jacobian(*p) for p in parts]
+                return Moments(torch.cat([o.mean for o in out]), torch.cat([o.var for o in out]))
+        else:
+            def moments() -> Moments:
+                return self.moments(x, batch_size)
         for factor in factors:
             if factor is not None:
                 self._rescale_lengthscales(factor)
-            result, nll = fit(self.moments(x, batch_size))
+            result, nll = fit(moments())
             if best is None or nll < best[1]:
                 best = (result, nll, factor)
         result, _, factor = best
