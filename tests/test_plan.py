@@ -47,6 +47,22 @@ def test_plan_sizes_match_the_fit(tmp_path):
     assert stored.disk_bytes <= on_disk <= stored.disk_bytes + 4096  # .npy headers
 
 
+def test_a_fitted_gapa_plans_without_an_example(tmp_path):
+    model, x = mlp([3, 24, 40, 1], seed=0), torch.randn(500, 3)
+    gm = gapa.GAPA(model, layers=["1", "3"], m=64)
+    with pytest.raises(gapa.InputError, match="example"):
+        gm.plan(10**6)
+    gm.fit(x, progress=False)
+    assert gm.plan(10**6, store=True) == gm.plan(10**6, x[:4], store=True)
+    loaded = gapa.GAPA.load(gm.save(tmp_path / "s.gapa"), model)
+    assert loaded.plan(10**6) == gm.plan(10**6)
+    refit = gapa.GAPA(model, layers=["1", "3"], m=64).fit(x, store=tmp_path / "store",
+                                                          progress=False)
+    again = gapa.GAPA(model, layers=["1", "3"], m=64).fit(None, store=tmp_path / "store",
+                                                          progress=False)
+    assert again.plan(10**6) == refit.plan(10**6) == gm.plan(10**6)
+
+
 def test_plan_counts_feature_map_positions():
     model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(6 * 8 * 8, 2)).eval()

@@ -199,6 +199,7 @@ class GAPA:
             )
         self._sites: dict[str, GPSite] = {}
         self._input_shape: tuple[int, ...] | None = None
+        self._fit_inputs = 0  # training inputs of the last fit
         self._calibration: Calibration | None = None
         self._class_calibration: VarianceScaleFit | None = None
         self.lengthscale_factor = 1.0
@@ -364,24 +365,36 @@ class GAPA:
         self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
         return self
 
-    def plan(self, n_train: int, example: torch.Tensor, *, store: bool = False,
+    def plan(self, n_train: int, example: torch.Tensor | None = None, *, store: bool = False,
              store_dtype: str = "float32") -> Plan:
-        """The expected cost of fitting on ``n_train`` inputs like ``example`` (a batch of a
-        few training inputs: one forward pass on it shows every call site's width and queries
-        per input), before anything is cached. ``print(gm.plan(...))`` shows a table; see
+        """The expected cost of fitting on ``n_train`` inputs, before anything is cached.
+
+        ``example``: a batch of a few training inputs; one forward pass on it shows every call
+        site's width and queries per input. A fitted GAPA may omit it (its sites say the same),
+        e.g. to plan a refit on more data. ``print(gm.plan(...))`` shows a table; see
         :mod:`gapa.plan`."""
-        self._check_input(example)
-        seen: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad():
-            _check_deterministic(self.model, example)
-            with self._capture(seen):
-                self.model(example)
-        if not seen:
-            raise LayerError(f"the GAPA layers {self.layers} were never called in model.forward")
-        sites = {key: (chunks[0].shape[1], sum(len(c) for c in chunks) // len(example))
-                 for key, chunks in seen.items()}
+        if example is None:
+            if not self._sites or not self._fit_inputs:
+                raise InputError("plan needs an example batch of training inputs (or a fitted "
+                                 "GAPA, whose call sites give the widths)")
+            sites = {key: (site.width, site.cache_size // self._fit_inputs)
+                     for key, site in self._sites.items()}
+            dtype = next(iter(self._sites.values())).rows.dtype
+        else:
+            self._check_input(example)
+            seen: dict[str, list[torch.Tensor]] = {}
+            with torch.no_grad():
+                _check_deterministic(self.model, example)
+                with self._capture(seen):
+                    self.model(example)
+            if not seen:
+                raise LayerError(f"the GAPA layers {self.layers} were never called in "
+                                 "model.forward")
+            sites = {key: (chunks[0].shape[1], sum(len(c) for c in chunks) // len(example))
+                     for key, chunks in seen.items()}
+            dtype = example.dtype if example.is_floating_point() else torch.float32
         return plan_fit(n_train, sites, self.config, store=store, store_dtype=store_dtype,
-                        compute_dtype=str(example.dtype).removeprefix("torch."))
+                        compute_dtype=str(dtype).removeprefix("torch."))
 
     def _training_batches(self, data, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
         """The input batches of ``data``, each checked (finite, one shape, the model's dtype
@@ -404,6 +417,7 @@ class GAPA:
                 self._check_batch(x, offset)
                 offset += x.shape[0]
                 yield x
+            self._fit_inputs = offset
 
         return checked()
 
@@ -422,6 +436,7 @@ class GAPA:
                 raise InputError(f"the activation store {store.path} is not complete; pass the "
                                  "training data to finish the capture")
             self._input_shape = store.input_shape
+            self._fit_inputs = sum(shard["inputs"] for shard in store.manifest["shards"])
             return
         cache: dict[str, list[torch.Tensor]] = {}
         shard = Shard()

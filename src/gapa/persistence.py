@@ -100,6 +100,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         "model": model_fingerprint(gm.model),
         "options": gm.options(),
         "input_shape": list(gm._input_shape) if gm._input_shape is not None else None,
+        "fit_inputs": gm._fit_inputs,
         "lengthscale_factor": gm.lengthscale_factor,
         "calibration": asdict(gm.calibration) if gm.calibration is not None else None,
         "class_calibration": None if class_cal is None else {
@@ -164,6 +165,7 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
         shape = metadata["input_shape"]
         calibration = metadata["calibration"]
         class_cal = metadata["class_calibration"]
+        gm._fit_inputs = int(metadata.get("fit_inputs", 0))  # not in format 1
         gm._restore(
             sites, tuple(shape) if shape is not None else None,
             float(metadata["lengthscale_factor"]),
