@@ -38,6 +38,13 @@ def _interrupting(loader, after: int):
         yield batch
 
 
+def _interrupted_capture(model, x, tmp_path) -> None:
+    """A capture into ``tmp_path/store`` killed after 9 batches of 50."""
+    with pytest.raises(Interrupted):
+        gapa.GAPA(model).fit(_interrupting(_loader(x), after=9), store=_store(tmp_path),
+                             progress=False)
+
+
 @pytest.mark.parametrize("m", [None, 64])
 def test_store_fit_equals_memory_fit(tmp_path, m):
     model, x = mlp([3, 16, 16, 1], seed=1), _data()
@@ -107,9 +114,7 @@ def test_interrupted_capture_resumes_without_recomputing(tmp_path):
 
 def test_resume_refuses_other_data_order(tmp_path):
     model, x = mlp([3, 16, 1], seed=1), _data()
-    with pytest.raises(Interrupted):
-        gapa.GAPA(model).fit(_interrupting(_loader(x), after=9), store=_store(tmp_path),
-                             progress=False)
+    _interrupted_capture(model, x, tmp_path)
     shuffled = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))]
     with pytest.raises(gapa.StoreMismatchError, match="its order"):
         gapa.GAPA(model).fit(_loader(shuffled), store=_store(tmp_path), progress=False)
@@ -135,9 +140,7 @@ def test_store_refuses_other_model_layers_or_dtype(tmp_path):
 
 def test_incomplete_store_needs_data(tmp_path):
     model, x = mlp([3, 16, 1], seed=1), _data()
-    with pytest.raises(Interrupted):
-        gapa.GAPA(model).fit(_interrupting(_loader(x), after=9), store=_store(tmp_path),
-                             progress=False)
+    _interrupted_capture(model, x, tmp_path)
     with pytest.raises(gapa.InputError, match="not complete"):
         gapa.GAPA(model).fit(None, store=_store(tmp_path), progress=False)
     with pytest.raises(gapa.InputError, match="training inputs"):
@@ -190,8 +193,6 @@ def test_integer_inputs_store_the_activations_dtype(tmp_path):
 
 def test_resume_with_another_batch_size_says_so(tmp_path):
     model, x = mlp([3, 16, 1], seed=1), _data()
-    with pytest.raises(Interrupted):
-        gapa.GAPA(model).fit(_interrupting(_loader(x), after=9), store=_store(tmp_path),
-                             progress=False)
+    _interrupted_capture(model, x, tmp_path)
     with pytest.raises(gapa.StoreMismatchError, match="batch size"):
         gapa.GAPA(model).fit(_loader(x, batch_size=25), store=_store(tmp_path), progress=False)

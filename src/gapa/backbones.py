@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import RegressionData
-from .io import atomic_path
+from .io import atomic_path, raw_bytes
 
 
 def cache_dir() -> Path:
@@ -99,7 +99,7 @@ def fingerprint(tensors, **config) -> str:
     """16 hex digits of a SHA-256 over ``config`` (as sorted JSON) and the tensors' bytes."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for t in tensors:
-        h.update(t.contiguous().numpy().tobytes())
+        h.update(raw_bytes(t))
     return h.hexdigest()[:16]
 
 

@@ -35,8 +35,9 @@ from .errors import (
     StoreMismatchError,
     parse_enum,
 )
+from .io import raw_bytes
 from .moments import Moments
-from .persistence import load_state, model_fingerprint, save_state
+from .persistence import load_state, model_device, model_fingerprint, save_state
 from .plan import Plan, plan_fit
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
@@ -345,8 +346,7 @@ class GAPA:
             if not isinstance(store, ActivationStore):
                 store = ActivationStore(store, store_dtype)
             self._capture_to_store(data, store, batch_size, progress)
-            device = next(self.model.parameters(), torch.empty(0)).device
-            sources = {key: store.rows(key, device) for key in store.keys}
+            sources = {key: store.rows(key, model_device(self.model)) for key in store.keys}
         if not sources:
             raise LayerError(
                 f"the GAPA layers {self.layers} were never called in model.forward; "
@@ -740,8 +740,7 @@ class GAPA:
             parts = [self._jacobian_parts(xb) for xb in batches]
 
             def moments() -> Moments:
-                out = [self._combine_jacobian(*p) for p in parts]
-                return Moments(torch.cat([o.mean for o in out]), torch.cat([o.var for o in out]))
+                return Moments.cat([self._combine_jacobian(*p) for p in parts])
         else:
             def moments() -> Moments:
                 return self.moments(x, batch_size)
@@ -761,8 +760,7 @@ class GAPA:
         """``self(x)`` in batches of ``batch_size`` rows (all at once for ``None``)."""
         if batch_size is None or len(x) <= batch_size:
             return self(x)
-        parts = [self(xb) for xb in x.split(batch_size)]
-        return Moments(torch.cat([p.mean for p in parts]), torch.cat([p.var for p in parts]))
+        return Moments.cat([self(xb) for xb in x.split(batch_size)])
 
     def classify(
         self, x: torch.Tensor, *, method: Method | str | None = None,
@@ -808,7 +806,7 @@ class Shard:
         self.inputs = 0
 
     def add(self, x: torch.Tensor) -> None:
-        self.digest.update(x.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.digest.update(raw_bytes(x))
         self.batches += 1
         self.inputs += x.shape[0]
 

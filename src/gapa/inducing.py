@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .search import import_faiss
+from .search import as_faiss, import_faiss
 
 
 def kmeans_inducing(
@@ -31,7 +31,7 @@ def kmeans_inducing(
         n_sample = min(len(points), points_per_centroid * m)
         sample = points[torch.randperm(len(points), generator=gen)[:n_sample].sort().values]
         chunks = points.chunks()
-    x = _float32(sample)
+    x = as_faiss(sample)
     km = faiss.Kmeans(
         x.shape[1], m, niter=iters, seed=seed, max_points_per_centroid=points_per_centroid,
         min_points_per_centroid=1, verbose=False,
@@ -53,7 +53,7 @@ def random_inducing(points, m: int, *, seed: int) -> tuple[torch.Tensor, torch.T
         chosen, chunks = points[idx], points.chunks()
     faiss = import_faiss()
     index = faiss.IndexFlatL2(chosen.shape[1])
-    index.add(_float32(chosen))
+    index.add(as_faiss(chosen))
     counts = _cluster_sizes(index, chunks, m).to(chosen.device)
     return chosen, counts.clamp_min(1)
 
@@ -62,10 +62,6 @@ def _cluster_sizes(index, chunks: Iterable[torch.Tensor], m: int) -> torch.Tenso
     """How many rows of ``chunks`` have each of the ``m`` indexed points as nearest."""
     counts = np.zeros(m, dtype=np.int64)
     for chunk in chunks:
-        _, assign = index.search(_float32(chunk), 1)
+        _, assign = index.search(as_faiss(chunk), 1)
         counts += np.bincount(assign[:, 0], minlength=m)
     return torch.from_numpy(counts)
-
-
-def _float32(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32).contiguous().numpy()

@@ -8,6 +8,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import torch
+
+
+def raw_bytes(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bytes as a flat uint8 array on the CPU, for hashing (through uint8, so every
+    dtype works, bfloat16 included, which numpy lacks)."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:

@@ -22,5 +22,10 @@ class Moments:
     def std(self) -> torch.Tensor:
         return self.var.sqrt()
 
+    @staticmethod
+    def cat(parts: list[Moments]) -> Moments:
+        """The moments of consecutive batches as one (along the batch axis)."""
+        return Moments(torch.cat([p.mean for p in parts]), torch.cat([p.var for p in parts]))
+
     def to(self, *args, **kwargs) -> Moments:
         return Moments(self.mean.to(*args, **kwargs), self.var.to(*args, **kwargs))

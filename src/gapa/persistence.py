@@ -37,7 +37,7 @@ from .errors import (
     StateFileError,
     WeightsMismatchError,
 )
-from .io import atomic_path
+from .io import atomic_path, raw_bytes
 from .kernels import Hyperparameters
 from .site import GPSite
 
@@ -66,7 +66,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     for name, t in tensors:
         arch.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         weights.update(name.encode())
-        weights.update(_bytes(t))
+        weights.update(raw_bytes(t))
     return {"class": type(model).__qualname__, "architecture": arch.hexdigest(),
             "weights": weights.hexdigest()}
 
@@ -144,9 +144,10 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
             raise CorruptStateError(f"{path}: the contents do not match their recorded checksum; "
                                     "the file is corrupted: refit or restore a good copy")
     _check_model(path, metadata.get("model", {}), model)
-    device = map_location if map_location is not None else _model_device(model)
+    device = map_location if map_location is not None else model_device(model)
     try:
         gm = cls(model, **metadata["options"])
+        factor = float(metadata["lengthscale_factor"])
         sites = {}
         for key, meta in metadata["sites"].items():
             def tensor(name: str, key=key) -> torch.Tensor:
@@ -161,14 +162,13 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
                     n[len(prefix):]: tensors[n].numpy() for n in tensors if n.startswith(prefix)}}
             sites[key] = GPSite.restore(
                 key, gm.config, tensor("rows"), tensor("counts"), hp, int(meta["cache_size"]),
-                float(metadata["lengthscale_factor"]), index_state)
+                factor, index_state)
         shape = metadata["input_shape"]
         calibration = metadata["calibration"]
         class_cal = metadata["class_calibration"]
         gm._fit_inputs = int(metadata.get("fit_inputs", 0))  # not in format 1
         gm._restore(
-            sites, tuple(shape) if shape is not None else None,
-            float(metadata["lengthscale_factor"]),
+            sites, tuple(shape) if shape is not None else None, factor,
             Calibration(**calibration) if calibration is not None else None,
             None if class_cal is None else VarianceScaleFit(
                 **{**class_cal, "method": Method(class_cal["method"])}),
@@ -221,17 +221,11 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(_bytes(t))
+        h.update(raw_bytes(t))
     return h.hexdigest()
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    # through uint8 so every dtype (bfloat16 included, which numpy lacks) hashes its own bytes
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-
-
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 

@@ -229,7 +229,7 @@ class NeighbourIndex:
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise InputError(f"queries must have shape (B, {self.dim}), got {tuple(queries.shape)}")
         if self.backend is not SearchBackend.TORCH:
-            q = queries.detach().to("cpu", torch.float32).contiguous().numpy()
+            q = as_faiss(queries)
             idx = self._map_ids(self._index.search(q, k)[1])
             missing = (idx < 0).any(1)
             if missing.any():  # an approximate search found fewer than k rows: search exactly
@@ -299,10 +299,15 @@ class NeighbourIndex:
         return self
 
 
+def as_faiss(t: torch.Tensor) -> np.ndarray:
+    """A tensor as faiss takes it: float32, CPU, C-contiguous numpy."""
+    return t.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
 def _rows_f32(points, rows: np.ndarray) -> np.ndarray:
     """The given rows of ``points`` as a C-contiguous float32 numpy array (what faiss takes)."""
     if isinstance(points, torch.Tensor):
-        return points.detach()[torch.from_numpy(rows)].to("cpu", torch.float32).contiguous().numpy()
+        return as_faiss(points[torch.from_numpy(rows)])
     return np.ascontiguousarray(points[rows], dtype=np.float32)
 
 

@@ -538,8 +538,7 @@ class EllaClassifier:
 
     def logit_moments(self, x: torch.Tensor) -> Moments:
         """Mean logits (the backbone's) and ELLA logit variances, ``(N, C)`` each."""
-        parts = list(self._batches(x, "ELLA logits"))
-        return Moments(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        return Moments.cat([Moments(*p) for p in self._batches(x, "ELLA logits")])
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``softmax(μ_c / sqrt(1 + π var_c / 8))``, ``(N, C)``."""
