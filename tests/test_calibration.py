@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from gapa.calibration import Calibration, fit_scale_and_noise
+from gapa.calibration import Calibration, _fit_scale_and_noise_reference, fit_scale_and_noise
 from gapa.errors import InputError, NonFiniteError
 from gapa.metrics import gaussian_nll
 
@@ -114,6 +114,119 @@ def test_fit_scale_false_with_zero_var_is_closed_form():
     cal = fit_scale_and_noise(mean, torch.zeros(4), y, fit_scale=False)
     assert cal.scale == 1.0
     assert cal.noise == pytest.approx(6 / 4, rel=1e-15)
+
+
+def _assert_matches_reference(mean, var, y, *, fit_scale: bool = True, params: bool = True):
+    """The fast fit is never worse than the slow nested reference and, where the optimum is well
+    defined (``params``), lands on the same scale and noise."""
+    new = fit_scale_and_noise(mean, var, y, fit_scale=fit_scale)
+    ref = _fit_scale_and_noise_reference(mean, var, y, fit_scale=fit_scale)
+    assert new.nll <= ref.nll + 1e-9 * abs(ref.nll)
+    if params:
+        assert new.scale == pytest.approx(ref.scale, rel=1e-5)
+        assert new.noise == pytest.approx(ref.noise, rel=1e-5)
+    return new, ref
+
+
+def _tensors(*arrays: np.ndarray, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    return [torch.as_tensor(a, dtype=dtype) for a in arrays]
+
+
+def test_matches_reference_heteroscedastic():
+    _assert_matches_reference(*_synthetic(2.5, 0.3, n=20_000, seed=8))
+
+
+def test_matches_reference_when_var_is_useless():
+    # The residual spread shrinks where var grows, so scale -> 0 and the noise-only fit wins.
+    g = np.random.default_rng(9)
+    var = g.random(5_000)
+    y = g.normal(size=5_000) * np.sqrt(2.0 - var)
+    new, _ = _assert_matches_reference(*_tensors(np.zeros(5_000), var, y))
+    assert new.scale == 0.0
+    assert new.noise == float(np.mean(y**2))
+
+
+def test_matches_reference_with_all_zero_var():
+    y = np.random.default_rng(10).normal(size=300)
+    new, ref = _assert_matches_reference(*_tensors(np.zeros(300), np.zeros(300), y))
+    assert new == ref
+
+
+def test_matches_reference_with_fixed_scale():
+    _assert_matches_reference(*_synthetic(1.0, 0.5, n=20_000, seed=11), fit_scale=False)
+
+
+@pytest.mark.parametrize("fit_scale", [True, False])
+def test_matches_reference_with_huge_var_range(fit_scale):
+    g = np.random.default_rng(12)
+    var = 10.0 ** g.uniform(-8.0, 3.0, 20_000)
+    y = g.normal(size=20_000) * np.sqrt(2.0 * var + 0.01)
+    _assert_matches_reference(*_tensors(np.zeros(20_000), var, y), fit_scale=fit_scale)
+
+
+@pytest.mark.parametrize(
+    ("var", "y"),
+    [([0.5, 2.0], [1.0, -3.0]), ([2.0, 0.5], [1.0, -3.0])],  # pure scale; noise only
+)
+def test_matches_reference_with_two_rows(var, y):
+    mean, var_t, y_t = _tensors(np.zeros(2), var, y)
+    new, _ = _assert_matches_reference(mean, var_t, y_t)
+    assert new.noise >= 1e-6 * float(y_t.square().mean())
+
+
+def test_matches_reference_with_float32_inputs():
+    mean, var, y = (t.float() for t in _synthetic(3.0, 0.2, n=20_000, seed=13))
+    _assert_matches_reference(mean, var, y)
+
+
+@pytest.mark.parametrize("fit_scale", [True, False])
+def test_matches_reference_with_heavy_tails(fit_scale):
+    # Like flight delays: Student-t residuals and a few extreme ones.
+    g = np.random.default_rng(14)
+    mean = g.normal(size=20_000) * 10.0
+    var = g.gamma(1.5, 20.0, 20_000)
+    e = g.standard_t(2.5, 20_000)
+    e[g.choice(20_000, 20, replace=False)] *= 40.0
+    y = mean + np.sqrt(1.3 * var + 25.0) * e
+    _assert_matches_reference(*_tensors(mean, var, y), fit_scale=fit_scale)
+
+
+@pytest.mark.parametrize("seed", [105, 121, 134])
+def test_matches_reference_when_scale_hits_its_upper_bound(seed):
+    # Zero-var rows with tiny residuals pin the noise low; rows with var down to 1e-8 but unit
+    # residuals ask for a scale beyond the box, so the optimum lies on its edge.
+    g = np.random.default_rng(seed)
+    var = np.where(np.arange(40) % 2 == 0, 0.0, 10.0 ** g.uniform(-8.0, 4.0, 40))
+    y = g.standard_t(3.0, 40) * np.sqrt(np.where(var == 0, 1e-6, 1.0))
+    new, _ = _assert_matches_reference(*_tensors(np.zeros(40), var, y))
+    assert new.scale == pytest.approx(1e6 * np.mean(y**2) / np.mean(var), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", [65, 177, 183, 229])
+def test_matches_reference_with_two_basins(seed):
+    # Two groups of rows whose var differs by ~1e5 make the NLL profile non-convex; a scan much
+    # coarser than the groups' separation lands in the wrong basin on these seeds.
+    g = np.random.default_rng(seed)
+    var = np.where(np.arange(10) % 2 == 0, 1e-3, 1e2) * g.gamma(0.5, 1.0, 10)
+    y = g.standard_t(3.0, 10) * np.sqrt(10 ** g.uniform(-2, 8) * var + 10 ** g.uniform(-6, 2))
+    _assert_matches_reference(*_tensors(np.zeros(10), var, y))
+
+
+def test_matches_reference_when_noise_hits_its_lower_bound():
+    mean, var, y = _synthetic(0.5, 0.0, n=5_000, seed=15)  # var alone overexplains the residuals
+    new, _ = _assert_matches_reference(mean, var, y, fit_scale=False)
+    assert new.noise == pytest.approx(1e-6 * float((y - mean).square().mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_never_worse_than_reference_on_small_random_problems(seed):
+    # Mixed variance regimes make the NLL non-convex; the reference's optimum is then not always
+    # the global one, so only the NLL is compared.
+    g = np.random.default_rng(100 + seed)
+    n = 40
+    var = np.where(g.random(n) < 0.5, 1e-3, 1e2) * g.gamma(0.5, 1.0, n)
+    y = g.standard_t(3.0, n) * np.sqrt(g.uniform(0.1, 10.0) * var + g.uniform(1e-3, 10.0))
+    _assert_matches_reference(*_tensors(np.zeros(n), var, y), fit_scale=seed % 3 != 0, params=False)
 
 
 def test_predictive_std_keeps_dtype_and_never_sees_mean():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -35,7 +34,6 @@ from .errors import (
     StoreMismatchError,
     parse_enum,
 )
-from .io import raw_bytes
 from .moments import Moments
 from .persistence import load_state, model_device, model_fingerprint, save_state
 from .plan import Plan, plan_fit
@@ -44,7 +42,7 @@ from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
 from .propagation.engine import output_tensor
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
-from .store import ActivationStore
+from .store import ActivationStore, Shard
 
 #: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -794,29 +792,6 @@ class GAPA:
             )
         out = self(x)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
-
-
-class Shard:
-    """The input batches of one store shard: how many, and a digest of their bytes (what
-    tells a resumed capture that the data did not change)."""
-
-    def __init__(self):
-        self.digest = hashlib.blake2b(digest_size=16)
-        self.batches = 0
-        self.inputs = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        self.digest.update(raw_bytes(x))
-        self.batches += 1
-        self.inputs += x.shape[0]
-
-    def check(self, entry: dict, index: int, store: ActivationStore) -> None:
-        if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
-            raise StoreMismatchError(
-                f"the inputs of shard {index} differ from those that wrote it to {store.path} "
-                f"({entry['batches']} batches, {entry['inputs']} inputs): the data, its order "
-                "(a shuffling DataLoader?) or the batch size changed; resume with the same "
-                "data, order and batch size, or use a new store")
 
 
 def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigurationError, NonFiniteError, StoreMismatchError
-from .io import atomic_path
+from .io import atomic_path, raw_bytes
 
 #: Bytes of cached rows (all call sites together, float32) a shard holds: what a capture keeps
 #: in memory before writing, and at most what a read maps at once.
@@ -207,3 +207,26 @@ def _file_key(key: str) -> str:
     paths have dots, repeated calls ``#``, and two keys may differ only in those)."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+class Shard:
+    """The input batches of one store shard: how many, and a digest of their bytes (what
+    tells a resumed capture that the data did not change)."""
+
+    def __init__(self):
+        self.digest = hashlib.blake2b(digest_size=16)
+        self.batches = 0
+        self.inputs = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.digest.update(raw_bytes(x))
+        self.batches += 1
+        self.inputs += x.shape[0]
+
+    def check(self, entry: dict, index: int, store: ActivationStore) -> None:
+        if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
+            raise StoreMismatchError(
+                f"the inputs of shard {index} differ from those that wrote it to {store.path} "
+                f"({entry['batches']} batches, {entry['inputs']} inputs): the data, its order "
+                "(a shuffling DataLoader?) or the batch size changed; resume with the same "
+                "data, order and batch size, or use a new store")
