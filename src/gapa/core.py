@@ -807,15 +807,14 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
             first = output_tensor(model(x))
             second = output_tensor(model(x))
     except Exception as exc:  # e.g. BatchNorm in training mode on a one-row batch
-        for k, b in model.named_buffers():
-            b.copy_(buffers[k])
         raise ModelModeError(
             f"the model is in training mode ({', '.join(training)}) and its forward pass failed "
             f"on the first training batch of shape {tuple(x.shape)} ({type(exc).__name__}: "
             f"{exc}); call model.eval() before fitting GAPA") from exc
-    changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
-    for k, b in model.named_buffers():
-        b.copy_(buffers[k])
+    finally:
+        changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
     if changed or not torch.equal(first, second):
         why = (f"its forward pass changed the buffers {changed[:3]}" if changed
                else "two identical forward passes gave different outputs")
