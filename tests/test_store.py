@@ -191,8 +191,16 @@ def test_integer_inputs_store_the_activations_dtype(tmp_path):
     torch.testing.assert_close(stored(q).var, memory(q).var)
 
 
-def test_resume_with_another_batch_size_says_so(tmp_path):
+def test_resume_with_another_batch_size_gives_the_same_cache(tmp_path):
     model, x = mlp([3, 16, 1], seed=1), _data()
-    _interrupted_capture(model, x, tmp_path)
-    with pytest.raises(gapa.StoreMismatchError, match="batch size"):
-        gapa.GAPA(model).fit(_loader(x, batch_size=25), store=_store(tmp_path), progress=False)
+    _interrupted_capture(model, x, tmp_path)  # shards of 128 rows from batches of 50
+    shards = json.loads((tmp_path / "store" / MANIFEST).read_text())["shards"]
+    finished = sum(s["inputs"] for s in shards)
+    assert finished % 77 and finished % 50 == 0  # a batch of 77 straddles the last shard's end
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    resumed = gapa.GAPA(model, m=None).fit(_loader(x, batch_size=77), store=_store(tmp_path),
+                                           progress=False)
+    assert sum(calls) == len(x) - finished  # only the rows after the finished shards ran
+    fresh = gapa.GAPA(model, m=None).fit(x, progress=False)
+    assert torch.equal(resumed.sites["1"].rows, fresh.sites["1"].rows)

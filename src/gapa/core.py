@@ -443,12 +443,18 @@ class GAPA:
         batches = self._training_batches(data, batch_size, progress)
         with torch.no_grad(), self._capture(cache):
             for x in batches:
-                shard.add(x)
-                if done < len(finished):  # on disk already: the inputs are only hashed
-                    if shard.batches == finished[done]["batches"]:
+                # rows of shards on disk already are only hashed; a batch that straddles the
+                # last one's end is split, so the batch size may differ from the first pass
+                while done < len(finished) and len(x):
+                    need = finished[done]["inputs"] - shard.inputs
+                    shard.add(x[:need])
+                    x = x[need:]
+                    if shard.inputs == finished[done]["inputs"]:
                         shard.check(finished[done], done, store)
                         shard, done = Shard(), done + 1
+                if not len(x):
                     continue
+                shard.add(x)
                 self.model(x)
                 if limit is None:
                     limit = store.rows_per_shard(sum(c[0].shape[1] for c in cache.values()))

@@ -210,8 +210,8 @@ def _file_key(key: str) -> str:
 
 
 class Shard:
-    """The input batches of one store shard: how many, and a digest of their bytes (what
-    tells a resumed capture that the data did not change)."""
+    """The inputs of one store shard: how many batches and rows, and a digest of their bytes
+    (what tells a resumed capture that the data did not change, whatever its batch size)."""
 
     def __init__(self):
         self.digest = hashlib.blake2b(digest_size=16)
@@ -227,6 +227,5 @@ class Shard:
         if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
             raise StoreMismatchError(
                 f"the inputs of shard {index} differ from those that wrote it to {store.path} "
-                f"({entry['batches']} batches, {entry['inputs']} inputs): the data, its order "
-                "(a shuffling DataLoader?) or the batch size changed; resume with the same "
-                "data, order and batch size, or use a new store")
+                f"({entry['inputs']} inputs): the data or its order (a shuffling DataLoader?) "
+                "changed; resume with the same data in the same order, or use a new store")
