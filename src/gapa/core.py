@@ -197,6 +197,8 @@ class GAPA:
                 f"({self.layers})"
             )
         self._sites: dict[str, GPSite] = {}
+        #: model_fingerprint() of the network when the cache was captured (None before a fit)
+        self._fingerprint: dict | None = None
         self._input_shape: tuple[int, ...] | None = None
         self._fit_inputs = 0  # training inputs of the last fit
         self._calibration: Calibration | None = None
@@ -289,7 +291,11 @@ class GAPA:
         that says what is wrong with the file."""
         return load_state(cls, path, model, map_location)
 
-    def _restore(self, sites, input_shape, lengthscale_factor, calibration, class_calibration):
+    def _restore(self, sites, input_shape, lengthscale_factor, calibration, class_calibration,
+                 fingerprint: dict | None = None):
+        """Install a loaded state; ``fingerprint``: the model's fingerprint the state was fitted
+        on (:func:`gapa.persistence.model_fingerprint`; default: the model's own now)."""
+        self._fingerprint = fingerprint if fingerprint is not None else model_fingerprint(self.model)
         self._sites = dict(sites)
         self._input_shape = input_shape
         self.lengthscale_factor = lengthscale_factor

@@ -57,8 +57,9 @@ class NotApplicableError(ConfigurationError):
 
 
 class ModelModeError(GAPAError, RuntimeError):
-    """The model is not deterministic at fit time (dropout or BatchNorm left in training mode):
-    two identical forward passes differed or changed its buffers."""
+    """The model is not deterministic (dropout or BatchNorm left in training mode): two
+    identical forward passes differed or changed its buffers, or a module was put back in
+    training mode after the fit."""
 
 
 class StateFileError(GAPAError, OSError):
@@ -87,6 +88,20 @@ class WeightsMismatchError(ModelMismatchError):
 
 class StoreMismatchError(StateFileError):
     """An activation store on disk belongs to another model, layer set or data order."""
+
+
+class CorruptStoreError(CorruptStateError):
+    """A shard or the manifest of an activation store fails its size, shape, dtype or hash
+    check, or points outside the store."""
+
+
+class StoreLockedError(StateFileError):
+    """Another live process is capturing into the same activation store."""
+
+
+class ModelChangedError(GAPAError, RuntimeError):
+    """The model's weights changed after GAPA was fitted: the cached activations no longer
+    describe the network, so its variances (and a saved state) would be wrong. Refit."""
 
 
 class MemoryBudgetError(GAPAError, MemoryError):
