@@ -331,6 +331,7 @@ class GAPA:
         the fit to need more resident memory.
         """
         self._input_shape = None  # a refit may use inputs of another shape
+        fingerprint = model_fingerprint(self.model)  # the weights the cache describes
         if memory_budget is not None:
             if data is None:
                 raise InputError("memory_budget needs the training data to plan the fit")
@@ -364,6 +365,7 @@ class GAPA:
             module = self.model.get_submodule(layer)
             sites[key] = GPSite(key, rows, module, self.config, overrides)
         self._sites = sites
+        self._fingerprint = fingerprint
         self._calibration = None
         self._class_calibration = None
         self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
