@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (each registers the rules of one family of operat
     reductions,
     shapes,
     unary,
+    writes,
 )
 from .engine import (
     MODULE_RULES,

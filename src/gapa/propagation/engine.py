@@ -14,11 +14,22 @@ Two registries hold the rules:
   operations' rules (a hand-written RMSNorm, a GELU written as ``x * (1 + tanh(...))``): the
   module's forward runs with the function rules paused and the module rule sets the variance of
   its output.
+
+Writes are followed, not guessed: every variance is stored with the version counter of its
+tensor. An in-place operation (``x.add_(h)``, ``buf[:, :16] = h``, ``out=``) updates the
+variance of the tensor it wrote and of that tensor's base, so every other view of the same
+storage reads its variance from the base; a tensor written by anything the tracker did not
+see is refused instead of read with a stale variance.
+
+Module hooks act only in the thread that installed them, and the tracker itself is a
+thread-local ``TorchFunctionMode``: one thread's tracked pass never touches another thread's
+plain forward, and several threads can each run their own tracked pass on one model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -81,39 +92,116 @@ def operation_name(func: Callable) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
+def untracked() -> contextlib.AbstractContextManager:
+    """Run torch code that no ``TorchFunctionMode`` sees: GAPA's own arithmetic (GP variances,
+    rules, bookkeeping) must never be tracked, also not by a second GAPA around this one."""
+    return torch._C.DisableTorchFunction()
+
+
+def version(t: Tensor) -> int | None:
+    """The version counter of ``t`` (bumped by every write into its storage); None for an
+    inference tensor, which has none and cannot be written outside inference mode."""
+    with untracked():
+        return None if t.is_inference() else t._version
+
+
 class VarianceTracker(TorchFunctionMode):
     """Carries a variance beside every uncertain tensor of one forward pass."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._var: dict[int, tuple[Tensor, Tensor]] = {}
+        #: id(tensor) -> (tensor, variance, the tensor's version when the variance was set)
+        self._var: dict[int, tuple[Tensor, Tensor, int | None]] = {}
         self._paused = 0
         self.module_path: list[str] = []
         self._module_rule_active: list[bool] = []
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Run torch code (GP variances inside hooks, module rules) without applying rules."""
+        """Run GAPA's own torch code (GP variances inside hooks, module rules) without rules
+        and unseen by any other torch function mode."""
         self._paused += 1
         try:
-            yield
+            with untracked():
+                yield
         finally:
             self._paused -= 1
 
     def var(self, t: Any) -> Tensor | None:
-        """The variance carried by ``t``, or None when ``t`` is deterministic."""
-        entry = self._var.get(id(t)) if isinstance(t, Tensor) else None
-        return entry[1] if entry is not None and entry[0] is t else None
+        """The variance carried by ``t``, or None when ``t`` is deterministic. A view reads its
+        variance from its base when the base was written after the view's variance was set."""
+        if not isinstance(t, Tensor) or not self._var:
+            return None
+        with untracked():
+            entry = self._var.get(id(t))
+            if entry is not None and entry[0] is t and entry[2] == version(t):
+                return entry[1]
+            base = t._base
+            derived = None if base is None else self._current(base)
+            if derived is not None:
+                return _region(derived, base, t, self)
+            if entry is not None and entry[0] is t:
+                raise UnsupportedOperationError(
+                    f"a {tuple(t.shape)} tensor carrying variance was modified in place, in "
+                    f"module {self.where()!r}, by an operation the tracker did not see (a write "
+                    "through .data or an alias); GAPA will not use a stale variance. Write with "
+                    "ordinary torch operations, or place the GAPA layer after this write.")
+            return None
+
+    def _current(self, t: Tensor) -> Tensor | None:
+        entry = self._var.get(id(t))
+        if entry is None or entry[0] is not t:
+            return None
+        if entry[2] != version(t):
+            raise UnsupportedOperationError(
+                f"a {tuple(t.shape)} tensor carrying variance was modified in place, in module "
+                f"{self.where()!r}, by an operation the tracker did not see; GAPA will not use "
+                "a stale variance")
+        return entry[1]
 
     def set_var(self, t: Tensor, var: Tensor) -> None:
-        # The tensor is kept alive with its variance so its id cannot be reused in this pass.
-        self._var[id(t)] = (t, var)
+        """Attach ``var`` to ``t``, as computed by a rule from ``t``'s current value. A view of
+        a deterministic base is a write into that base (its other views see it)."""
+        with untracked():
+            base = t._base
+            if base is not None and self._current(base) is None and \
+                    torch._debug_has_internal_overlap(t) == 0:
+                self._write(t, var, version(t))
+                return
+            # the tensor is kept alive with its variance so its id cannot be reused in this pass
+            self._var[id(t)] = (t, var, version(t))
+
+    def _write(self, t: Tensor, var: Tensor | None, before: int | None) -> None:
+        """``t`` was just written and now carries ``var`` (None: deterministic values); its
+        base, whose variance is read as it was at version ``before``, gets the same region."""
+        with untracked():
+            var = torch.zeros_like(t) if var is None else var.expand(t.shape)
+            base = t._base
+            if base is not None:
+                entry = self._var.get(id(base))
+                old = entry[1] if entry is not None and entry[0] is base else None
+                if old is not None and entry[2] != before:
+                    raise UnsupportedOperationError(
+                        f"a tensor carrying variance was modified in module {self.where()!r} "
+                        "by an operation the tracker did not see; GAPA will not use a stale "
+                        "variance")
+                if old is None:
+                    laid = torch.empty_strided(base.shape, base.stride(), dtype=var.dtype,
+                                               device=var.device).zero_()
+                else:  # a new tensor: variances are shared between views, never written
+                    laid = _laid_like(old, base)
+                    laid = laid.clone(memory_format=torch.preserve_format) if laid is old else laid
+                _region(laid, base, t, self).copy_(var)
+                self._var[id(base)] = (base, laid, version(base))
+            self._var[id(t)] = (t, var, version(t))
 
     def var_or_zero(self, t: Any) -> Tensor | float:
         v = self.var(t)
         return 0.0 if v is None else v
 
     def any_uncertain(self, *objs: Any) -> bool:
+        if not self._var:
+            return False
         flat, _ = tree_flatten(objs)
         return any(self.var(a) is not None for a in flat)
 
@@ -138,10 +226,73 @@ class VarianceTracker(TorchFunctionMode):
             if not _carries_value(out):
                 return out  # sizes, dtypes, comparisons, indices: no first-order variance
             raise self.unsupported(f"operation {operation_name(func)}")
+        tensors = _tensors((args, kwargs))
+        before = [version(t) for t in tensors]
         out, var = fn(self, func, args, kwargs)
-        if var is not None:
+        written = [(t, v) for t, v in zip(tensors, before, strict=True)
+                   if version(t) != v or (func is Tensor.__setitem__ and t is args[0])]
+        if written:
+            self._follow_writes(func, args, out, var, written)
+        elif var is not None:
             _attach(self, out, var)
         return out
+
+    def _follow_writes(self, func, args, out, var, written) -> None:
+        """Give each tensor ``func`` wrote the variance its rule computed: the returned tensor
+        of an in-place or ``out=`` call, or the first argument of ``__setitem__``."""
+        if func is Tensor.__setitem__:
+            outs, variances = [args[0]], [var]
+        elif isinstance(out, Tensor):
+            outs, variances = [out], [var]
+        else:
+            outs = list(out) if isinstance(out, tuple | list) else []
+            variances = [None] * len(outs) if var is None else list(var)
+        targets = {}
+        for o, v in zip(outs, variances, strict=True):
+            for t, b in written:
+                if t is o:
+                    targets[id(t)] = (t, v, b)
+        with untracked():
+            storages = {t.untyped_storage().data_ptr() for t, _, _ in targets.values()}
+            stray = [t for t, _ in written if t.untyped_storage().data_ptr() not in storages]
+        if stray or not targets:
+            raise UnsupportedOperationError(
+                f"{operation_name(func)} wrote into a {tuple(stray[0].shape) if stray else ''} "
+                f"tensor in module {self.where()!r} that its variance rule does not describe; "
+                "GAPA will not keep a stale variance")
+        for t, v, b in targets.values():
+            self._write(t, v, b)
+
+
+def _tensors(objs: Any) -> list[Tensor]:
+    flat, _ = tree_flatten(objs)
+    seen: dict[int, Tensor] = {}
+    for a in flat:
+        if isinstance(a, Tensor):
+            seen.setdefault(id(a), a)
+    return list(seen.values())
+
+
+def _laid_like(var: Tensor, base: Tensor) -> Tensor:
+    """``var`` with the strides of ``base``, so that a view's geometry applies to both."""
+    with untracked():
+        if var.stride() == base.stride() and var.storage_offset() == 0:
+            return var
+        laid = torch.empty_strided(base.shape, base.stride(), dtype=var.dtype, device=var.device)
+        return laid.copy_(var)
+
+
+def _region(base_var: Tensor, base: Tensor, view: Tensor, tr: VarianceTracker) -> Tensor:
+    """The entries of ``base_var`` (shaped like ``base``) that ``view`` of ``base`` covers."""
+    with untracked():
+        if view.dtype != base.dtype:
+            raise tr.unsupported(f"a view of another dtype ({base.dtype} as {view.dtype})")
+        laid = _laid_like(base_var, base)
+        try:
+            return laid.as_strided(view.shape, view.stride(),
+                                   view.storage_offset() - base.storage_offset())
+        except RuntimeError as exc:
+            raise tr.unsupported(f"a view outside its base's extent ({exc})") from exc
 
 
 def _attach(tr: VarianceTracker, out: Any, var: Any) -> None:
@@ -160,32 +311,48 @@ def _carries_value(out: Any) -> bool:
 
 
 @contextlib.contextmanager
+def thread_hooks() -> Iterator[Callable[..., None]]:
+    """Yield ``add(module, hook, pre=False, **options)``, which registers a forward (pre-)hook
+    that acts only in this thread; all are removed on exit. Module hooks are visible to every
+    thread that calls the module, so another thread's plain forward (or its own GAPA pass)
+    must find them inert."""
+    owner = threading.get_ident()
+    handles = []
+
+    def add(module: nn.Module, hook: Callable, *, pre: bool = False, **options) -> None:
+        def local(*args):  # any arity: a removal racing another thread's call may drop kwargs
+            return hook(*args) if threading.get_ident() == owner else None
+
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        handles.append(register(local, **options))
+
+    try:
+        yield add
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def tracking(
     model: nn.Module, tracker: VarianceTracker, outputs: list[tuple[str, Any]] | None = None
 ) -> Iterator[VarianceTracker]:
     """Run ``model``'s forward passes under ``tracker``: keep ``tracker.module_path`` at the
     running module (for error messages) and apply the module rules. With ``outputs``, append
-    ``(module name, output)`` for every module call, in the order the calls finish."""
-    handles = []
-    for name, module in model.named_modules():
-        label = f"{name} ({type(module).__name__})" if name else type(module).__name__
-        mrule = find_module_rule(module)
-        handles.append(module.register_forward_pre_hook(
-            lambda mod, args, kwargs, label=label, mrule=mrule:
-                _enter(tracker, label, mrule, args, kwargs),
-            with_kwargs=True))
-        handles.append(module.register_forward_hook(
-            lambda mod, args, out, mrule=mrule: _leave(tracker, mod, mrule, args, out),
-            always_call=True))
-        if outputs is not None:
-            handles.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: outputs.append((name, out))))
-    try:
+    ``(module name, output)`` for every module call, in the order the calls finish. Only this
+    thread's calls are tracked."""
+    with thread_hooks() as add:
+        for name, module in model.named_modules():
+            label = f"{name} ({type(module).__name__})" if name else type(module).__name__
+            mrule = find_module_rule(module)
+            add(module, lambda mod, args, kwargs, label=label, mrule=mrule:
+                _enter(tracker, label, mrule, args, kwargs), pre=True, with_kwargs=True)
+            add(module, lambda mod, args, out, mrule=mrule: _leave(tracker, mod, mrule, args, out),
+                always_call=True)
+            if outputs is not None:
+                add(module, lambda mod, args, out, name=name: outputs.append((name, out)))
         with tracker:
             yield tracker
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _enter(

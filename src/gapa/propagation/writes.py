@@ -1,0 +1,133 @@
+"""Writes into tensors: the written entries take the variance of the values written (0 for
+constants), the others keep theirs. The engine passes the result on to the written tensor's
+base, so every view of the same storage sees the write.
+
+Each rule reads the variances before the operation runs: an in-place write changes its target.
+"""
+
+from __future__ import annotations
+
+from numbers import Number
+from typing import Any
+
+import torch
+
+from .engine import Tensor, VarianceTracker, rule
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
+def _target_var(tr: VarianceTracker, t: Tensor) -> Tensor:
+    """A fresh copy of ``t``'s variance (zeros when deterministic), to write into."""
+    v = tr.var(t)
+    return torch.zeros_like(t) if v is None else v.clone()
+
+
+def _source_var(tr: VarianceTracker, value: Any, like: Tensor) -> Tensor | float:
+    """The variance of written values: a tensor's own (zeros when deterministic), 0 for a
+    number."""
+    if not isinstance(value, Tensor):
+        return 0.0
+    v = tr.var(value)
+    return torch.zeros_like(value, dtype=like.dtype) if v is None else v.to(like.dtype)
+
+
+@rule(Tensor.__setitem__)
+def _setitem(tr: VarianceTracker, func, args, kwargs):
+    """``t[index] = value``."""
+    t, index, value = args
+    var = _target_var(tr, t)
+    var[index] = _source_var(tr, value, t)
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.copy_)
+def _copy(tr: VarianceTracker, func, args, kwargs):
+    """``t.copy_(src)``: ``src`` broadcast to ``t``."""
+    t, src = args[0], _arg(args, kwargs, 1, "src")
+    var = torch.zeros_like(t)
+    var.copy_(_source_var(tr, src, t))
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.fill_, Tensor.zero_, torch.fill_, torch.zero_)
+def _fill(tr: VarianceTracker, func, args, kwargs):
+    """Every entry takes the fill value's variance (0 for a number)."""
+    t, value = args[0], _arg(args, kwargs, 1, "value")
+    var = torch.zeros_like(t)
+    if isinstance(value, Tensor) and tr.var(value) is not None:
+        var.copy_(tr.var(value).expand(t.shape))
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.index_put_, Tensor.index_put, torch.index_put_, torch.index_put)
+def _index_put(tr: VarianceTracker, func, args, kwargs):
+    """Put entries take the values' variances; with ``accumulate`` the variances add
+    (the accumulated values treated as independent)."""
+    t, indices = args[0], _arg(args, kwargs, 1, "indices")
+    values = _arg(args, kwargs, 2, "values")
+    accumulate = bool(_arg(args, kwargs, 3, "accumulate", False))
+    src = _source_var(tr, values, t)
+    src = src if isinstance(src, Tensor) else torch.zeros_like(values, dtype=t.dtype)
+    var = _target_var(tr, t).index_put_(indices, src, accumulate=accumulate)
+    return func(*args, **kwargs), var
+
+
+def _scatter_like(tr: VarianceTracker, func, args, kwargs, *, adds: bool):
+    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
+    src = _arg(args, kwargs, 3, "src", kwargs.get("value"))
+    reduce = kwargs.get("reduce")
+    if reduce is not None and reduce != "add":
+        raise tr.unsupported(f"{func.__name__} with reduce={reduce!r}")
+    var = _target_var(tr, t)
+    if isinstance(src, Number) or not isinstance(src, Tensor):
+        if adds or reduce == "add":  # adding a constant keeps the variance
+            return func(*args, **kwargs), var
+        var = var.scatter(dim, index, 0.0)
+    elif adds or reduce == "add":
+        var = var.scatter_add(dim, index, _source_var(tr, src, t))
+    else:
+        var = var.scatter(dim, index, _source_var(tr, src, t))
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.scatter_, Tensor.scatter, torch.scatter)
+def _scatter(tr: VarianceTracker, func, args, kwargs):
+    """Scattered entries take the source's variance (``reduce="add"``: added to theirs)."""
+    return _scatter_like(tr, func, args, kwargs, adds=False)
+
+
+@rule(Tensor.scatter_add_, Tensor.scatter_add, torch.scatter_add)
+def _scatter_add(tr: VarianceTracker, func, args, kwargs):
+    """The source's variances add to the entries they are added to."""
+    return _scatter_like(tr, func, args, kwargs, adds=True)
+
+
+@rule(Tensor.index_copy_, Tensor.index_copy, torch.index_copy)
+def _index_copy(tr: VarianceTracker, func, args, kwargs):
+    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
+    src = _arg(args, kwargs, 3, "source")
+    var = _target_var(tr, t).index_copy(dim, index, _source_var(tr, src, t))
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.index_add_, Tensor.index_add, torch.index_add)
+def _index_add(tr: VarianceTracker, func, args, kwargs):
+    """``t.index_add_(dim, index, source, alpha=a)``: ``a^2`` times the source's variance adds."""
+    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
+    src = _arg(args, kwargs, 3, "source")
+    alpha = kwargs.get("alpha", 1)
+    var = _target_var(tr, t).index_add(dim, index, _source_var(tr, src, t), alpha=alpha**2)
+    return func(*args, **kwargs), var
+
+
+@rule(Tensor.index_fill_, Tensor.index_fill, torch.index_fill)
+def _index_fill(tr: VarianceTracker, func, args, kwargs):
+    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
+    value = _arg(args, kwargs, 3, "value")
+    if isinstance(value, Tensor) and tr.var(value) is not None:
+        raise tr.unsupported(f"{func.__name__} with an uncertain fill value")
+    var = _target_var(tr, t).index_fill(dim, index, 0.0)
+    return func(*args, **kwargs), var
