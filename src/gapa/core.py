@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
@@ -28,6 +29,7 @@ from .errors import (
     EmptyDataError,
     InputError,
     LayerError,
+    ModelChangedError,
     ModelModeError,
     NonFiniteError,
     NotFittedError,
@@ -39,7 +41,8 @@ from .persistence import load_state, model_device, model_fingerprint, save_state
 from .plan import Plan, plan_fit
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
-from .propagation.engine import output_tensor
+from .propagation.engine import output_tensor, thread_hooks, untracked, version
+from .propagation.graph import GraphWatch
 from .search import SearchBackend
 from .site import Conditioning, GPConfig, GPSite, Inducing
 from .store import ActivationStore, Shard
@@ -203,7 +206,11 @@ class GAPA:
         self._fit_inputs = 0  # training inputs of the last fit
         self._calibration: Calibration | None = None
         self._class_calibration: VarianceScaleFit | None = None
-        self.lengthscale_factor = 1.0
+        self._factor = 1.0  # of the fitted lengthscales (see lengthscale_factor)
+        #: modules in training mode at fit that proved deterministic there
+        self._training_ok: frozenset[str] = frozenset()
+        #: (id, version) of every weight when last checked against the fingerprint
+        self._stamp: tuple = ()
 
     # --- configuration ---------------------------------------------------------------------------
 
@@ -258,6 +265,32 @@ class GAPA:
     def calibration(self) -> Calibration | None:
         return self._calibration
 
+    @property
+    def lengthscale_factor(self) -> float:
+        """The factor every call site's fitted lengthscales are multiplied by (1 after a fit;
+        :meth:`calibrate` chooses it on validation). Setting it rescales the sites and drops
+        the calibrations, which were fitted at another factor."""
+        return self._factor
+
+    @lengthscale_factor.setter
+    def lengthscale_factor(self, factor: float) -> None:
+        if not isinstance(factor, int | float) or not math.isfinite(factor) or factor <= 0:
+            raise ConfigurationError(f"lengthscale_factor must be a positive finite number, got "
+                                     f"{factor!r}")
+        self._require_fitted("set the lengthscale factor")
+        if factor != self._factor:
+            self._set_factor(float(factor))
+            self._calibration = self._class_calibration = None
+
+    def _set_factor(self, factor: float) -> None:
+        """Rescale every site, all or none: a failure puts back the factor in force."""
+        try:
+            self._rescale_lengthscales(factor)
+        except BaseException:
+            self._rescale_lengthscales(self._factor)
+            raise
+        self._factor = factor
+
     def options(self) -> dict:
         """The constructor's keyword arguments (JSON-safe): ``GAPA(model, **gm.options())``
         builds an unfitted twin of this GAPA."""
@@ -296,9 +329,11 @@ class GAPA:
         """Install a loaded state; ``fingerprint``: the model's fingerprint the state was fitted
         on (:func:`gapa.persistence.model_fingerprint`; default: the model's own now)."""
         self._fingerprint = fingerprint if fingerprint is not None else model_fingerprint(self.model)
+        self._stamp = _weights_stamp(self.model)
+        self._training_ok = frozenset()
         self._sites = dict(sites)
         self._input_shape = input_shape
-        self.lengthscale_factor = lengthscale_factor
+        self._factor = float(lengthscale_factor)
         self._calibration = calibration
         self._class_calibration = class_calibration
 
@@ -330,28 +365,45 @@ class GAPA:
         :class:`gapa.MemoryBudgetError` before anything is cached when :meth:`plan` expects
         the fit to need more resident memory.
         """
-        self._input_shape = None  # a refit may use inputs of another shape
-        fingerprint = model_fingerprint(self.model)  # the weights the cache describes
+        # Everything is built aside and installed at the end: a fit that fails leaves the
+        # GAPA exactly as it was (an earlier fit keeps working and saving).
         if memory_budget is not None:
             if data is None:
                 raise InputError("memory_budget needs the training data to plan the fit")
             n_train, example = _size_and_example(data, batch_size)
             self.plan(n_train, example, store=store is not None,
                       store_dtype=store_dtype).check(memory_budget)
+        fingerprint = model_fingerprint(self.model)  # the weights the cache describes
         if store is None:
             if data is None:
                 raise InputError("fit needs training inputs (or a finished store=...)")
             cache: dict[str, list[torch.Tensor]] = {}
-            batches = self._training_batches(data, batch_size, progress)
+            batches, seen = self._training_batches(data, batch_size, progress)
             with torch.no_grad(), self._capture(cache):
                 for x in batches:
                     self.model(x)
             sources = {key: torch.cat(cache.pop(key)) for key in list(cache)}
+            sites = self._build_sites(sources, progress)
         else:
             if not isinstance(store, ActivationStore):
                 store = ActivationStore(store, store_dtype)
-            self._capture_to_store(data, store, batch_size, progress)
-            sources = {key: store.rows(key, model_device(self.model)) for key in store.keys}
+            try:
+                seen = self._capture_to_store(data, store, batch_size, progress, fingerprint)
+                device = model_device(self.model)
+                sites = self._build_sites({key: store.rows(key, device) for key in store.keys},
+                                          progress)
+            finally:
+                store.close()
+        self._sites = sites
+        self._input_shape, self._fit_inputs = seen.shape, seen.inputs
+        self._training_ok = seen.training
+        self._fingerprint, self._stamp = fingerprint, _weights_stamp(self.model)
+        self._calibration = None
+        self._class_calibration = None
+        self._factor = 1.0  # of the fitted lengthscales; calibrate() may change it
+        return self
+
+    def _build_sites(self, sources: dict, progress: bool) -> dict[str, GPSite]:
         if not sources:
             raise LayerError(
                 f"the GAPA layers {self.layers} were never called in model.forward; "
@@ -364,12 +416,7 @@ class GAPA:
             overrides = {**self._overrides.get(layer, {}), **self._overrides.get(key, {})}
             module = self.model.get_submodule(layer)
             sites[key] = GPSite(key, rows, module, self.config, overrides)
-        self._sites = sites
-        self._fingerprint = fingerprint
-        self._calibration = None
-        self._class_calibration = None
-        self.lengthscale_factor = 1.0  # of the fitted lengthscales; calibrate() may change it
-        return self
+        return sites
 
     def plan(self, n_train: int, example: torch.Tensor | None = None, *, store: bool = False,
              store_dtype: str = "float32") -> Plan:
@@ -387,7 +434,7 @@ class GAPA:
                      for key, site in self._sites.items()}
             dtype = next(iter(self._sites.values())).rows.dtype
         else:
-            self._check_input(example)
+            self._check_input(example, shape=None)  # a refit may take inputs of another shape
             seen: dict[str, list[torch.Tensor]] = {}
             with torch.no_grad():
                 _check_deterministic(self.model, example)
@@ -402,53 +449,54 @@ class GAPA:
         return plan_fit(n_train, sites, self.config, store=store, store_dtype=store_dtype,
                         compute_dtype=str(dtype).removeprefix("torch."))
 
-    def _training_batches(self, data, batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
+    def _training_batches(self, data, batch_size: int,
+                          progress: bool) -> tuple[Iterator[torch.Tensor], _Seen]:
         """The input batches of ``data``, each checked (finite, one shape, the model's dtype
-        and device); EmptyDataError when there are none. The first batch is read and the model
-        checked for determinism now, before the caller starts capturing activations."""
+        and device), and what they showed (filled in as they are consumed); EmptyDataError
+        when there are none. The first batch is read and the model checked for determinism
+        now, before the caller starts capturing activations."""
         batches = iter(tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
                             disable=not progress, leave=False))
         first = next(batches, None)
         if first is None or first.shape[0] == 0:
             raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
-        self._input_shape = tuple(first.shape[1:])
-        self._check_batch(first, 0)
+        seen = _Seen(shape=tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None)
+        self._check_batch(first, 0, seen.shape)
         with torch.no_grad():
-            _check_deterministic(self.model, first)
+            seen.training = _check_deterministic(self.model, first)
 
         def checked() -> Iterator[torch.Tensor]:
             yield first
             offset = first.shape[0]
             for x in batches:
-                self._check_batch(x, offset)
+                self._check_batch(x, offset, seen.shape)
                 offset += x.shape[0]
                 yield x
-            self._fit_inputs = offset
+            seen.inputs = offset
 
-        return checked()
+        return checked(), seen
 
-    def _check_batch(self, x: torch.Tensor, offset: int) -> None:
+    def _check_batch(self, x: torch.Tensor, offset: int, shape: tuple[int, ...] | None) -> None:
+        self._check_input(x, shape)
         self._check_finite(x, "training inputs", offset)
-        self._check_input(x)
 
     def _capture_to_store(self, data, store: ActivationStore, batch_size: int,
-                          progress: bool) -> None:
+                          progress: bool, fingerprint: dict) -> _Seen:
         """Stream the cache into ``store`` shard by shard; shards it already holds are checked
         against the inputs' digest and skipped without running the model."""
-        finished = store.open({"model": model_fingerprint(self.model), "layers": self.layers,
+        finished = store.open({"model": fingerprint, "layers": self.layers,
                                "queries": self.queries})
         if data is None:
             if not store.complete:
                 raise InputError(f"the activation store {store.path} is not complete; pass the "
                                  "training data to finish the capture")
-            self._input_shape = store.input_shape
-            self._fit_inputs = sum(shard["inputs"] for shard in store.manifest["shards"])
-            return
+            return _Seen(shape=store.input_shape,
+                         inputs=sum(shard["inputs"] for shard in store.manifest["shards"]))
         cache: dict[str, list[torch.Tensor]] = {}
         shard = Shard()
         done = 0  # shards of this pass over the data that are on disk
         limit = None  # rows per shard, once the sites' widths are known
-        batches = self._training_batches(data, batch_size, progress)
+        batches, seen = self._training_batches(data, batch_size, progress)
         with torch.no_grad(), self._capture(cache):
             for x in batches:
                 # rows of shards on disk already are only hashed; a batch that straddles the
@@ -475,7 +523,8 @@ class GAPA:
                 "more batches: the data changed; resume with the same data or use a new store")
         if shard.batches:
             self._write_shard(store, cache, shard)
-        store.finish(self._input_shape)
+        store.finish(seen.shape)
+        return seen
 
     @staticmethod
     def _write_shard(store: ActivationStore, cache: dict, shard: Shard) -> None:
@@ -488,8 +537,9 @@ class GAPA:
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
         def record(key: str, z: torch.Tensor) -> None:
-            rows = self._as_queries(z.detach())
-            cache.setdefault(key, []).append(rows.reshape(-1, rows.shape[-1]).clone())
+            with untracked():
+                rows = self._as_queries(z.detach())
+                cache.setdefault(key, []).append(rows.reshape(-1, rows.shape[-1]).clone())
 
         with self._call_sites(record):
             yield
@@ -498,40 +548,73 @@ class GAPA:
     def _call_sites(self, on_call, on_output=None) -> Iterator[None]:
         """Hooks on the GAPA modules: ``on_call(key, pre_activation)`` before each call (the key
         counts calls within one forward pass) and ``on_output(key, output)`` after it, whose
-        return value, when not None, replaces the module's output."""
+        return value, when not None, replaces the module's output. The hooks act only in this
+        thread: other threads' forward passes of the same model never reach them."""
         counts: dict[str, int] = {}
-        handles = []
-        root = self.model.register_forward_pre_hook(lambda mod, args: counts.clear())
-        handles.append(root)
-        for name in self.layers:
-            module = self.model.get_submodule(name)
+        with thread_hooks() as add:
+            add(self.model, lambda mod, args: counts.clear(), pre=True)
+            for name in self.layers:
+                module = self.model.get_submodule(name)
 
-            def pre(mod, args, name=name):
-                call = counts.get(name, 0)
-                counts[name] = call + 1
-                on_call(site_key(name, call), args[0])
+                def pre(mod, args, name=name):
+                    call = counts.get(name, 0)
+                    counts[name] = call + 1
+                    on_call(site_key(name, call), args[0])
 
-            def post(mod, args, output, name=name):
-                if on_output is not None:
-                    return on_output(site_key(name, counts[name] - 1), output)
-                return None
+                def post(mod, args, output, name=name):
+                    if on_output is not None:
+                        return on_output(site_key(name, counts[name] - 1), output)
+                    return None
 
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
-        try:
+                add(module, pre, pre=True)
+                add(module, post)
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     # --- predict ----------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor) -> Moments:
-        """Mean (the frozen network's output, bit for bit) and epistemic variance at ``x``."""
+        """Mean (the frozen network's output, bit for bit) and epistemic variance at ``x``.
+
+        Safe to call from several threads at once on one fitted GAPA (each call tracks only its
+        own thread's forward pass); not while the same object is being fitted or calibrated."""
         if self.propagation == "jacobian":
             return self._jacobian_moments(x)
         mean, tracker = self._forward(x)
         return _moments(tracker, mean)
+
+    @contextlib.contextmanager
+    def _predict_pass(self, x: torch.Tensor, grad: bool = False) -> Iterator[torch.Tensor]:
+        """Check ``x`` and the model, then run the caller's forward pass outside inference
+        mode (tensors keep the version counters the tracker relies on, and the Jacobian pass
+        its graph) with autograd ``grad``; yields ``x`` (a copy for an inference tensor)."""
+        self._require_fitted("predict")
+        self._check_input(x)
+        self._check_finite(x, "inputs")
+        self._check_model()
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            yield x.clone() if x.is_inference() else x
+
+    def _check_model(self) -> None:
+        """Refuse a model that is no longer the one fitted: a module put (back) in training
+        mode (random outputs, running statistics updated), or weights written since the fit.
+        Cheap: module flags and weight version counters; the weights' hash only when a counter
+        moved."""
+        new = [f"{name or '<model>'} ({type(m).__name__})"
+               for name, m in self.model.named_modules()
+               if m.training and name not in self._training_ok]
+        if new:
+            raise ModelModeError(
+                f"the model has modules in training mode ({', '.join(new[-3:])}"
+                f"{' and others' if len(new) > 3 else ''}) that were not at fit; their outputs may be "
+                "random and their buffers would be updated: call model.eval() before predicting")
+        stamp = _weights_stamp(self.model)
+        if stamp != self._stamp:
+            if model_fingerprint(self.model) != self._fingerprint:
+                raise ModelChangedError(
+                    "the model's weights changed since GAPA was fitted, so the cached "
+                    "activations no longer describe it and the variances would be wrong: refit "
+                    "GAPA (gm.fit) or restore the weights it was fitted on")
+            self._stamp = stamp
 
     def _site_variance(self, key: str, z: torch.Tensor) -> torch.Tensor:
         site = self._sites.get(key)
@@ -540,7 +623,8 @@ class GAPA:
                 f"call site {key!r} was not seen during fit (the forward pass calls the "
                 "module more often than on the training data); refit on representative data"
             )
-        return self._as_queries(site.variance(self._as_queries(z.detach())), like=z)
+        with untracked():
+            return self._as_queries(site.variance(self._as_queries(z.detach())), like=z)
 
     def _as_queries(self, z: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """An activation as (..., units) rows of GP queries, per :attr:`queries`; with ``like``,
@@ -559,29 +643,34 @@ class GAPA:
         """The mean and, per GAPA call, its pre-activation and ``(d y_c / d h)^2`` for every
         output unit ``c``: everything but the GP variance, which :meth:`_combine_jacobian`
         adds. A lengthscale search reuses them (the gradients do not depend on the kernel)."""
-        self._require_fitted("predict")
-        self._check_input(x)
-        self._check_finite(x, "inputs")
         leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         pending: dict[str, torch.Tensor] = {}
+        watch = GraphWatch()
 
         def on_call(key: str, z: torch.Tensor) -> None:
-            pending[key] = z.detach()
+            with untracked():
+                pending[key] = z.detach()
 
         def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
             # gradients are taken with respect to the output itself, so that a later GAPA
             # layer does not cut an earlier one's path; only an output outside the graph
             # (frozen parameters) becomes a leaf, with the same values
-            if not out.requires_grad:
-                out = out.detach().requires_grad_(True)
-            leaves.append((key, pending.pop(key), out))
+            with untracked():
+                if not out.requires_grad:
+                    out = out.detach().requires_grad_(True)
+                leaves.append((key, pending.pop(key), out))
+            watch.watch(out)
             return out
 
-        with torch.enable_grad():  # also for the backward passes: callers may be in no_grad
-            with self._call_sites(on_call, on_output):
+        # grad on also for the backward passes: callers may be in no_grad or inference mode
+        with self._predict_pass(x, grad=True) as x:
+            with self._call_sites(on_call, on_output), watch:
                 y = output_tensor(self.model(x))
             mean = y.detach()
-            if not leaves or not y.requires_grad:
+            if not leaves:
+                return mean, []
+            watch.check(y)
+            if not y.requires_grad:  # the output does not depend on the GAPA layers
                 return mean, []
             rows = y.reshape(y.shape[0], -1)
             inputs = [out for _, _, out in leaves]
@@ -598,7 +687,7 @@ class GAPA:
         lengthscales."""
         rows = mean.reshape(mean.shape[0], -1)
         var = torch.zeros_like(rows)
-        with torch.no_grad():
+        with torch.no_grad(), untracked():
             variances = [self._site_variance(key, z) for key, z, _ in parts]
             for c in range(rows.shape[1]):
                 for (_, _, squares), v in zip(parts, variances, strict=True):
@@ -610,9 +699,6 @@ class GAPA:
         self, x: torch.Tensor, outputs: list | None = None
     ) -> tuple[torch.Tensor, VarianceTracker]:
         """One tracked forward pass: the output and the tracker holding every variance."""
-        self._require_fitted("predict")
-        self._check_input(x)
-        self._check_finite(x, "inputs")
         tracker = VarianceTracker()
         pending: dict[str, torch.Tensor] = {}
 
@@ -626,7 +712,7 @@ class GAPA:
 
         # tracking first: its hooks set a module's propagated variance before on_output adds
         # the GP variance to it
-        with torch.no_grad(), tracking(self.model, tracker, outputs), \
+        with self._predict_pass(x) as x, tracking(self.model, tracker, outputs), \
                 self._call_sites(on_call, on_output):
             mean = output_tensor(self.model(x))
         return mean, tracker
@@ -660,10 +746,12 @@ class GAPA:
             self.model(x)
         return {key: torch.cat(chunks) for key, chunks in seen.items()}
 
-    def _check_input(self, x) -> None:
+    def _check_input(self, x, shape: tuple[int, ...] | bool | None = True) -> None:
+        """Refuse inputs that are not a tensor of the model's dtype and device, or (``shape``:
+        True for the fitted inputs' shape, a tuple, or None to skip) of another shape."""
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-        expected = self._input_shape
+        expected = self._input_shape if shape is True else shape or None
         if expected is not None and (x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected):
             raise InputError(
                 f"inputs of shape {tuple(x.shape)} do not match the training inputs, which were "
@@ -712,8 +800,12 @@ class GAPA:
             cal = fit_scale_and_noise(out.mean, out.var, y)
             return cal, cal.nll
 
-        self._calibration = self._fit_on_validation(x, fit, lengthscale_factors, None)
-        return self._calibration
+        result, factor = self._fit_on_validation(x, fit, lengthscale_factors, None)
+        if factor != self._factor:  # a classifier calibration belongs to the old factor
+            self._set_factor(factor)
+            self._class_calibration = None
+        self._calibration = result
+        return result
 
     def calibrate_classifier(
         self, x: torch.Tensor, labels: torch.Tensor, *,
@@ -731,16 +823,22 @@ class GAPA:
             scale = fit_variance_scale(out.mean, out.var, labels, method=method)
             return scale, scale.nll
 
-        self._class_calibration = self._fit_on_validation(x, fit, lengthscale_factors, batch_size)
-        return self._class_calibration
+        result, factor = self._fit_on_validation(x, fit, lengthscale_factors, batch_size)
+        if factor != self._factor:  # a regression calibration belongs to the old factor
+            self._set_factor(factor)
+            self._calibration = None
+        self._class_calibration = result
+        return result
 
     def _fit_on_validation(self, x, fit, lengthscale_factors, batch_size):
-        """``fit(moments) -> (result, nll)`` for each lengthscale factor; keeps the best, and
-        on ties the factor nearest 1."""
+        """``fit(moments) -> (result, nll)`` for each lengthscale factor: the best result and
+        its factor (on ties the factor nearest 1; the factor in force without factors). The
+        sites are left at the factor in force, whatever happens: the caller commits."""
         self._require_fitted("calibrate")
-        bad = [f for f in lengthscale_factors or [] if not f > 0]
+        bad = [f for f in lengthscale_factors or []
+               if not isinstance(f, int | float) or not math.isfinite(f) or not f > 0]
         if bad:
-            raise ConfigurationError(f"lengthscale factors must be positive, got {bad}")
+            raise ConfigurationError(f"lengthscale factors must be positive and finite, got {bad}")
         best = None
         # nearest to the label-free rule's own lengthscale first: only a strictly better
         # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
@@ -756,17 +854,17 @@ class GAPA:
         else:
             def moments() -> Moments:
                 return self.moments(x, batch_size)
-        for factor in factors:
-            if factor is not None:
-                self._rescale_lengthscales(factor)
-            result, nll = fit(moments())
-            if best is None or nll < best[1]:
-                best = (result, nll, factor)
+        try:
+            for factor in factors:
+                if factor is not None:
+                    self._rescale_lengthscales(factor)
+                result, nll = fit(moments())
+                if best is None or nll < best[1]:
+                    best = (result, nll, factor)
+        finally:
+            self._rescale_lengthscales(self._factor)
         result, _, factor = best
-        if factor is not None:
-            self._rescale_lengthscales(factor)
-            self.lengthscale_factor = factor
-        return result
+        return result, self._factor if factor is None else float(factor)
 
     def moments(self, x: torch.Tensor, batch_size: int | None = None) -> Moments:
         """``self(x)`` in batches of ``batch_size`` rows (all at once for ``None``)."""
@@ -808,12 +906,30 @@ class GAPA:
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
 
 
-def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
+@dataclass
+class _Seen:
+    """What the training inputs of a fit showed: their shape (without the batch axis), their
+    number, and the modules in training mode that proved deterministic on them."""
+
+    shape: tuple[int, ...] | None = None
+    inputs: int = 0
+    training: frozenset[str] = frozenset()
+
+
+def _weights_stamp(model: nn.Module) -> tuple:
+    """Identity and version counter of every parameter and buffer: any write through torch
+    (an optimiser step, ``load_state_dict``, an in-place edit) or a replaced tensor changes it."""
+    with untracked():
+        return tuple((id(t), version(t)) for t in (*model.parameters(), *model.buffers()))
+
+
+def _check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
     """Refuse a model whose forward pass is random or changes its own buffers (dropout or
     BatchNorm left in training mode): GAPA's mean must be the network's one fixed function.
-    Only models with a module in training mode are run twice; their buffers are restored."""
+    Only models with a module in training mode are run twice; their buffers are restored.
+    Returns the names of the modules in training mode, now shown to be deterministic."""
     if not any(m.training for m in model.modules()):
-        return
+        return frozenset()
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     training = sorted({type(m).__name__ for m in model.modules() if m.training})
     try:
@@ -836,6 +952,7 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor) -> None:
             f"the model is in training mode ({', '.join(training)}) and {why}; call "
             "model.eval() before fitting GAPA (dropout and BatchNorm must be frozen)"
         )
+    return frozenset(name for name, m in model.named_modules() if m.training)
 
 
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
