@@ -50,8 +50,8 @@ def main() -> None:
             for k in map(int, a.k.split(",")):
                 gm = GAPA(model, [a.layer], k=k, m=m, search=search)
                 # reuse the fitted GP's conditioning set: only k differs
-                gm._sites = {key: _with_k(site, k) for key, site in base.sites.items()}
-                gm._input_shape = base._input_shape
+                gm._restore({key: _with_k(site, k) for key, site in base.sites.items()},
+                            base._input_shape, 1.0, None, None, base._fingerprint)
                 site = next(iter(gm.sites.values()))
                 gm(x)  # warm up
                 site.timings.update(search=0.0, conditioning=0.0)
