@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import gapa
 from conftest import mlp
 from gapa.cli import main
-from gapa.plan import parse_bytes
+from gapa.plan import parse_bytes, plan_fit
+from gapa.site import Conditioning, GPConfig
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -21,7 +22,8 @@ def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["four GiB", "4 parsecs", 0, -5, ""])
+@pytest.mark.parametrize("bad", ["four GiB", "4 parsecs", 0, -5, "", "1e400", "1.2.3GiB", "0.5",
+                                 float("nan"), float("inf"), 0.5, True])
 def test_parse_bytes_refuses(bad):
     with pytest.raises(gapa.ConfigurationError):
         parse_bytes(bad)
@@ -108,3 +110,38 @@ def test_cli_plan(capsys):
     assert main(["plan", "--n-train", "2000000", "--width", "512", "--m", "0",
                  "--budget", "4GiB"]) == 1
     assert "MemoryBudgetError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("n_train", "sites", "config", "kw", "match"), [
+    (0, {"a": (16, 1)}, {}, {}, "n_train"),
+    (True, {"a": (16, 1)}, {}, {}, "n_train"),
+    (10.0, {"a": (16, 1)}, {}, {}, "n_train"),
+    (100, {}, {}, {}, "at least one call site"),
+    (100, {"a": (0, 1)}, {}, {}, r"site 'a'.*\(0, 1\)"),
+    (100, {"a": (16, -2)}, {}, {}, r"site 'a'"),
+    (100, {"a": (16,)}, {}, {}, r"site 'a'"),
+    (100, {"a": (16.5, 1)}, {}, {}, r"site 'a'"),
+    (100, {"a": (16, 1)}, {"k": 0}, {}, "k must be a positive integer"),
+    (100, {"a": (16, 1)}, {"m": -3}, {}, "m must be a positive integer"),
+    (100, {"a": (16, 1)}, {"k": 5, "m": 3}, {}, "k=5 neighbours exceed the 3 conditioning"),
+    (100, {"a": (16, 1)}, {"k": 101, "m": None}, {}, "exceed the 100 conditioning rows"),
+    (100, {"a": (16, 1)}, {}, {"store_dtype": "float64"}, "store_dtype"),
+    (100, {"a": (16, 1)}, {}, {"compute_dtype": "int8"}, "compute_dtype"),
+    (100, {"a": (16, 1)}, None, {}, "GPConfig"),
+])
+def test_plan_fit_refuses_impossible_values(n_train, sites, config, kw, match):
+    with pytest.raises(gapa.ConfigurationError, match=match):  # from GPConfig or plan_fit
+        plan_fit(n_train, sites, {"k": 1} if config is None else GPConfig(**config), **kw)
+
+
+def test_plan_fit_takes_the_edge_values():
+    assert plan_fit(1, {"a": (1, 1)}, GPConfig(k=1, m=1)).sites[0].conditioning_rows == 1
+    assert plan_fit(10, {"a": (4, 3)}, GPConfig(k=30, m=None)).sites[0].cache_rows == 30
+    exact = GPConfig(k=50, m=None, conditioning=Conditioning.EXACT)  # k is unused there
+    assert plan_fit(10, {"a": (4, 1)}, exact).sites[0].search == "exact conditioning"
+
+
+def test_gm_plan_refuses_more_neighbours_than_rows():
+    model = mlp([3, 8, 1])
+    with pytest.raises(gapa.ConfigurationError, match="k=5 neighbours exceed the 4"):
+        gapa.GAPA(model, k=5, m=None).plan(4, torch.randn(2, 3))

@@ -1,4 +1,6 @@
-"""Command line: ``gapa demo`` (the main job on flights or your own CSV) and ``gapa bench``."""
+"""Command line: ``gapa demo`` (the main job on flights or your own CSV), ``gapa bench`` and
+``gapa plan``. Every numeric or list argument is checked as it is parsed: a bad value ends in
+argparse's one-line ``error:`` message and exit status 2."""
 
 from __future__ import annotations
 
@@ -11,26 +13,89 @@ from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_
 from .data import DATASETS, load_csv, load_dataset
 from .demo import DemoConfig, run_demo
 from .errors import ConfigurationError, GAPAError
-from .plan import plan_fit
+from .plan import parse_bytes, plan_fit
 from .search import SearchBackend
 from .site import GPConfig
+
+
+def _integer(minimum: int):
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _widths(text: str) -> list[int]:
+    """argparse type: comma-separated positive unit counts."""
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of unit counts (e.g. 256 or 64,256)") from None
+    if min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"needs positive unit counts, got {text!r}")
+    return widths
+
+
+def _names(text: str) -> list[str]:
+    """argparse type: a non-empty comma-separated list of names."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; separate names by commas")
+    return names
+
+
+def _ood_sets(text: str) -> list[str]:
+    """argparse type: comma-separated OOD and shift sets, from mnist and rotated."""
+    sets = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = sorted(set(sets) - {"mnist", "rotated"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown set(s) {unknown}; use mnist and/or rotated")
+    return sets
+
+
+def _budget(text: str) -> str:
+    """argparse type: a memory size such as 4GiB (kept as written, for the messages)."""
+    try:
+        parse_bytes(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device name (cpu, cuda, cuda:1)."""
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda)") from None
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gapa", description="Gaussian Process Activations")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="MAP vs GAPA on real flight delays (or --csv PATH --target COL)")
+    d.set_defaults(command_parser=d)
     d.add_argument("--csv", help="your own table: numeric columns are features, rows split 60/20/20")
     d.add_argument("--target", help="the target column of --csv")
     d.add_argument("--split", choices=["time", "shuffled"], default="time",
                    help="flights split: time-ordered (default) or shuffled 60/20/20")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_integer(0), default=0)
     d.add_argument("--json", dest="json_path", help="write one record per method to this file")
     d.add_argument("--figure", default="gapa-demo.png", help="where to save the figure")
-    d.add_argument("--layers", help="comma-separated GAPA layers (default: %(default)s)",
+    d.add_argument("--layers", type=_names,
+                   help="comma-separated GAPA layers (default: %(default)s)",
                    default=",".join(GAPA_DEFAULT["layers"]))
-    d.add_argument("--k", type=int, default=GAPA_DEFAULT["k"], help="neighbours (default %(default)s)")
-    d.add_argument("--m", type=int, default=GAPA_DEFAULT["m"],
+    d.add_argument("--k", type=_integer(1), default=GAPA_DEFAULT["k"],
+                   help="neighbours (default %(default)s)")
+    d.add_argument("--m", type=_integer(0), default=GAPA_DEFAULT["m"],
                    help="inducing points, 0 for the whole cache (default %(default)s)")
     d.add_argument("--propagation", choices=["diagonal", "jacobian"],
                    default=GAPA_DEFAULT["propagation"],
@@ -43,25 +108,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="expected cache, index and memory of a fit, before fitting")
-    p.add_argument("--n-train", type=int, required=True, help="training inputs")
-    p.add_argument("--width", required=True,
+    p.set_defaults(command_parser=p)
+    p.add_argument("--n-train", type=_integer(1), required=True, help="training inputs")
+    p.add_argument("--width", type=_widths, required=True,
                    help="units of each GAPA call site, comma-separated (e.g. 256 or 64,256)")
-    p.add_argument("--queries-per-input", type=int, default=1,
+    p.add_argument("--queries-per-input", type=_integer(1), default=1,
                    help="GP queries per input at each site: 1 for MLPs or queries='inputs', "
                    "H x W for a feature map's positions (default %(default)s)")
-    p.add_argument("--m", type=int, default=GPConfig.m,
+    p.add_argument("--m", type=_integer(0), default=GPConfig.m,
                    help="inducing points, 0 for the whole cache (default %(default)s)")
-    p.add_argument("--k", type=int, default=1, help="neighbours (default %(default)s)")
+    p.add_argument("--k", type=_integer(1), default=1, help="neighbours (default %(default)s)")
     p.add_argument("--search", default="torch", choices=[b.value for b in SearchBackend])
     p.add_argument("--store", action="store_true", help="stream the cache to disk")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--budget", help="memory budget, e.g. 4GiB: exit 1 when the plan exceeds it")
+    p.add_argument("--budget", type=_budget,
+                   help="memory budget, e.g. 4GiB: exit 1 when the plan exceeds it")
 
 
 def _bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks of the paper")
     bsub = b.add_subparsers(dest="task", required=True)
     r = bsub.add_parser("regression", help="every method of the regression table, over seeds")
+    r.set_defaults(command_parser=r)
     r.add_argument("--dataset", default="flights", choices=sorted(DATASETS),
                    help="flights (default, fetched offline), year-synthetic (timing only), or "
                    "airline|year|taxi with --data-path")
@@ -72,8 +140,9 @@ def _bench_parser(sub) -> None:
                    help="flights split (default %(default)s)")
     r.add_argument("--methods", default="all",
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    r.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default %(default)s)")
-    r.add_argument("--max-epochs", type=int, default=None,
+    r.add_argument("--seeds", type=_integer(1), default=5,
+                   help="seeds 0..N-1 (default %(default)s)")
+    r.add_argument("--max-epochs", type=_integer(1), default=None,
                    help="cap on backbone training epochs (default: the backbone's own, 40)")
     r.add_argument("--json", dest="json_path", help="write one record per method and seed")
     r.add_argument("--resume", action="store_true",
@@ -84,25 +153,27 @@ def _bench_parser(sub) -> None:
     from .classifiers import ARCHITECTURES
 
     c = bsub.add_parser("classification", help="GAPA and its peers on a frozen image classifier")
+    c.set_defaults(command_parser=c)
     c.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
     c.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files (default: the "
                    "Debian package's, or $GAPA_FASHION_MNIST_DIR)")
     c.add_argument("--backbone", default="mlp", choices=ARCHITECTURES)
-    c.add_argument("--ood", default="mnist,rotated",
+    c.add_argument("--ood", type=_ood_sets, default="mnist,rotated",
                    help="comma-separated OOD and shift sets: mnist, rotated (default %(default)s)")
-    c.add_argument("--rotated-size", type=int, default=2000,
+    c.add_argument("--rotated-size", type=_integer(1), default=2000,
                    help="test images rotated at each angle (default %(default)s)")
     c.add_argument("--methods", default="all",
                    help=f"comma-separated, from {', '.join(CLASS_METHODS)} (default: all)")
-    c.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default %(default)s)")
-    c.add_argument("--test-size", type=int, help="score on N class-balanced test images and N "
-                   "MNIST digits (for methods too slow for the whole sets)")
-    c.add_argument("--subset", type=int, help="a quick look: N class-balanced training images "
-                   "and N/4 validation and test images")
-    c.add_argument("--max-epochs", type=int, help="cap on the training epochs of networks that "
-                   "are not cached yet (default: the architecture's own)")
-    c.add_argument("--device", default="cpu", help="where networks that are not cached yet "
-                   "train (cpu, cuda); every method is then scored on the CPU")
+    c.add_argument("--seeds", type=_integer(1), default=3,
+                   help="seeds 0..N-1 (default %(default)s)")
+    c.add_argument("--test-size", type=_integer(1), help="score on N class-balanced test images "
+                   "and N MNIST digits (for methods too slow for the whole sets)")
+    c.add_argument("--subset", type=_integer(1), help="a quick look: N class-balanced training "
+                   "images and N/4 validation and test images")
+    c.add_argument("--max-epochs", type=_integer(1), help="cap on the training epochs of networks "
+                   "that are not cached yet (default: the architecture's own)")
+    c.add_argument("--device", type=_device, default="cpu", help="where networks that are not "
+                   "cached yet train (cpu, cuda); every method is then scored on the CPU")
     c.add_argument("--json", dest="json_path", help="write one record per method and seed")
     c.add_argument("--figures", help="folder for the reliability, OOD-score and rotation figures")
     c.add_argument("--no-progress", dest="progress", action="store_false")
@@ -140,7 +211,7 @@ def _bench_classification(args) -> None:
     if args.subset:
         data = subset(data, args.subset, max(1, args.subset // 4))
     print(f"data: {data.describe()}; backbone: {args.backbone}")
-    sets = cb.eval_sets(data, [s.strip() for s in args.ood.split(",") if s.strip()],
+    sets = cb.eval_sets(data, args.ood,
                         rotated_size=args.rotated_size, test_size=args.test_size)
     results = cb.run_benchmark(data, args.backbone, methods, args.seeds, sets=sets,
                                train={"device": args.device} | (
@@ -159,11 +230,8 @@ def _bench_classification(args) -> None:
 
 
 def _plan(args) -> None:
-    widths = [int(w) for w in args.width.split(",") if w.strip()]
-    if not widths or min(widths) < 1 or args.queries_per_input < 1:
-        raise ConfigurationError("--width needs positive unit counts and --queries-per-input >= 1")
     config = GPConfig(k=args.k, m=args.m or None, search=SearchBackend(args.search))
-    sites = {f"site{i}": (w, args.queries_per_input) for i, w in enumerate(widths)}
+    sites = {f"site{i}": (w, args.queries_per_input) for i, w in enumerate(args.width)}
     plan = plan_fit(args.n_train, sites, config, store=args.store, store_dtype=args.store_dtype)
     if args.budget:
         plan.check(args.budget)  # the error shows the plan
@@ -173,19 +241,34 @@ def _plan(args) -> None:
 
 
 def _demo_config(args) -> DemoConfig:
-    gapa_opts = {"layers": args.layers.split(","), "k": args.k, "m": args.m or None,
+    gapa_opts = {"layers": args.layers, "k": args.k, "m": args.m or None,
                  "propagation": args.propagation}
     return DemoConfig(csv=args.csv, target=args.target, split=args.split, seed=args.seed,
                       json_path=args.json_path, figure=args.figure, progress=args.progress,
                       gapa=gapa_opts)
 
 
+def _check_together(args) -> None:
+    """Arguments valid alone but not together: argparse's error (exit status 2)."""
+    error = args.command_parser.error
+    if getattr(args, "csv", None) and not args.target:
+        error("argument --target: --csv needs --target COLUMN")
+    if args.command == "plan":
+        rows = args.n_train * args.queries_per_input
+        rows = min(args.m, rows) if args.m else rows
+        if args.k > rows:
+            error(f"argument --k: {args.k} neighbours exceed the {rows:,} conditioning rows "
+                  f"(--m {args.m}, --n-train {args.n_train} x --queries-per-input "
+                  f"{args.queries_per_input}); lower --k")
+    if args.command == "demo" and args.m and args.k > args.m:
+        error(f"argument --k: {args.k} neighbours exceed the --m {args.m} inducing points; "
+              "lower --k or raise --m")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _check_together(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if getattr(args, "csv", None) and not args.target:
-        print(f"gapa {args.command}: --csv needs --target COLUMN", file=sys.stderr)
-        return 2
     try:
         if args.command == "bench":
             _bench(args)

@@ -3,7 +3,8 @@
 One file holds everything a fitted :class:`gapa.GAPA` needs besides the model itself: every call
 site's conditioning rows, their counts and hyperparameters, the search index, the calibrations
 and the options. The header records a fingerprint of the model's architecture and of its
-weights, so a state is never applied to a network whose activations it does not describe.
+weights as they were at the fit, so a state is never saved for, nor applied to, a network whose
+activations it does not describe. Every value is validated on load.
 
 Format versions:
 
@@ -14,8 +15,10 @@ Format versions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict
@@ -34,6 +37,8 @@ from .errors import (
     ArchitectureMismatchError,
     CorruptStateError,
     FormatVersionError,
+    MissingDependencyError,
+    ModelChangedError,
     StateFileError,
     WeightsMismatchError,
 )
@@ -73,9 +78,17 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
     """Write ``gm``'s fitted state to ``path`` atomically (aside, then renamed): an interrupted
-    save leaves the previous file as it was."""
+    save leaves the previous file as it was. The file records the model's fingerprint of the
+    fit; :class:`gapa.ModelChangedError` when the weights changed since, and nothing is written."""
     gm._require_fitted("save")
     path = Path(path)
+    now = model_fingerprint(gm.model)
+    fitted = gm._fingerprint or now
+    if any(fitted.get(part) != now[part] for part in ("architecture", "weights")):
+        raise ModelChangedError(
+            f"cannot save to {path}: the model's weights changed since this GAPA was fitted, so "
+            "its cached activations (and variances) describe the old network; refit with "
+            "gm.fit(...), or restore the weights it was fitted on, then save")
     tensors: dict[str, torch.Tensor] = {}
     sites = {}
     for key, site in gm.sites.items():
@@ -97,7 +110,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "gapa_version": _library_version(),
-        "model": model_fingerprint(gm.model),
+        "model": dict(fitted),
         "options": gm.options(),
         "input_shape": list(gm._input_shape) if gm._input_shape is not None else None,
         "fit_inputs": gm._fit_inputs,
@@ -117,11 +130,12 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
                map_location: str | torch.device | None = None) -> GAPA:
     """A fitted :class:`gapa.GAPA` around ``model`` from :func:`save_state`'s file.
 
-    Raises :class:`gapa.CorruptStateError` (truncated, not a GAPA file, checksum),
-    :class:`gapa.FormatVersionError` (a newer or unknown format),
-    :class:`gapa.ArchitectureMismatchError` or :class:`gapa.WeightsMismatchError` (another
-    model); an older format loads with a :class:`FormatWarning`. ``map_location`` moves the
-    state's tensors (default: the device of the model's parameters).
+    Raises :class:`gapa.CorruptStateError` (truncated, not a GAPA file, checksum, or
+    impossible contents: every value is validated), :class:`gapa.FormatVersionError` (a newer
+    or unknown format), :class:`gapa.ArchitectureMismatchError` or
+    :class:`gapa.WeightsMismatchError` (another model); an older format loads with a
+    :class:`FormatWarning`. ``map_location`` moves the state's tensors (default: the device of
+    the model's parameters).
     """
     path = Path(path)
     metadata, tensors = _read(path)
@@ -143,40 +157,157 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
         if expected != _checksum(tensors, metadata):
             raise CorruptStateError(f"{path}: the contents do not match their recorded checksum; "
                                     "the file is corrupted: refit or restore a good copy")
-    _check_model(path, metadata.get("model", {}), model)
+    _check_model(path, metadata.get("model"), model)
     device = map_location if map_location is not None else model_device(model)
-    try:
-        gm = cls(model, **metadata["options"])
-        factor = float(metadata["lengthscale_factor"])
-        sites = {}
-        for key, meta in metadata["sites"].items():
-            def tensor(name: str, key=key) -> torch.Tensor:
-                return tensors[f"{key}/{name}"].to(device)
+    torch.empty(0, device=device)  # an unusable map_location fails here, not as a corrupt file
+    return _build(cls, path, model, metadata, tensors, device)
 
-            hp = Hyperparameters(lengthscale=tensor("lengthscale"), amplitude=tensor("amplitude"),
-                                 noise=float(meta["noise"]))
-            index_state = meta.get("index")
-            if index_state is not None:
-                prefix = f"{key}/index/"
-                index_state = {**index_state, **{
-                    n[len(prefix):]: tensors[n].numpy() for n in tensors if n.startswith(prefix)}}
-            sites[key] = GPSite.restore(
-                key, gm.config, tensor("rows"), tensor("counts"), hp, int(meta["cache_size"]),
-                factor, index_state)
+
+class _Invalid(Exception):
+    """A value of a state file that is impossible (reported as a CorruptStateError)."""
+
+
+@contextlib.contextmanager
+def _rebuilding(path: Path, where: str):
+    """Any failure while rebuilding ``where`` from the file becomes a CorruptStateError naming
+    the file, the place and the problem (a missing optional back end stays what it is)."""
+    try:
+        yield
+    except (StateFileError, MissingDependencyError):
+        raise
+    except Exception as exc:
+        problem = str(exc) if isinstance(exc, _Invalid) else (
+            f"malformed ({type(exc).__name__}: {exc})")
+        raise CorruptStateError(f"{path}: {where}: {problem}; the file is corrupted: refit, or "
+                                "restore a good copy") from exc
+
+
+def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
+           tensors: dict[str, torch.Tensor], device) -> GAPA:
+    """The GAPA the checked metadata and tensors describe; every value is validated first."""
+    with _rebuilding(path, "the metadata"):
+        gm = cls(model, **metadata["options"])
+        factor = _number(metadata["lengthscale_factor"], "lengthscale_factor", 0, strict=True)
         shape = metadata["input_shape"]
-        calibration = metadata["calibration"]
-        class_cal = metadata["class_calibration"]
-        gm._fit_inputs = int(metadata.get("fit_inputs", 0))  # not in format 1
-        gm._restore(
-            sites, tuple(shape) if shape is not None else None, factor,
-            Calibration(**calibration) if calibration is not None else None,
-            None if class_cal is None else VarianceScaleFit(
-                **{**class_cal, "method": Method(class_cal["method"])}),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CorruptStateError(f"{path}: the GAPA metadata is incomplete or malformed "
-                                f"({type(exc).__name__}: {exc})") from exc
+        if shape is not None and not (isinstance(shape, list) and all(
+                _is_int(s) and s > 0 for s in shape)):
+            raise _Invalid(f"input_shape {shape!r} is not a list of positive integers")
+        fit_inputs = metadata.get("fit_inputs", 0)  # not in format 1
+        if not _is_int(fit_inputs) or fit_inputs < 0:
+            raise _Invalid(f"fit_inputs {fit_inputs!r} is not a non-negative integer")
+        sites_meta = metadata["sites"]
+        if not isinstance(sites_meta, dict) or not sites_meta:
+            raise _Invalid("it holds no call sites")
+    with _rebuilding(path, "the calibration"):
+        calibration = _calibration(metadata["calibration"])
+        class_cal = _class_calibration(metadata["class_calibration"])
+    sites = {}
+    for key, meta in sites_meta.items():
+        with _rebuilding(path, f"site {key!r}"):
+            sites[key] = _site(gm, key, meta, tensors, factor, device)
+    gm._fit_inputs = fit_inputs
+    gm._restore(sites, tuple(shape) if shape is not None else None, factor, calibration,
+                class_cal, fingerprint=metadata["model"])
     return gm
+
+
+def _site(gm: GAPA, key: str, meta: dict, tensors: dict[str, torch.Tensor], factor: float,
+          device) -> GPSite:
+    """One call site from its metadata and tensors, each checked against the others."""
+    layer = key.split("#")[0]
+    if layer not in gm.layers:
+        raise _Invalid(f"its layer {layer!r} is not one of the saved GAPA layers {gm.layers} of "
+                       "this model")
+    width = meta["width"]
+    if not _is_int(width) or width < 1:
+        raise _Invalid(f"width {width!r} is not a positive integer")
+
+    def tensor(name: str) -> torch.Tensor:
+        if f"{key}/{name}" not in tensors:
+            raise _Invalid(f"the tensor {key}/{name} is missing")
+        return tensors[f"{key}/{name}"]
+
+    rows = tensor("rows")
+    if not rows.is_floating_point() or rows.dim() != 2 or rows.shape[0] < 1 or (
+            rows.shape[1] != width):
+        raise _Invalid(f"rows have shape {tuple(rows.shape)} ({rows.dtype}); expected "
+                       f"(N >= 1, {width}) floating point, the width in the metadata")
+    if not bool(torch.isfinite(rows).all()):
+        raise _Invalid("rows contain NaN/Inf values")
+    n = len(rows)
+    counts = tensor("counts")
+    if counts.shape != (n,) or counts.dtype == torch.bool or counts.is_complex():
+        raise _Invalid(f"counts have shape {tuple(counts.shape)} ({counts.dtype}); expected "
+                       f"({n},) real numbers, one per row")
+    if not bool((torch.isfinite(counts) & (counts > 0)).all()):
+        raise _Invalid("counts must be finite and positive")
+    hp = {}
+    for name in ("lengthscale", "amplitude"):
+        t = tensor(name)
+        if t.shape != (width,) or t.dtype != rows.dtype:
+            raise _Invalid(f"{name} has shape {tuple(t.shape)} ({t.dtype}); expected ({width},) "
+                           f"in the rows' {rows.dtype}")
+        if not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise _Invalid(f"{name} must be finite and positive")
+        hp[name] = t.to(device)
+    noise = _number(meta["noise"], "noise", 0, strict=True)
+    cache_size = meta["cache_size"]
+    if not _is_int(cache_size) or cache_size < n:
+        raise _Invalid(f"cache_size {cache_size!r} is not an integer >= its {n} rows")
+    index_state = meta.get("index")
+    if index_state is not None:
+        prefix = f"{key}/index/"
+        arrays = {name[len(prefix):]: t.numpy() for name, t in tensors.items()
+                  if name.startswith(prefix)}
+        ids = arrays.get("ids")
+        if ids is not None and (
+                ids.shape != (n,) or not np.array_equal(np.sort(ids), np.arange(n))):
+            raise _Invalid(f"the search index's ids (shape {ids.shape}) are not a permutation of "
+                           f"its {n} rows (out of range, repeated or of the wrong length)")
+        index_state = {**index_state, **arrays}
+    site = GPSite.restore(key, gm.config, rows.to(device), counts.to(device),
+                          Hyperparameters(noise=noise, **hp), cache_size, factor, index_state)
+    searched = site.index
+    index = getattr(searched, "_index", None)  # the faiss index, for the faiss back ends
+    if index is not None and (index.ntotal, index.d) != (len(searched), searched.dim):
+        raise _Invalid(f"the saved search index holds {index.ntotal} x {index.d} vectors, "
+                       f"not the {len(searched)} x {searched.dim} points it searches")
+    return site
+
+
+def _calibration(value) -> Calibration | None:
+    if value is None:
+        return None
+    cal = Calibration(**value)
+    for name in ("scale", "noise"):
+        _number(getattr(cal, name), f"calibration {name}", 0)
+    _number(cal.nll, "calibration nll")  # a density's NLL may be negative
+    return cal
+
+
+def _class_calibration(value) -> VarianceScaleFit | None:
+    if value is None:
+        return None
+    fit = VarianceScaleFit(**{**value, "method": Method(value["method"])})
+    for name in ("scale", "nll", "map_nll"):
+        _number(getattr(fit, name), f"class_calibration {name}", 0)
+    return fit
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value, name: str, minimum: float | None = None, *, strict: bool = False) -> float:
+    """``value`` as a float; _Invalid unless it is a finite real number >= (``strict``: >)
+    ``minimum``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        raise _Invalid(f"{name} is {value!r}; it must be a finite number{bound}")
+    return float(value)
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -203,7 +334,10 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
-def _check_model(path: Path, saved: dict, model: nn.Module) -> None:
+def _check_model(path: Path, saved, model: nn.Module) -> None:
+    if not isinstance(saved, dict):
+        raise CorruptStateError(f"{path}: the metadata has no model fingerprint; the file is "
+                                "corrupted: refit, or restore a good copy")
     actual = model_fingerprint(model)
     if saved.get("architecture") != actual["architecture"]:
         raise ArchitectureMismatchError(

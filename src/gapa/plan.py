@@ -29,7 +29,7 @@ ASSUMED_NPROBE = 8
 ASSUMED_EF_SEARCH = 64
 #: k-means trains on at most this many rows per inducing point (gapa.inducing).
 KMEANS_ROWS_PER_CENTROID = 64
-FLOAT_BYTES = {"float32": 4, "float16": 2, "float64": 8}
+FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -37,17 +37,21 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 
 
 def parse_bytes(value: int | float | str) -> int:
-    """``4294967296``, ``"4GiB"``, ``"512 MB"``, ``"1.5e9"`` -> bytes."""
+    """``4294967296``, ``"4GiB"``, ``"512 MB"``, ``"1.5e9"`` -> bytes (at least one, finite)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        if value <= 0:
-            raise ConfigurationError(f"a memory budget must be positive, got {value}")
-        return int(value)
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
-    if not match or match.group(2) not in _UNITS:
+        size = value
+    else:
+        match = re.fullmatch(r"\s*((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:e[0-9]+)?)\s*([a-z]*)\s*",
+                             str(value).lower())
+        if not match or match.group(2) not in _UNITS:
+            raise ConfigurationError(
+                f"cannot read {value!r} as a size; write bytes or a number with a unit such as "
+                "'4GiB', '512MiB' or '2GB'")
+        size = float(match.group(1)) * _UNITS[match.group(2)]
+    if not math.isfinite(size) or size < 1:
         raise ConfigurationError(
-            f"cannot read {value!r} as a size; write bytes or a number with a unit such as "
-            "'4GiB', '512MiB' or '2GB'")
-    return parse_bytes(float(match.group(1)) * _UNITS[match.group(2)])
+            f"a memory budget must be a finite size of at least 1 byte, got {value!r}")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,10 @@ def plan_fit(
     store_dtype: str = "float32", compute_dtype: str = "float32",
 ) -> Plan:
     """The plan for ``n_train`` inputs; ``sites`` maps each call site to ``(width, queries per
-    input)`` (1 for an MLP or ``queries="inputs"``, H x W for a feature map's positions)."""
-    if not isinstance(n_train, int) or n_train < 1:
-        raise ConfigurationError(f"n_train must be a positive integer, got {n_train!r}")
-    if store_dtype not in ("float32", "float16"):
-        raise ConfigurationError(f"store_dtype must be float32 or float16, got {store_dtype!r}")
-    item = FLOAT_BYTES.get(compute_dtype, 4)
+    input)`` (1 for an MLP or ``queries="inputs"``, H x W for a feature map's positions).
+    Raises :class:`gapa.ConfigurationError` for values no fit could have."""
+    _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype)
+    item = FLOAT_BYTES[compute_dtype]
     plans = []
     for key, (width, per_input) in sites.items():
         n = n_train * per_input
@@ -129,6 +131,40 @@ def plan_fit(
     peak = _peak(plans, config, store, item)
     disk = sum(s.cache_bytes for s in plans) if store else 0
     return Plan(n_train, tuple(plans), store, store_dtype, peak, disk)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype) -> None:
+    if not _is_count(n_train):
+        raise ConfigurationError(f"n_train must be a positive integer, got {n_train!r}")
+    if store_dtype not in ("float32", "float16"):
+        raise ConfigurationError(f"store_dtype must be float32 or float16, got {store_dtype!r}")
+    if compute_dtype not in FLOAT_BYTES:
+        raise ConfigurationError(
+            f"compute_dtype must be one of {', '.join(FLOAT_BYTES)}, got {compute_dtype!r}")
+    if not isinstance(config, GPConfig):
+        raise ConfigurationError(
+            f"config must be a gapa.site.GPConfig, got {type(config).__name__}")
+    if not _is_count(config.k):
+        raise ConfigurationError(f"k must be a positive integer, got {config.k!r}")
+    if config.m is not None and not _is_count(config.m):
+        raise ConfigurationError(f"m must be a positive integer or None, got {config.m!r}")
+    if not isinstance(sites, dict) or not sites:
+        raise ConfigurationError("sites must map at least one call site to (width, queries per "
+                                 f"input), got {sites!r}")
+    for key, spec in sites.items():
+        if not (isinstance(spec, tuple | list) and len(spec) == 2 and all(map(_is_count, spec))):
+            raise ConfigurationError(f"site {key!r}: (width, queries per input) must be two "
+                                     f"positive integers, got {spec!r}")
+        rows = n_train * spec[1]
+        rows = rows if config.m is None else min(config.m, rows)
+        if config.conditioning is Conditioning.LOCAL and config.k > rows:
+            raise ConfigurationError(
+                f"k={config.k} neighbours exceed the {rows:,} conditioning rows of site {key!r} "
+                f"(m={config.m}, {n_train:,} inputs x {spec[1]} queries each); lower k")
 
 
 def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> int:
