@@ -47,7 +47,7 @@ def linear_rbf_variance(beta: float):
         c = (w * self.rows).sum(0) / w.sum()
         s2 = ((w * (self.rows - c).square()).sum(0) / w.sum()).clamp_min(1e-12)
         hp = self.hyperparameters
-        idx = self._search(z / self._search_scale, 1)[:, 0]
+        idx = self._neighbours(z, 1)[:, 0]
         x, r = self.rows[idx], self.row_noise[idx, None]
         a, b = hp.amplitude, beta * hp.amplitude / s2
         u, xc = z - c, x - c

@@ -36,6 +36,7 @@ from .errors import (
     StoreMismatchError,
     parse_enum,
 )
+from .kernels import check_overrides
 from .moments import Moments
 from .persistence import load_state, model_device, model_fingerprint, save_state
 from .plan import Plan, plan_fit
@@ -192,6 +193,7 @@ class GAPA:
         if queries not in QUERY_MODES:
             raise ConfigurationError(f"unknown queries {queries!r}; use one of {list(QUERY_MODES)}")
         self.queries = queries
+        check_overrides(hyperparameters or {})
         self._overrides = dict(hyperparameters or {})
         unknown = {name.split("#")[0] for name in self._overrides} - set(self.layers)
         if unknown:

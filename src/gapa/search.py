@@ -63,6 +63,8 @@ class NeighbourIndex:
     ``k`` and ``recall_target`` only matter for the approximate back ends: recall@k is measured
     on held-out rows and the search parameter raised until it reaches the target. ``gpu`` moves a
     faiss index to the GPU (None: when GPU faiss is installed and the points are on CUDA).
+    ``space`` names the coordinates the points are in (JSON-safe; kept in :meth:`state`), so
+    whoever restores a saved index can tell one built on other coordinates and rebuild it.
     """
 
     def __init__(
@@ -74,8 +76,10 @@ class NeighbourIndex:
         recall_target: float = RECALL_TARGET,
         seed: int = 0,
         gpu: bool | None = None,
+        space: str | None = None,
     ):
         self._configure(points, backend, k, recall_target, seed, gpu)
+        self.space = space
         if self.backend is SearchBackend.TORCH:
             self._sq_norms = self.points.square().sum(1)
         elif self.backend is SearchBackend.FAISS:
@@ -265,6 +269,8 @@ class NeighbourIndex:
             "recall_queries": self.recall_queries, "held_out": self.held_out,
             "rows": len(self), "dim": self.dim,
         }
+        if self.space is not None:
+            state["space"] = self.space
         if self.backend in _APPROXIMATE:
             index = self._index
             if self._gpu and hasattr(self._faiss, "index_gpu_to_cpu"):
@@ -282,13 +288,17 @@ class NeighbourIndex:
                   "seed": int(state["seed"]), "gpu": gpu}
         backend = parse_enum(SearchBackend, state["backend"], "search backend")
         if backend not in _APPROXIMATE:
-            return cls(points, backend, **common)
+            return cls(points, backend, **common, space=state.get("space"))
         self = cls.__new__(cls)
         self._configure(points, backend, **common)
+        self.space = state.get("space")
         if (len(self), self.dim) != (int(state["rows"]), int(state["dim"])):
             raise InputError(f"the saved index covers {state['rows']} x {state['dim']} points, "
                              f"got {len(self)} x {self.dim}")
         self._index = self._faiss.deserialize_index(np.asarray(state["index_bytes"], dtype=np.uint8))
+        if (self._index.ntotal, self._index.d) != (len(self), self.dim):
+            raise InputError(f"the saved faiss index holds {self._index.ntotal} x "
+                             f"{self._index.d} vectors, not the {len(self)} x {self.dim} points")
         if "ids" in state:
             self._ids = np.asarray(state["ids"], dtype=np.int64)
         self.params = {name: int(v) for name, v in state["params"].items()}
