@@ -9,7 +9,7 @@ import torch
 
 from .core import GAPA
 from .moments import Moments
-from .propagation.engine import output_tensor
+from .propagation.engine import output_tensor, thread_hooks
 
 
 def monte_carlo_moments(
@@ -62,13 +62,11 @@ def monte_carlo_trace(
 
 @contextlib.contextmanager
 def _recording(model: torch.nn.Module, outputs: list) -> Iterator[None]:
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: outputs.append((name, out)))
-               for name, m in model.named_modules()]
-    try:
+    """Record ``(name, output)`` of every module call in this thread."""
+    with thread_hooks() as add:
+        for name, m in model.named_modules():
+            add(m, lambda mod, args, out, name=name: outputs.append((name, out)))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def monte_carlo_propagate(
