@@ -280,9 +280,7 @@ class GAPA:
             raise ConfigurationError(f"lengthscale_factor must be a positive finite number, got "
                                      f"{factor!r}")
         self._require_fitted("set the lengthscale factor")
-        if factor != self._factor:
-            self._set_factor(float(factor))
-            self._calibration = self._class_calibration = None
+        self._commit_factor(float(factor))
 
     def _set_factor(self, factor: float) -> None:
         """Rescale every site, all or none: a failure puts back the factor in force."""
@@ -803,9 +801,7 @@ class GAPA:
             return cal, cal.nll
 
         result, factor = self._fit_on_validation(x, fit, lengthscale_factors, None)
-        if factor != self._factor:  # a classifier calibration belongs to the old factor
-            self._set_factor(factor)
-            self._class_calibration = None
+        self._commit_factor(factor)
         self._calibration = result
         return result
 
@@ -826,11 +822,16 @@ class GAPA:
             return scale, scale.nll
 
         result, factor = self._fit_on_validation(x, fit, lengthscale_factors, batch_size)
-        if factor != self._factor:  # a regression calibration belongs to the old factor
-            self._set_factor(factor)
-            self._calibration = None
+        self._commit_factor(factor)
         self._class_calibration = result
         return result
+
+    def _commit_factor(self, factor: float) -> None:
+        """Install the factor a calibration chose; the calibrations fitted at another factor
+        (of either kind) no longer hold and are dropped."""
+        if factor != self._factor:
+            self._set_factor(factor)
+            self._calibration = self._class_calibration = None
 
     def _fit_on_validation(self, x, fit, lengthscale_factors, batch_size):
         """``fit(moments) -> (result, nll)`` for each lengthscale factor: the best result and
