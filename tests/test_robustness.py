@@ -306,3 +306,117 @@ def test_a_gapa_inside_the_model_of_another_gapa():
     # the inner GAPA still answers as before
     assert torch.equal(inner(x).var, gapa.GAPA(inner_model, layers=["1"], m=64).fit(
         _data(), progress=False)(x).var)
+
+
+# --- found in review ------------------------------------------------------------------------------
+
+
+class WritesIntoGapaOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.head = nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h.mul_(2.0)  # the network scales the activation in place
+        return self.head(h)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_jacobian_follows_an_in_place_write_into_the_gapa_output(frozen):
+    """The network gets a copy of the GAPA output, so what is differentiated is never written:
+    the Jacobian variance equals the diagonal one (exact here: one linear layer after)."""
+    model = WritesIntoGapaOutput().eval()
+    model.requires_grad_(not frozen)
+    x = 3 * _data(6, seed=2)
+    out = {p: gapa.GAPA(model, layers=["act"], m=None, propagation=p).fit(
+        _data(), progress=False)(x) for p in ("diagonal", "jacobian")}
+    assert torch.equal(out["jacobian"].mean, out["diagonal"].mean)
+    torch.testing.assert_close(out["jacobian"].var, out["diagonal"].var, rtol=1e-5, atol=0)
+
+
+class InPlaceActivationAliased(nn.Module):
+    """ReLU(inplace=True) whose result is ignored: the network reads the tensor it wrote."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.head = nn.Linear(3, 16), nn.ReLU(inplace=True), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        self.act(h)
+        h.mul_(2.0)
+        return self.head(h)
+
+
+def test_jacobian_refuses_a_write_into_the_tensor_an_in_place_activation_returned():
+    model = InPlaceActivationAliased().eval()
+    gm = gapa.GAPA(model, layers=["act"], m=None, propagation="jacobian").fit(
+        _data(), progress=False)
+    with pytest.raises(gapa.UnsupportedOperationError, match="wrote in place"):
+        gm(_data(4))
+    model.requires_grad_(False)  # frozen: the path from the ignored copy is cut
+    with pytest.raises(gapa.UnsupportedOperationError, match="propagation='diagonal'"):
+        gm(_data(4))
+    diagonal = gapa.GAPA(model, layers=["act"], m=None).fit(_data(), progress=False)
+    assert bool((diagonal(3 * _data(4)).var > 0).all())
+
+
+class OnAnotherThread(nn.Module):
+    """Runs its body in a worker thread once ``threaded`` is set (as nn.DataParallel does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp([3, 16, 16, 2], seed=1)
+        self.threaded = False
+
+    def forward(self, x):
+        if not self.threaded:
+            return self.body(x)
+        box = []
+        worker = threading.Thread(target=lambda: box.append(self.body(x)))
+        worker.start()
+        worker.join()
+        return box[0]
+
+
+@pytest.mark.parametrize("propagation", ["diagonal", "jacobian"])
+def test_gapa_layers_run_on_another_thread_are_refused(propagation):
+    model = OnAnotherThread().eval()
+    gm = gapa.GAPA(model, layers=["body.1"], m=None, propagation=propagation)
+    gm.fit(_data(), progress=False)
+    model.threaded = True
+    with pytest.raises(gapa.UnsupportedOperationError, match="ran in this thread"):
+        gm(_data(4))
+
+
+def test_a_fit_in_training_mode_survives_save_and_load(tmp_path):
+    """A model without dropout or BatchNorm, never put in eval mode: the fit found it
+    deterministic, and so does the loaded state."""
+    model = mlp([3, 16, 2], seed=1).train()
+    gm = gapa.GAPA(model, m=None).fit(_data(), progress=False)
+    x = _data(5, seed=3)
+    loaded = gapa.GAPA.load(gm.save(tmp_path / "s.gapa"), model)
+    assert torch.equal(loaded(x).var, gm(x).var)
+
+
+def test_weights_replaced_through_data_are_refused():
+    gm, model = _fitted()
+    x = _data(4, seed=2)
+    gm(x)
+    model[0].weight.data = model[0].weight.data * 3.0
+    with pytest.raises(gapa.ModelChangedError):
+        gm(x)
+
+
+def test_lengthscale_factors_from_numpy_tensors_and_generators():
+    import numpy as np
+
+    gm, _ = _fitted()
+    xv, yv = _data(60, seed=8), torch.randn(60, 2)
+    ref = gm.calibrate(xv, yv, lengthscale_factors=[0.25, 0.5, 1.0, 2.0, 4.0]).nll
+    for factors in (np.geomspace(0.25, 4, 5), torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0]),
+                    (f for f in (0.25, 0.5, 1.0, 2.0, 4.0)), [np.float32(0.25), 0.5, 1, 2, 4]):
+        assert gm.calibrate(xv, yv, lengthscale_factors=factors).nll == pytest.approx(ref)

@@ -231,3 +231,67 @@ def test_gapa_layer_feeding_writes(propagation):
     jac = model.fc2.weight.detach()[:, 4:20].clone()
     jac[:, 4:8] *= 0.5
     torch.testing.assert_close(out.var, h_var @ jac.square().T, rtol=1e-5, atol=1e-8)
+
+
+def _out_of_place_writes(h):
+    rows, cols = torch.arange(h.shape[0])[:, None], torch.arange(8)[None, :]
+    put = h.index_put((rows, cols), 2.0 * h[:, :8])
+    scattered = h.scatter(1, cols.expand(h.shape[0], 8), h[:, 8:16])
+    return torch.cat([h, put, scattered], dim=1)  # h itself keeps its own variance
+
+
+def _loop_fill(h):
+    buf = h.new_zeros(h.shape[0], 32)
+    for i in range(32):
+        buf[:, i] = h[:, 31 - i] * (i + 1)
+    return buf
+
+
+@pytest.mark.parametrize("fn", [_out_of_place_writes, _loop_fill], ids=lambda f: f.__name__)
+def test_more_writes(fn):
+    test_write_carries_the_written_variance(fn)
+
+
+class InPlaceOnView(nn.Module):
+    """A GAPA activation applied in place to a view of a larger tensor, whose base the network
+    reads afterwards; ``inplace=False`` is the same function written out of place."""
+
+    def __init__(self, inplace: bool, view: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.a1, self.fc2 = nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16)
+        self.a2, self.head = nn.ReLU(inplace=inplace), nn.Linear(16, 2)
+        self.inplace, self.view = inplace, view
+
+    def forward(self, x):
+        h = self.fc2(self.a1(self.fc1(x)))
+        if self.view == "slice":  # not contiguous
+            if self.inplace:
+                self.a2(h[:, :8])
+            else:
+                h = torch.cat([self.a2(h[:, :8]), h[:, 8:]], dim=1)
+        elif self.inplace:  # a contiguous view
+            self.a2(h.view(-1, 4, 4))
+        else:
+            h = self.a2(h.view(-1, 4, 4)).view(-1, 16)
+        return self.head(h)
+
+
+@pytest.mark.parametrize(("view", "layers"), [("slice", ["a2"]), ("slice", ["a1", "a2"]),
+                                              ("reshape", ["a1", "a2"])])
+def test_gapa_activation_in_place_on_a_view(view, layers):
+    """The GP variance of an activation applied in place to a view reaches the base the
+    network reads: the same numbers as the out-of-place network."""
+    x_train, x = torch.randn(300, 3), 2 * torch.randn(6, 3)
+    outs = {}
+    for inplace in (True, False):
+        model = InPlaceOnView(inplace, view).eval()
+        gm = gapa.GAPA(model, layers=layers, m=None).fit(x_train, progress=False)
+        outs[inplace] = gm(x)
+    assert torch.equal(outs[True].mean, outs[False].mean)
+    assert bool((outs[False].var > 0).all())
+    torch.testing.assert_close(outs[True].var, outs[False].var, rtol=1e-6, atol=0)
+    model = InPlaceOnView(True, view).eval()
+    jacobian = gapa.GAPA(model, layers=layers, m=None, propagation="jacobian")
+    with pytest.raises(gapa.UnsupportedOperationError, match="view of another tensor"):
+        jacobian.fit(x_train, progress=False)(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .errors import (
     NonFiniteError,
     NotFittedError,
     StoreMismatchError,
+    UnsupportedOperationError,
     parse_enum,
 )
 from .kernels import check_overrides
@@ -276,11 +278,9 @@ class GAPA:
 
     @lengthscale_factor.setter
     def lengthscale_factor(self, factor: float) -> None:
-        if not isinstance(factor, int | float) or not math.isfinite(factor) or factor <= 0:
-            raise ConfigurationError(f"lengthscale_factor must be a positive finite number, got "
-                                     f"{factor!r}")
+        (factor,) = _lengthscale_factors([factor], "lengthscale_factor")
         self._require_fitted("set the lengthscale factor")
-        self._commit_factor(float(factor))
+        self._commit_factor(factor)
 
     def _set_factor(self, factor: float) -> None:
         """Rescale every site, all or none: a failure puts back the factor in force."""
@@ -325,12 +325,13 @@ class GAPA:
         return load_state(cls, path, model, map_location)
 
     def _restore(self, sites, input_shape, lengthscale_factor, calibration, class_calibration,
-                 fingerprint: dict | None = None):
+                 fingerprint: dict | None = None, training_ok: frozenset[str] = frozenset()):
         """Install a loaded state; ``fingerprint``: the model's fingerprint the state was fitted
-        on (:func:`gapa.persistence.model_fingerprint`; default: the model's own now)."""
+        on (:func:`gapa.persistence.model_fingerprint`; default: the model's own now);
+        ``training_ok``: the modules in training mode that the fit found deterministic."""
         self._fingerprint = fingerprint if fingerprint is not None else model_fingerprint(self.model)
         self._stamp = _weights_stamp(self.model)
-        self._training_ok = frozenset()
+        self._training_ok = training_ok
         self._sites = dict(sites)
         self._input_shape = input_shape
         self._factor = float(lengthscale_factor)
@@ -654,21 +655,37 @@ class GAPA:
         def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
             # gradients are taken with respect to the output itself, so that a later GAPA
             # layer does not cut an earlier one's path; only an output outside the graph
-            # (frozen parameters) becomes a leaf, with the same values
+            # (frozen parameters) becomes a leaf, with the same values. The network gets a
+            # copy: a later in-place write into it does not change what is differentiated.
             with untracked():
-                if not out.requires_grad:
-                    out = out.detach().requires_grad_(True)
-                leaves.append((key, pending.pop(key), out))
-            watch.watch(out)
-            return out
+                if out._base is not None:
+                    raise UnsupportedOperationError(
+                        f"the GAPA layer {key!r} wrote its output into a view of another tensor "
+                        "(an in-place activation on a slice): propagation='jacobian' cannot "
+                        "follow what the network reads through that tensor; use "
+                        "propagation='diagonal' or an out-of-place activation")
+                leaf = out if out.requires_grad else out.detach().requires_grad_(True)
+                passed = leaf.clone()
+                leaves.append((key, pending.pop(key), leaf))
+                written.append((key, leaf, version(leaf)))
+            watch.watch(leaf)
+            watch.watch(passed)
+            return passed
 
+        written: list[tuple[str, torch.Tensor, int | None]] = []
         # grad on also for the backward passes: callers may be in no_grad or inference mode
         with self._predict_pass(x, grad=True) as x:
             with self._call_sites(on_call, on_output), watch:
                 y = output_tensor(self.model(x))
             mean = y.detach()
-            if not leaves:
-                return mean, []
+            _require_calls([key for key, _, _ in leaves], self.layers)
+            for key, leaf, seen in written:
+                if version(leaf) != seen:
+                    raise UnsupportedOperationError(
+                        f"the network wrote in place into the output of the GAPA layer {key!r} "
+                        "(through the tensor the activation was applied to): "
+                        "propagation='jacobian' would differentiate the written values; use "
+                        "propagation='diagonal'")
             watch.check(y)
             if not y.requires_grad:  # the output does not depend on the GAPA layers
                 return mean, []
@@ -708,13 +725,16 @@ class GAPA:
 
         def on_output(key: str, out: torch.Tensor) -> None:
             with tracker.paused():
-                tracker.set_var(out, tracker.var_or_zero(out) + pending.pop(key))
+                tracker.assign(out, tracker.var_or_zero(out) + pending.pop(key))
+                ran.append(key)
 
+        ran: list[str] = []
         # tracking first: its hooks set a module's propagated variance before on_output adds
         # the GP variance to it
         with self._predict_pass(x) as x, tracking(self.model, tracker, outputs), \
                 self._call_sites(on_call, on_output):
             mean = output_tensor(self.model(x))
+        _require_calls(ran, self.layers)
         return mean, tracker
 
     def trace(self, x: torch.Tensor) -> dict[str, Moments]:
@@ -838,10 +858,8 @@ class GAPA:
         its factor (on ties the factor nearest 1; the factor in force without factors). The
         sites are left at the factor in force, whatever happens: the caller commits."""
         self._require_fitted("calibrate")
-        bad = [f for f in lengthscale_factors or []
-               if not isinstance(f, int | float) or not math.isfinite(f) or not f > 0]
-        if bad:
-            raise ConfigurationError(f"lengthscale factors must be positive and finite, got {bad}")
+        if lengthscale_factors is not None:
+            lengthscale_factors = _lengthscale_factors(lengthscale_factors, "lengthscale factors")
         best = None
         # nearest to the label-free rule's own lengthscale first: only a strictly better
         # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
@@ -920,10 +938,13 @@ class _Seen:
 
 
 def _weights_stamp(model: nn.Module) -> tuple:
-    """Identity and version counter of every parameter and buffer: any write through torch
-    (an optimiser step, ``load_state_dict``, an in-place edit) or a replaced tensor changes it."""
+    """Identity, storage and version counter of every parameter and buffer: a write through
+    torch (an optimiser step, ``load_state_dict``, an in-place edit under no_grad), a replaced
+    tensor or ``p.data = ...`` changes it. An in-place write through ``p.data`` does not (it
+    bypasses the version counter): only :meth:`GAPA.save`, which hashes the weights, sees it."""
     with untracked():
-        return tuple((id(t), version(t)) for t in (*model.parameters(), *model.buffers()))
+        return tuple((id(t), t.data_ptr(), version(t))
+                     for t in (*model.parameters(), *model.buffers()))
 
 
 def _check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
@@ -956,6 +977,36 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
             "model.eval() before fitting GAPA (dropout and BatchNorm must be frozen)"
         )
     return frozenset(name for name, m in model.named_modules() if m.training)
+
+
+def _lengthscale_factors(values: Iterable, what: str) -> list[float]:
+    """Positive finite numbers (Python, numpy or one-element tensors) as floats, or a
+    ConfigurationError naming the bad ones."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise ConfigurationError(f"{what} must be a sequence of numbers, got "
+                                 f"{type(values).__name__}") from None
+    factors, bad = [], []
+    for v in values:
+        number = (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (
+            isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point())
+        f = float(v) if number else math.nan
+        (factors if math.isfinite(f) and f > 0 else bad).append(f if number else v)
+    if bad:
+        raise ConfigurationError(f"{what} must be positive finite numbers, got {bad}")
+    return factors
+
+
+def _require_calls(keys: list[str], layers: list[str]) -> None:
+    """A prediction pass in which no GAPA layer ran in the calling thread would report zero
+    variance: refuse it."""
+    if not keys:
+        raise UnsupportedOperationError(
+            f"none of the GAPA layers {layers} ran in this thread during the forward pass. A "
+            "model that runs its modules on other threads (nn.DataParallel, a thread pool) is "
+            "not supported: GAPA follows only the calling thread's forward pass; run the "
+            "forward in one thread (on several GPUs: one model and one GAPA per device)")
 
 
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:

@@ -114,6 +114,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         "options": gm.options(),
         "input_shape": list(gm._input_shape) if gm._input_shape is not None else None,
         "fit_inputs": gm._fit_inputs,
+        "training_ok": sorted(gm._training_ok),
         "lengthscale_factor": gm.lengthscale_factor,
         "calibration": asdict(gm.calibration) if gm.calibration is not None else None,
         "class_calibration": None if class_cal is None else {
@@ -195,6 +196,9 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
         fit_inputs = metadata.get("fit_inputs", 0)  # not in format 1
         if not _is_int(fit_inputs) or fit_inputs < 0:
             raise _Invalid(f"fit_inputs {fit_inputs!r} is not a non-negative integer")
+        training_ok = metadata.get("training_ok", [])  # not before gapa 0.1 format 2's end
+        if not isinstance(training_ok, list) or not all(isinstance(n, str) for n in training_ok):
+            raise _Invalid(f"training_ok {training_ok!r} is not a list of module names")
         sites_meta = metadata["sites"]
         if not isinstance(sites_meta, dict) or not sites_meta:
             raise _Invalid("it holds no call sites")
@@ -207,7 +211,7 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
             sites[key] = _site(gm, key, meta, tensors, factor, device)
     gm._fit_inputs = fit_inputs
     gm._restore(sites, tuple(shape) if shape is not None else None, factor, calibration,
-                class_cal, fingerprint=metadata["model"])
+                class_cal, fingerprint=metadata["model"], training_ok=frozenset(training_ok))
     return gm
 
 

@@ -59,23 +59,16 @@ class StoredRows:
     manifest entry (size, header, SHA-256) the first time it is read, then trusted."""
 
     def __init__(self, root: Path, shards: list[dict], width: int, file_dtype: str,
-                 dtype: torch.dtype, device: torch.device, divisor: torch.Tensor | None = None,
-                 verified: set[str] | None = None):
+                 dtype: torch.dtype, device: torch.device):
         self.root, self.shards, self.file_dtype = Path(root), shards, file_dtype
         self.sizes = [s["rows"] for s in shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.width, self.dtype, self.device = width, dtype, device
-        self.divisor = divisor
-        self._verified = set() if verified is None else verified  # shared by scaled() copies
+        self._verified: set[str] = set()
 
     @property
     def paths(self) -> list[Path]:
         return [self.root / s["file"] for s in self.shards]
-
-    def scaled(self, divisor: torch.Tensor) -> StoredRows:
-        """The same rows divided by ``divisor`` (per unit) as they are read."""
-        return StoredRows(self.root, self.shards, self.width, self.file_dtype, self.dtype,
-                          self.device, divisor, self._verified)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -102,8 +95,7 @@ class StoredRows:
             raise CorruptStoreError(f"the activation-store shard {path} cannot be read "
                                     f"({exc}); delete the store and capture again") from exc
         del array
-        rows = torch.from_numpy(part).to(device=self.device, dtype=self.dtype)
-        return rows if self.divisor is None else rows / self.divisor
+        return torch.from_numpy(part).to(device=self.device, dtype=self.dtype)
 
     def chunks(self) -> Iterator[torch.Tensor]:
         """The rows, one shard at a time, in order."""

@@ -88,6 +88,11 @@ def find_module_rule(module: nn.Module) -> ModuleRule | None:
     return None
 
 
+def arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call, or its keyword ``name``."""
+    return args[index] if len(args) > index else kwargs.get(name, default)
+
+
 def operation_name(func: Callable) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
@@ -112,6 +117,10 @@ class VarianceTracker(TorchFunctionMode):
         super().__init__()
         #: id(tensor) -> (tensor, variance, the tensor's version when the variance was set)
         self._var: dict[int, tuple[Tensor, Tensor, int | None]] = {}
+        #: id(tensor) -> its variance while nothing but its entry holds that variance, so the
+        #: next write may update it in place (filling a buffer in a loop stays linear)
+        self._own: dict[int, Tensor] = {}
+        self._fresh: Tensor | None = None  # the last variance writable() handed out
         self._paused = 0
         self.module_path: list[str] = []
         self._module_rule_active: list[bool] = []
@@ -133,67 +142,104 @@ class VarianceTracker(TorchFunctionMode):
         if not isinstance(t, Tensor) or not self._var:
             return None
         with untracked():
-            entry = self._var.get(id(t))
-            if entry is not None and entry[0] is t and entry[2] == version(t):
-                return entry[1]
-            base = t._base
-            derived = None if base is None else self._current(base)
-            if derived is not None:
-                return _region(derived, base, t, self)
-            if entry is not None and entry[0] is t:
-                raise UnsupportedOperationError(
-                    f"a {tuple(t.shape)} tensor carrying variance was modified in place, in "
-                    f"module {self.where()!r}, by an operation the tracker did not see (a write "
-                    "through .data or an alias); GAPA will not use a stale variance. Write with "
-                    "ordinary torch operations, or place the GAPA layer after this write.")
-            return None
+            self._own.pop(id(t), None)  # handed out: no longer written in place
+            if t._base is not None:
+                self._own.pop(id(t._base), None)
+            return self._lookup(t)
+
+    def _lookup(self, t: Tensor) -> Tensor | None:
+        entry = self._var.get(id(t))
+        if entry is not None and entry[0] is t and entry[2] == version(t):
+            return entry[1]
+        base = t._base
+        derived = None if base is None else self._current(base)
+        if derived is not None:
+            return _region(derived, base, t, self)
+        if entry is not None and entry[0] is t:
+            raise self._stale(t)
+        return None
 
     def _current(self, t: Tensor) -> Tensor | None:
         entry = self._var.get(id(t))
         if entry is None or entry[0] is not t:
             return None
         if entry[2] != version(t):
-            raise UnsupportedOperationError(
-                f"a {tuple(t.shape)} tensor carrying variance was modified in place, in module "
-                f"{self.where()!r}, by an operation the tracker did not see; GAPA will not use "
-                "a stale variance")
+            raise self._stale(t)
         return entry[1]
 
+    def _stale(self, t: Tensor) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"a {tuple(t.shape)} tensor carrying variance was modified in place, in module "
+            f"{self.where()!r}, by an operation the tracker did not see (a write through .data "
+            "or an alias); GAPA will not use a stale variance. Write with ordinary torch "
+            "operations, or place the GAPA layer after this write.")
+
     def set_var(self, t: Tensor, var: Tensor) -> None:
-        """Attach ``var`` to ``t``, as computed by a rule from ``t``'s current value. A view of
-        a deterministic base is a write into that base (its other views see it)."""
+        """Attach ``var`` to ``t``, as a rule computed it from ``t``'s inputs (a view's from
+        its base's variance). A view of a deterministic base is a write into that base (its
+        other views see it)."""
         with untracked():
             base = t._base
+            # a view whose elements overlap (an expand) cannot be written into its base; it
+            # cannot be written at all, so its own entry stays right
             if base is not None and self._current(base) is None and \
-                    torch._debug_has_internal_overlap(t) == 0:
+                    torch._debug_has_internal_overlap(t) != 1:
                 self._write(t, var, version(t))
                 return
             # the tensor is kept alive with its variance so its id cannot be reused in this pass
             self._var[id(t)] = (t, var, version(t))
 
+    def assign(self, t: Tensor, var: Tensor) -> None:
+        """The values of ``t`` now carry ``var`` (a GP variance added, a module rule's result):
+        like a write, the base of a view and so every other view see it."""
+        with untracked():
+            if t._base is None or torch._debug_has_internal_overlap(t) == 1:
+                self._var[id(t)] = (t, var, version(t))
+                self._own.pop(id(t), None)
+            else:
+                self._write(t, var, version(t))
+
+    def writable(self, t: Tensor) -> Tensor:
+        """``t``'s variance (zeros when deterministic) for a write rule to update in place and
+        return as ``t``'s new variance: a copy, unless nothing but ``t``'s entry holds it."""
+        with untracked():
+            entry = self._var.get(id(t))
+            owned = self._own.pop(id(t), None)
+            if owned is not None and entry is not None and entry[0] is t and \
+                    entry[1] is owned and entry[2] == version(t):
+                self._fresh = owned
+            else:
+                v = self.var(t)
+                self._fresh = torch.zeros_like(t) if v is None else v.clone()
+            return self._fresh
+
     def _write(self, t: Tensor, var: Tensor | None, before: int | None) -> None:
         """``t`` was just written and now carries ``var`` (None: deterministic values); its
         base, whose variance is read as it was at version ``before``, gets the same region."""
         with untracked():
+            fresh, self._fresh = self._fresh, None
             var = torch.zeros_like(t) if var is None else var.expand(t.shape)
             base = t._base
             if base is not None:
                 entry = self._var.get(id(base))
                 old = entry[1] if entry is not None and entry[0] is base else None
                 if old is not None and entry[2] != before:
-                    raise UnsupportedOperationError(
-                        f"a tensor carrying variance was modified in module {self.where()!r} "
-                        "by an operation the tracker did not see; GAPA will not use a stale "
-                        "variance")
+                    raise self._stale(base)
                 if old is None:
                     laid = torch.empty_strided(base.shape, base.stride(), dtype=var.dtype,
                                                device=var.device).zero_()
-                else:  # a new tensor: variances are shared between views, never written
+                else:  # written in place only while nothing else holds it
                     laid = _laid_like(old, base)
-                    laid = laid.clone(memory_format=torch.preserve_format) if laid is old else laid
+                    if laid is old and self._own.get(id(base)) is not old:
+                        laid = old.clone(memory_format=torch.preserve_format)
                 _region(laid, base, t, self).copy_(var)
                 self._var[id(base)] = (base, laid, version(base))
+                self._own[id(base)] = laid
             self._var[id(t)] = (t, var, version(t))
+            if base is None and var is fresh:
+                self._own[id(t)] = var
+            else:
+                self._own.pop(id(t), None)
 
     def var_or_zero(self, t: Any) -> Tensor | float:
         v = self.var(t)
@@ -203,7 +249,8 @@ class VarianceTracker(TorchFunctionMode):
         if not self._var:
             return False
         flat, _ = tree_flatten(objs)
-        return any(self.var(a) is not None for a in flat)
+        with untracked():
+            return any(isinstance(a, Tensor) and self._lookup(a) is not None for a in flat)
 
     def where(self) -> str:
         return self.module_path[-1] if self.module_path else "<top level>"
@@ -379,7 +426,7 @@ def _leave(tr: VarianceTracker, mod: nn.Module, mrule: ModuleRule | None, args: 
         tr._paused -= 1
     if uncertain and isinstance(out, Tensor):  # not after a failed forward
         with tr.paused():
-            tr.set_var(out, mrule(tr, mod, args, out))
+            tr.assign(out, mrule(tr, mod, args, out))
     tr.module_path.pop()
     return None
 

@@ -19,12 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Tensor, VarianceTracker, module_rule, rule
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
+from .engine import arg as _arg
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:

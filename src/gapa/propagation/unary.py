@@ -16,12 +16,7 @@ from typing import Any
 import torch
 
 from .engine import Tensor, VarianceTracker, rule
-
-
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
+from .engine import arg as _arg
 
 
 def _delta(derivative: Callable[[Tensor], Tensor]):
@@ -162,7 +157,8 @@ def _cast(tr: VarianceTracker, func, args, kwargs):
     return out, func(tr.var(args[0]), *args[1:], **kwargs)
 
 
-@rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like)
+@rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, Tensor.new_zeros,
+      Tensor.new_ones, Tensor.new_full, Tensor.new_empty, Tensor.new_tensor)
 def _constant_like(tr: VarianceTracker, func, args, kwargs):
     """A constant shaped like an uncertain tensor carries no variance."""
     return func(*args, **kwargs), None

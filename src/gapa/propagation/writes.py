@@ -2,25 +2,26 @@
 constants), the others keep theirs. The engine passes the result on to the written tensor's
 base, so every view of the same storage sees the write.
 
-Each rule reads the variances before the operation runs: an in-place write changes its target.
+Each rule reads the variances before the operation runs (an in-place write changes its
+target), the written values' before the target's, and updates the target's variance in place
+where the tracker says nothing else holds it, so a buffer filled in a loop costs linear time.
 """
 
 from __future__ import annotations
 
-from numbers import Number
 from typing import Any
 
 import torch
 
 from .engine import Tensor, VarianceTracker, rule
+from .engine import arg as _arg
 
 
-def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name, default)
-
-
-def _target_var(tr: VarianceTracker, t: Tensor) -> Tensor:
-    """A fresh copy of ``t``'s variance (zeros when deterministic), to write into."""
+def _target(tr: VarianceTracker, func, t: Tensor) -> Tensor:
+    """The variance of ``t`` to write into: for an in-place ``func`` the tracker's (updated in
+    place where it may be), for an out-of-place one a copy (``t`` keeps its own)."""
+    if func is Tensor.__setitem__ or func.__name__.endswith("_"):
+        return tr.writable(t)
     v = tr.var(t)
     return torch.zeros_like(t) if v is None else v.clone()
 
@@ -38,8 +39,9 @@ def _source_var(tr: VarianceTracker, value: Any, like: Tensor) -> Tensor | float
 def _setitem(tr: VarianceTracker, func, args, kwargs):
     """``t[index] = value``."""
     t, index, value = args
-    var = _target_var(tr, t)
-    var[index] = _source_var(tr, value, t)
+    src = _source_var(tr, value, t)
+    var = _target(tr, func, t)
+    var[index] = src
     return func(*args, **kwargs), var
 
 
@@ -71,7 +73,7 @@ def _index_put(tr: VarianceTracker, func, args, kwargs):
     accumulate = bool(_arg(args, kwargs, 3, "accumulate", False))
     src = _source_var(tr, values, t)
     src = src if isinstance(src, Tensor) else torch.zeros_like(values, dtype=t.dtype)
-    var = _target_var(tr, t).index_put_(indices, src, accumulate=accumulate)
+    var = _target(tr, func, t).index_put_(indices, src, accumulate=accumulate)
     return func(*args, **kwargs), var
 
 
@@ -81,15 +83,13 @@ def _scatter_like(tr: VarianceTracker, func, args, kwargs, *, adds: bool):
     reduce = kwargs.get("reduce")
     if reduce is not None and reduce != "add":
         raise tr.unsupported(f"{func.__name__} with reduce={reduce!r}")
-    var = _target_var(tr, t)
-    if isinstance(src, Number) or not isinstance(src, Tensor):
-        if adds or reduce == "add":  # adding a constant keeps the variance
-            return func(*args, **kwargs), var
-        var = var.scatter(dim, index, 0.0)
-    elif adds or reduce == "add":
-        var = var.scatter_add(dim, index, _source_var(tr, src, t))
-    else:
-        var = var.scatter(dim, index, _source_var(tr, src, t))
+    adds = adds or reduce == "add"
+    if not isinstance(src, Tensor):  # a number: adding it keeps the variance, writing zeroes it
+        var = _target(tr, func, t)
+        return func(*args, **kwargs), var if adds else var.scatter_(dim, index, 0.0)
+    src_var = _source_var(tr, src, t)
+    var = _target(tr, func, t)
+    var = var.scatter_add_(dim, index, src_var) if adds else var.scatter_(dim, index, src_var)
     return func(*args, **kwargs), var
 
 
@@ -108,8 +108,8 @@ def _scatter_add(tr: VarianceTracker, func, args, kwargs):
 @rule(Tensor.index_copy_, Tensor.index_copy, torch.index_copy)
 def _index_copy(tr: VarianceTracker, func, args, kwargs):
     t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
-    src = _arg(args, kwargs, 3, "source")
-    var = _target_var(tr, t).index_copy(dim, index, _source_var(tr, src, t))
+    src = _source_var(tr, _arg(args, kwargs, 3, "source"), t)
+    var = _target(tr, func, t).index_copy_(dim, index, src)
     return func(*args, **kwargs), var
 
 
@@ -117,9 +117,9 @@ def _index_copy(tr: VarianceTracker, func, args, kwargs):
 def _index_add(tr: VarianceTracker, func, args, kwargs):
     """``t.index_add_(dim, index, source, alpha=a)``: ``a^2`` times the source's variance adds."""
     t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
-    src = _arg(args, kwargs, 3, "source")
+    src = _source_var(tr, _arg(args, kwargs, 3, "source"), t)
     alpha = kwargs.get("alpha", 1)
-    var = _target_var(tr, t).index_add(dim, index, _source_var(tr, src, t), alpha=alpha**2)
+    var = _target(tr, func, t).index_add_(dim, index, src, alpha=alpha**2)
     return func(*args, **kwargs), var
 
 
@@ -129,5 +129,5 @@ def _index_fill(tr: VarianceTracker, func, args, kwargs):
     value = _arg(args, kwargs, 3, "value")
     if isinstance(value, Tensor) and tr.var(value) is not None:
         raise tr.unsupported(f"{func.__name__} with an uncertain fill value")
-    var = _target_var(tr, t).index_fill(dim, index, 0.0)
+    var = _target(tr, func, t).index_fill_(dim, index, 0.0)
     return func(*args, **kwargs), var
