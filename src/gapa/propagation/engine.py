@@ -218,7 +218,10 @@ class VarianceTracker(TorchFunctionMode):
         base, whose variance is read as it was at version ``before``, gets the same region."""
         with untracked():
             fresh, self._fresh = self._fresh, None
-            var = torch.zeros_like(t) if var is None else var.expand(t.shape)
+            if var is None:
+                var = torch.zeros_like(t)
+            elif var.shape != t.shape:
+                var = var.expand(t.shape)
             base = t._base
             if base is not None:
                 entry = self._var.get(id(base))
