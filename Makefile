@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, on its own, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	# laplace-torch (the Laplace baselines) and backpack declare torchvision, which pulls a CUDA
 	# torch and does not import beside the CPU one: install them without dependencies, add
 	# theirs with torch pinned, then drop the torchvision that the resolver still brings.
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	.venv/bin/gapa demo
+	.venv/bin/gapa-bench demo
 
 # Best effort (root, or passwordless sudo): without the files the Fashion-MNIST tests skip and
 # say how to install them.

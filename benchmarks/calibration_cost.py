@@ -1,4 +1,4 @@
-"""Cost of the validation calibration (`gapa.calibration.fit_scale_and_noise`) against the nested
+"""Cost of the validation calibration (`gapa.predictive.regression.fit_scale_and_noise`) against the nested
 search it replaced (kept as `_fit_scale_and_noise_reference`), on real and synthetic inputs.
 
 Cases: GAPA's validation moments on flights (time split, seed-0 backbone, 54,771 rows: the
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from gapa import GAPA
-from gapa.backbones import cached_regressor
-from gapa.calibration import _fit_scale_and_noise_reference, fit_scale_and_noise
-from gapa.data import load_flights
+from gapa.predictive.regression import _fit_scale_and_noise_reference, fit_scale_and_noise
+from gapa_bench.backbones import cached_regressor
+from gapa_bench.data import load_flights
 
 
 def flights_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

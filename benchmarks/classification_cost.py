@@ -15,10 +15,10 @@ import time
 import torch
 
 from _common import best_of, header
-from gapa.classification_bench import METHODS
-from gapa.classifiers import ARCHITECTURES, cached_classifier
-from gapa.data.images import load_fashion_mnist, subset
 from gapa.errors import MissingDependencyError
+from gapa_bench.classification_bench import METHODS
+from gapa_bench.classifiers import ARCHITECTURES, cached_classifier
+from gapa_bench.data.images import load_fashion_mnist, subset
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from gapa.backbones import cached_regressor
-from gapa.data import load_flights
-from gapa.regression import fit_gapa, fit_map, run_method
+from gapa_bench.backbones import cached_regressor
+from gapa_bench.data import load_flights
+from gapa_bench.regression import fit_gapa, fit_map, run_method
 
 LAYER_SETS = {"last": ["5"], "middle": ["3"], "first": ["1"], "all": ["1", "3", "5"]}
 

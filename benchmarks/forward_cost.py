@@ -15,8 +15,8 @@ import torch
 
 from _common import best_of, header
 from gapa import GAPA
-from gapa.backbones import cached_regressor
-from gapa.data import load_flights
+from gapa_bench.backbones import cached_regressor
+from gapa_bench.data import load_flights
 
 
 def main() -> None:
@@ -50,8 +50,9 @@ def main() -> None:
             for k in map(int, a.k.split(",")):
                 gm = GAPA(model, [a.layer], k=k, m=m, search=search)
                 # reuse the fitted GP's conditioning set: only k differs
-                gm._restore({key: _with_k(site, k) for key, site in base.sites.items()},
-                            base._input_shape, 1.0, None, None, base._fingerprint)
+                state = base.state_dict()
+                state["sites"] = {key: _with_k(site, k) for key, site in state["sites"].items()}
+                gm.load_state_dict(state)
                 site = next(iter(gm.sites.values()))
                 gm(x)  # warm up
                 site.timings.update(search=0.0, conditioning=0.0)

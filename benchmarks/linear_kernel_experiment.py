@@ -13,7 +13,7 @@ the nearest inducing point (K = 1):
     var = a + b u~^2 - (a rho + b u~ x~)^2 / (a (1 + r) + b x~^2),   u~ = u - c, x~ = x - c.
 
 The posterior mean is still the activation (the cached residuals are zero). ``beta = 0`` is
-GAPA's own kernel. The variant is patched into :meth:`gapa.site.GPSite.variance` for this
+GAPA's own kernel. The variant is patched into :meth:`gapa.gp.site.GPSite.variance` for this
 experiment only; it is not part of the library (see benchmarks/RESULTS.md for why).
 
 Usage:
@@ -29,10 +29,10 @@ from functools import partial
 
 import torch
 
-from gapa import site
-from gapa.backbones import cached_regressor
-from gapa.data import load_flights
-from gapa.regression import fit_gapa, run_method
+from gapa.gp import site
+from gapa_bench.backbones import cached_regressor
+from gapa_bench.data import load_flights
+from gapa_bench.regression import fit_gapa, run_method
 
 _plain_variance = site.GPSite.variance
 

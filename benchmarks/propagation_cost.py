@@ -17,7 +17,7 @@ import torch
 
 from _common import best_of, header
 from gapa import GAPA
-from gapa.architectures import SmallResNet
+from gapa_bench.architectures import SmallResNet
 
 
 def resnet_case(n_fit: int) -> tuple[torch.nn.Module, torch.Tensor, callable]:

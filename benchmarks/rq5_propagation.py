@@ -19,10 +19,10 @@ import torch
 
 from _common import header
 from gapa import GAPA
-from gapa.architectures import SmallResNet
-from gapa.backbones import cached_regressor
-from gapa.data import load_flights
 from gapa.reference import monte_carlo_trace
+from gapa_bench.architectures import SmallResNet
+from gapa_bench.backbones import cached_regressor
+from gapa_bench.data import load_flights
 
 
 def flights_mlp():

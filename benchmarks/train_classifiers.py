@@ -1,4 +1,4 @@
-"""Train (or find in the cache) every network `gapa bench classification` loads, ahead of it.
+"""Train (or find in the cache) every network `gapa-bench classification` loads, ahead of it.
 
     python benchmarks/train_classifiers.py --backbone resnet --seeds 3 --device cuda --shard 0/4
 
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from gapa.classifiers import ARCHITECTURES, accuracy, cached_classifier, networks_needed
-from gapa.data.images import load_fashion_mnist
+from gapa_bench.classifiers import ARCHITECTURES, accuracy, cached_classifier, networks_needed
+from gapa_bench.data.images import load_fashion_mnist
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/year_timing.py [--methods all] [--max-epochs 5] [--out FILE.json]
 
-The data are synthetic (515,345 x 90, Year's split sizes; :mod:`gapa.data.synthetic`), so only
+The data are synthetic (515,345 x 90, Year's split sizes; :mod:`gapa_bench.data.synthetic`), so only
 the cost columns mean anything. Each method runs in its own process, so ``peak MiB`` is that
 method's own peak resident memory (data and backbone included; MAP's row is the floor). The
 shared backbone is trained first, in a separate process, and reused from the disk cache.
@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 
-from gapa.bench import parse_methods
+from gapa_bench.bench import parse_methods
 
 
 def run(methods: str, args, json_path: str) -> None:

@@ -1,19 +1,9 @@
-"""Shared fixtures. Tolerances live in one visible table."""
+"""Shared fixtures; shared models and tolerances are in helpers.py."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from torch import nn
-
-#: Tolerances used across the tests (float64 unless stated).
-TOL = {
-    "exact_vs_local": 1e-10,  # same linear algebra on the same rows
-    "closed_form": 1e-12,  # K = 1 formula against the general path
-    "mc_relative": 0.08,  # Monte Carlo with 10k samples: 5.6 standard errors of a variance
-}
 
 
 @pytest.fixture(scope="module")
@@ -24,36 +14,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def mlp(widths: list[int], act: type[nn.Module] = nn.Tanh, seed: int = 0) -> nn.Sequential:
-    """A small MLP with a fresh activation module after each hidden Linear."""
-    gen = torch.Generator().manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(itertools.pairwise(widths)):
-        lin = nn.Linear(a, b)
-        with torch.no_grad():
-            lin.weight.copy_(torch.randn(b, a, generator=gen) / a**0.5)
-            lin.bias.copy_(0.1 * torch.randn(b, generator=gen))
-        layers.append(lin)
-        if i < len(widths) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers).eval()
-
-
-class SharedActivation(nn.Module):
-    """One activation module object called at two places in forward: two call sites."""
-
-    def __init__(self, d_in: int = 3, width: int = 16, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc1 = nn.Linear(d_in, width)
-        self.fc2 = nn.Linear(width, width)
-        self.out = nn.Linear(width, 2)
-        self.act = nn.Tanh()
-
-    def forward(self, x):
-        return self.out(self.act(self.fc2(self.act(self.fc1(x)))))
 
 
 @pytest.fixture

@@ -7,33 +7,19 @@
 True
 """
 
+from . import errors
 from .core import ELEMENTWISE_ACTIVATIONS, GAPA
 from .errors import (
-    ArchitectureMismatchError,
-    CacheTooLargeError,
     ConfigurationError,
-    CorruptStateError,
-    CorruptStoreError,
-    DataError,
-    EmptyDataError,
-    FormatVersionError,
     GAPAError,
     InputError,
     LayerError,
-    MemoryBudgetError,
-    MissingDependencyError,
     ModelChangedError,
-    ModelMismatchError,
     ModelModeError,
     NonFiniteError,
-    NotApplicableError,
     NotFittedError,
-    NumericalError,
     StateFileError,
-    StoreLockedError,
-    StoreMismatchError,
     UnsupportedOperationError,
-    WeightsMismatchError,
 )
 from .moments import Moments
 from .propagation import propagate
@@ -43,32 +29,18 @@ __version__ = "0.1.0"
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
     "GAPA",
-    "ArchitectureMismatchError",
-    "CacheTooLargeError",
     "ConfigurationError",
-    "CorruptStateError",
-    "CorruptStoreError",
-    "DataError",
-    "EmptyDataError",
-    "FormatVersionError",
     "GAPAError",
     "InputError",
     "LayerError",
-    "MemoryBudgetError",
-    "MissingDependencyError",
     "ModelChangedError",
-    "ModelMismatchError",
     "ModelModeError",
     "Moments",
     "NonFiniteError",
-    "NotApplicableError",
     "NotFittedError",
-    "NumericalError",
     "StateFileError",
-    "StoreLockedError",
-    "StoreMismatchError",
     "UnsupportedOperationError",
-    "WeightsMismatchError",
     "__version__",
+    "errors",
     "propagate",
 ]

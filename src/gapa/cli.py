@@ -1,24 +1,20 @@
-"""Command line: ``gapa demo`` (the main job on flights or your own CSV), ``gapa bench`` and
-``gapa plan``. Every numeric or list argument is checked as it is parsed: a bad value ends in
-argparse's one-line ``error:`` message and exit status 2."""
+"""Command line of the library: ``gapa plan`` (the expected cache, index and memory of a fit,
+before fitting). The benchmarks and the demo are ``gapa-bench`` (the harness, ``gapa[bench]``).
+Every numeric or list argument is checked as it is parsed: a bad value ends in argparse's
+one-line ``error:`` message and exit status 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
-
-from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_table
-from .data import DATASETS, load_csv, load_dataset
-from .demo import DemoConfig, run_demo
 from .errors import ConfigurationError, GAPAError
+from .gp.search import SearchBackend
+from .gp.site import GPConfig
 from .plan import parse_bytes, plan_fit
-from .search import SearchBackend
-from .site import GPConfig
 
 
-def _integer(minimum: int):
+def integer(minimum: int):
     """argparse type: an integer >= ``minimum``."""
     def parse(text: str) -> int:
         try:
@@ -43,23 +39,6 @@ def _widths(text: str) -> list[int]:
     return widths
 
 
-def _names(text: str) -> list[str]:
-    """argparse type: a non-empty comma-separated list of names."""
-    names = [n.strip() for n in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; separate names by commas")
-    return names
-
-
-def _ood_sets(text: str) -> list[str]:
-    """argparse type: comma-separated OOD and shift sets, from mnist and rotated."""
-    sets = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = sorted(set(sets) - {"mnist", "rotated"})
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown set(s) {unknown}; use mnist and/or rotated")
-    return sets
-
-
 def _budget(text: str) -> str:
     """argparse type: a memory size such as 4GiB (kept as written, for the messages)."""
     try:
@@ -69,39 +48,9 @@ def _budget(text: str) -> str:
     return text
 
 
-def _device(text: str) -> str:
-    """argparse type: a torch device name (cpu, cuda, cuda:1)."""
-    try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda)") from None
-    return text
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gapa", description="Gaussian Process Activations")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="MAP vs GAPA on real flight delays (or --csv PATH --target COL)")
-    d.set_defaults(command_parser=d)
-    d.add_argument("--csv", help="your own table: numeric columns are features, rows split 60/20/20")
-    d.add_argument("--target", help="the target column of --csv")
-    d.add_argument("--split", choices=["time", "shuffled"], default="time",
-                   help="flights split: time-ordered (default) or shuffled 60/20/20")
-    d.add_argument("--seed", type=_integer(0), default=0)
-    d.add_argument("--json", dest="json_path", help="write one record per method to this file")
-    d.add_argument("--figure", default="gapa-demo.png", help="where to save the figure")
-    d.add_argument("--layers", type=_names,
-                   help="comma-separated GAPA layers (default: %(default)s)",
-                   default=",".join(GAPA_DEFAULT["layers"]))
-    d.add_argument("--k", type=_integer(1), default=GAPA_DEFAULT["k"],
-                   help="neighbours (default %(default)s)")
-    d.add_argument("--m", type=_integer(0), default=GAPA_DEFAULT["m"],
-                   help="inducing points, 0 for the whole cache (default %(default)s)")
-    d.add_argument("--propagation", choices=["diagonal", "jacobian"],
-                   default=GAPA_DEFAULT["propagation"],
-                   help="how the variance reaches the output (default %(default)s)")
-    d.add_argument("--no-progress", dest="progress", action="store_false")
-    _bench_parser(sub)
     _plan_parser(sub)
     return p
 
@@ -109,124 +58,20 @@ def _parser() -> argparse.ArgumentParser:
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="expected cache, index and memory of a fit, before fitting")
     p.set_defaults(command_parser=p)
-    p.add_argument("--n-train", type=_integer(1), required=True, help="training inputs")
+    p.add_argument("--n-train", type=integer(1), required=True, help="training inputs")
     p.add_argument("--width", type=_widths, required=True,
                    help="units of each GAPA call site, comma-separated (e.g. 256 or 64,256)")
-    p.add_argument("--queries-per-input", type=_integer(1), default=1,
+    p.add_argument("--queries-per-input", type=integer(1), default=1,
                    help="GP queries per input at each site: 1 for MLPs or queries='inputs', "
                    "H x W for a feature map's positions (default %(default)s)")
-    p.add_argument("--m", type=_integer(0), default=GPConfig.m,
+    p.add_argument("--m", type=integer(0), default=GPConfig.m,
                    help="inducing points, 0 for the whole cache (default %(default)s)")
-    p.add_argument("--k", type=_integer(1), default=1, help="neighbours (default %(default)s)")
+    p.add_argument("--k", type=integer(1), default=1, help="neighbours (default %(default)s)")
     p.add_argument("--search", default="torch", choices=[b.value for b in SearchBackend])
     p.add_argument("--store", action="store_true", help="stream the cache to disk")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--budget", type=_budget,
                    help="memory budget, e.g. 4GiB: exit 1 when the plan exceeds it")
-
-
-def _bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks of the paper")
-    bsub = b.add_subparsers(dest="task", required=True)
-    r = bsub.add_parser("regression", help="every method of the regression table, over seeds")
-    r.set_defaults(command_parser=r)
-    r.add_argument("--dataset", default="flights", choices=sorted(DATASETS),
-                   help="flights (default, fetched offline), year-synthetic (timing only), or "
-                   "airline|year|taxi with --data-path")
-    r.add_argument("--data-path", help="the original file of airline, year or taxi")
-    r.add_argument("--csv", help="any table instead of --dataset; needs --target")
-    r.add_argument("--target", help="the target column of --csv")
-    r.add_argument("--split", choices=["time", "shuffled"], default="time",
-                   help="flights split (default %(default)s)")
-    r.add_argument("--methods", default="all",
-                   help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    r.add_argument("--seeds", type=_integer(1), default=5,
-                   help="seeds 0..N-1 (default %(default)s)")
-    r.add_argument("--max-epochs", type=_integer(1), default=None,
-                   help="cap on backbone training epochs (default: the backbone's own, 40)")
-    r.add_argument("--json", dest="json_path", help="write one record per method and seed")
-    r.add_argument("--resume", action="store_true",
-                   help="keep the records already in --json; run only the missing method/seed pairs")
-    r.add_argument("--no-progress", dest="progress", action="store_false")
-
-    from .classification_bench import METHODS as CLASS_METHODS
-    from .classifiers import ARCHITECTURES
-
-    c = bsub.add_parser("classification", help="GAPA and its peers on a frozen image classifier")
-    c.set_defaults(command_parser=c)
-    c.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist"])
-    c.add_argument("--data-path", help="folder of the Fashion-MNIST IDX files (default: the "
-                   "Debian package's, or $GAPA_FASHION_MNIST_DIR)")
-    c.add_argument("--backbone", default="mlp", choices=ARCHITECTURES)
-    c.add_argument("--ood", type=_ood_sets, default="mnist,rotated",
-                   help="comma-separated OOD and shift sets: mnist, rotated (default %(default)s)")
-    c.add_argument("--rotated-size", type=_integer(1), default=2000,
-                   help="test images rotated at each angle (default %(default)s)")
-    c.add_argument("--methods", default="all",
-                   help=f"comma-separated, from {', '.join(CLASS_METHODS)} (default: all)")
-    c.add_argument("--seeds", type=_integer(1), default=3,
-                   help="seeds 0..N-1 (default %(default)s)")
-    c.add_argument("--test-size", type=_integer(1), help="score on N class-balanced test images "
-                   "and N MNIST digits (for methods too slow for the whole sets)")
-    c.add_argument("--subset", type=_integer(1), help="a quick look: N class-balanced training "
-                   "images and N/4 validation and test images")
-    c.add_argument("--max-epochs", type=_integer(1), help="cap on the training epochs of networks "
-                   "that are not cached yet (default: the architecture's own)")
-    c.add_argument("--device", type=_device, default="cpu", help="where networks that are not "
-                   "cached yet train (cpu, cuda); every method is then scored on the CPU")
-    c.add_argument("--json", dest="json_path", help="write one record per method and seed")
-    c.add_argument("--figures", help="folder for the reliability, OOD-score and rotation figures")
-    c.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def _bench(args) -> None:
-    if args.task == "classification":
-        _bench_classification(args)
-        return
-    methods = parse_methods(args.methods)
-    if args.csv:
-        data = load_csv(args.csv, args.target)
-    else:
-        kw = {"split": args.split} if args.dataset == "flights" else {}
-        data = load_dataset(args.dataset, args.data_path, **kw)
-    print(f"data: {data.describe()}")
-    train = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    results = run_benchmark(data, methods, args.seeds, train=train,
-                            progress=args.progress, json_path=args.json_path,
-                            resume=args.resume)
-    if args.json_path:
-        print(f"records written to {args.json_path}")
-    print(f"\n{data.name}: mean ± standard error over seeds (CRPS, RMSE in target units; "
-          "lower is better, best in bold)")
-    print(summary_table(results))
-
-
-def _bench_classification(args) -> None:
-    from . import classification_bench as cb
-    from .data.images import load_fashion_mnist, subset
-    from .plotting import classification_figures
-
-    methods = cb.parse_methods(args.methods)
-    data = load_fashion_mnist(args.data_path)
-    if args.subset:
-        data = subset(data, args.subset, max(1, args.subset // 4))
-    print(f"data: {data.describe()}; backbone: {args.backbone}")
-    sets = cb.eval_sets(data, args.ood,
-                        rotated_size=args.rotated_size, test_size=args.test_size)
-    results = cb.run_benchmark(data, args.backbone, methods, args.seeds, sets=sets,
-                               train={"device": args.device} | (
-                                   {"epochs": args.max_epochs} if args.max_epochs else {}),
-                               progress=args.progress,
-                               json_path=args.json_path)
-    if args.json_path:
-        print(f"records written to {args.json_path}")
-    if args.figures and results:
-        for path in classification_figures(args.figures, results, sets.y_test,
-                                           title=f"({data.name}, {args.backbone})"):
-            print(f"figure: {path}")
-    print(f"\n{data.name}, {args.backbone}: mean ± standard error over seeds (best in bold; "
-          "accuracy and AUROC higher is better, the rest lower)")
-    print(cb.summary_table(results))
 
 
 def _plan(args) -> None:
@@ -240,42 +85,22 @@ def _plan(args) -> None:
         print(f"within the budget of {args.budget}")
 
 
-def _demo_config(args) -> DemoConfig:
-    gapa_opts = {"layers": args.layers, "k": args.k, "m": args.m or None,
-                 "propagation": args.propagation}
-    return DemoConfig(csv=args.csv, target=args.target, split=args.split, seed=args.seed,
-                      json_path=args.json_path, figure=args.figure, progress=args.progress,
-                      gapa=gapa_opts)
-
-
 def _check_together(args) -> None:
     """Arguments valid alone but not together: argparse's error (exit status 2)."""
-    error = args.command_parser.error
-    if getattr(args, "csv", None) and not args.target:
-        error("argument --target: --csv needs --target COLUMN")
-    if args.command == "plan":
-        rows = args.n_train * args.queries_per_input
-        rows = min(args.m, rows) if args.m else rows
-        if args.k > rows:
-            error(f"argument --k: {args.k} neighbours exceed the {rows:,} conditioning rows "
-                  f"(--m {args.m}, --n-train {args.n_train} x --queries-per-input "
-                  f"{args.queries_per_input}); lower --k")
-    if args.command == "demo" and args.m and args.k > args.m:
-        error(f"argument --k: {args.k} neighbours exceed the --m {args.m} inducing points; "
-              "lower --k or raise --m")
+    rows = args.n_train * args.queries_per_input
+    rows = min(args.m, rows) if args.m else rows
+    if args.k > rows:
+        args.command_parser.error(
+            f"argument --k: {args.k} neighbours exceed the {rows:,} conditioning rows "
+            f"(--m {args.m}, --n-train {args.n_train} x --queries-per-input "
+            f"{args.queries_per_input}); lower --k")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_together(args)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        if args.command == "bench":
-            _bench(args)
-        elif args.command == "plan":
-            _plan(args)
-        else:
-            run_demo(_demo_config(args))
+        _plan(args)
     except GAPAError as exc:
         print(f"gapa: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

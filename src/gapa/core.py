@@ -16,15 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, fit_scale_and_noise
-from .classification import (
-    ClassPrediction,
-    Method,
-    OODScore,
-    VarianceScaleFit,
-    fit_variance_scale,
-    predict_classes,
-)
+from .capture.hooks import call_sites
+from .capture.store import ActivationStore, Shard
 from .errors import (
     ConfigurationError,
     EmptyDataError,
@@ -38,17 +31,25 @@ from .errors import (
     UnsupportedOperationError,
     parse_enum,
 )
-from .kernels import check_overrides
+from .gp.kernels import check_overrides
+from .gp.search import SearchBackend
+from .gp.site import Conditioning, GPConfig, GPSite, Inducing
 from .moments import Moments
 from .persistence import load_state, model_device, model_fingerprint, save_state
 from .plan import Plan, plan_fit
+from .predictive.classification import (
+    ClassPrediction,
+    Method,
+    OODScore,
+    VarianceScaleFit,
+    fit_variance_scale,
+    predict_classes,
+)
+from .predictive.regression import Calibration, fit_scale_and_noise
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
-from .propagation.engine import output_tensor, thread_hooks, untracked, version
+from .propagation.engine import output_tensor, untracked, version
 from .propagation.graph import GraphWatch
-from .search import SearchBackend
-from .site import Conditioning, GPConfig, GPSite, Inducing
-from .store import ActivationStore, Shard
 
 #: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -92,11 +93,6 @@ def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 QUERY_MODES = ("positions", "inputs")
 
 
-def site_key(layer: str, call: int) -> str:
-    """Name of the ``call``-th call (0-based) of module ``layer`` in one forward pass."""
-    return layer if call == 0 else f"{layer}#{call}"
-
-
 class GAPA:
     """Gaussian Process Activations around a frozen network.
 
@@ -120,7 +116,7 @@ class GAPA:
         cache. The default 512 scored as well as 2048 on flights at less than half the cost.
     conditioning:
         ``"local"`` (K nearest neighbours, default) or ``"exact"`` (the whole conditioning set;
-        the slow reference, refused above :data:`gapa.conditioning.EXACT_MAX_ROWS` rows).
+        the slow reference, refused above :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows).
     search:
         Neighbour search back end: ``"torch"`` (exact, any device) or ``"faiss"``.
     inducing:
@@ -129,7 +125,7 @@ class GAPA:
         Give an inducing point standing for ``n`` training rows the noise ``noise / n``, so that
         dense regions of activation space are more certain.
     lengthscale_quantile, amplitude_rule, noise:
-        The label-free hyperparameter rule (see :func:`gapa.kernels.estimate_hyperparameters`).
+        The label-free hyperparameter rule (see :func:`gapa.gp.kernels.estimate_hyperparameters`).
     hyperparameters:
         Per-layer (or per-call-site) overrides: ``{"net.5": {"lengthscale": 0.5}}``; values are
         scalars or per-unit tensors for ``lengthscale`` and ``amplitude``, a float for ``noise``.
@@ -261,13 +257,18 @@ class GAPA:
         return MappingProxyType(self._sites)
 
     def summary(self) -> str:
-        """What was fitted, one line per call site (see :meth:`gapa.site.GPSite.describe`)."""
+        """What was fitted, one line per call site (see :meth:`gapa.gp.site.GPSite.describe`)."""
         self._require_fitted("summarise")
         return "\n".join(site.describe() for site in self._sites.values())
 
     @property
     def calibration(self) -> Calibration | None:
         return self._calibration
+
+    @property
+    def class_calibration(self) -> VarianceScaleFit | None:
+        """The classification calibration (:meth:`calibrate_classifier`), or None."""
+        return self._class_calibration
 
     @property
     def lengthscale_factor(self) -> float:
@@ -313,6 +314,7 @@ class GAPA:
         """Write the fitted state to ``path`` (one safetensors file with JSON metadata; no
         pickle), atomically: an interrupted save leaves any previous file intact. Load it with
         :meth:`GAPA.load` onto the same network."""
+        self._require_fitted("save")
         return save_state(self, path)
 
     @classmethod
@@ -324,19 +326,43 @@ class GAPA:
         that says what is wrong with the file."""
         return load_state(cls, path, model, map_location)
 
-    def _restore(self, sites, input_shape, lengthscale_factor, calibration, class_calibration,
-                 fingerprint: dict | None = None, training_ok: frozenset[str] = frozenset()):
-        """Install a loaded state; ``fingerprint``: the model's fingerprint the state was fitted
-        on (:func:`gapa.persistence.model_fingerprint`; default: the model's own now);
-        ``training_ok``: the modules in training mode that the fit found deterministic."""
-        self._fingerprint = fingerprint if fingerprint is not None else model_fingerprint(self.model)
+    def state_dict(self) -> dict:
+        """Everything this fitted GAPA holds besides the model, for :mod:`gapa.persistence`
+        (or your own storage): the options, the model's fingerprint taken at fit, the fitted
+        inputs' shape and count, the modules proven deterministic in training mode, the
+        lengthscale factor, the calibrations and the :class:`gapa.gp.site.GPSite` of every call
+        site. :meth:`load_state_dict` installs such a dict on a GAPA with the same options."""
+        self._require_fitted("export its state")
+        return {
+            "options": self.options(), "model": dict(self._fingerprint or {}),
+            "input_shape": self._input_shape, "fit_inputs": self._fit_inputs,
+            "training_ok": sorted(self._training_ok), "lengthscale_factor": self._factor,
+            "calibration": self._calibration, "class_calibration": self._class_calibration,
+            "sites": dict(self._sites),
+        }
+
+    def load_state_dict(self, state: Mapping) -> GAPA:
+        """Install a :meth:`state_dict` (its sites already at its lengthscale factor). The
+        model's fingerprint defaults to the model's own now; nothing is changed when a key is
+        missing or a value is of the wrong kind."""
+        try:
+            sites = dict(state["sites"])
+            shape = state["input_shape"]
+            factor = float(state["lengthscale_factor"])
+            fit_inputs = int(state.get("fit_inputs", 0))
+            training_ok = frozenset(state.get("training_ok", ()))
+            calibration, class_calibration = state["calibration"], state["class_calibration"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"not a GAPA state dict ({type(exc).__name__}: {exc})") from exc
+        if not sites or not all(isinstance(site, GPSite) for site in sites.values()):
+            raise InputError("a GAPA state dict needs at least one fitted GPSite in 'sites'")
+        fingerprint = state.get("model") or model_fingerprint(self.model)
+        self._sites, self._fingerprint = sites, dict(fingerprint)
         self._stamp = _weights_stamp(self.model)
-        self._training_ok = training_ok
-        self._sites = dict(sites)
-        self._input_shape = input_shape
-        self._factor = float(lengthscale_factor)
-        self._calibration = calibration
-        self._class_calibration = class_calibration
+        self._input_shape = tuple(shape) if shape is not None else None
+        self._fit_inputs, self._training_ok, self._factor = fit_inputs, training_ok, factor
+        self._calibration, self._class_calibration = calibration, class_calibration
+        return self
 
     def _require_fitted(self, what: str) -> None:
         if not self._sites:
@@ -357,13 +383,13 @@ class GAPA:
         ``(inputs, targets)`` tuples (targets are never used). The model must be deterministic
         (eval mode); a model whose forward pass is random or changes its buffers is refused.
 
-        ``store``: a directory (or :class:`gapa.store.ActivationStore`) to stream the cache to
+        ``store``: a directory (or :class:`gapa.capture.store.ActivationStore`) to stream the cache to
         instead of memory, in ``store_dtype`` (``"float32"`` or ``"float16"``). The GPs are
         then built from it in bounded memory (sampled statistics, k-means on a sample, streamed
         cluster counts). An interrupted capture resumes at its first unfinished shard when
         called again with the same store and data order; a finished store can be refitted with
         ``data=None``. ``memory_budget`` (bytes, or a string such as ``"4GiB"``): refuse with
-        :class:`gapa.MemoryBudgetError` before anything is cached when :meth:`plan` expects
+        :class:`gapa.errors.MemoryBudgetError` before anything is cached when :meth:`plan` expects
         the fit to need more resident memory.
         """
         # Everything is built aside and installed at the end: a fit that fails leaves the
@@ -416,7 +442,7 @@ class GAPA:
             layer = key.split("#")[0]
             overrides = {**self._overrides.get(layer, {}), **self._overrides.get(key, {})}
             module = self.model.get_submodule(layer)
-            sites[key] = GPSite(key, rows, module, self.config, overrides)
+            sites[key] = GPSite.fit(key, rows, module, self.config, overrides)
         return sites
 
     def plan(self, n_train: int, example: torch.Tensor | None = None, *, store: bool = False,
@@ -542,33 +568,7 @@ class GAPA:
                 rows = self._as_queries(z.detach())
                 cache.setdefault(key, []).append(rows.reshape(-1, rows.shape[-1]).clone())
 
-        with self._call_sites(record):
-            yield
-
-    @contextlib.contextmanager
-    def _call_sites(self, on_call, on_output=None) -> Iterator[None]:
-        """Hooks on the GAPA modules: ``on_call(key, pre_activation)`` before each call (the key
-        counts calls within one forward pass) and ``on_output(key, output)`` after it, whose
-        return value, when not None, replaces the module's output. The hooks act only in this
-        thread: other threads' forward passes of the same model never reach them."""
-        counts: dict[str, int] = {}
-        with thread_hooks() as add:
-            add(self.model, lambda mod, args: counts.clear(), pre=True)
-            for name in self.layers:
-                module = self.model.get_submodule(name)
-
-                def pre(mod, args, name=name):
-                    call = counts.get(name, 0)
-                    counts[name] = call + 1
-                    on_call(site_key(name, call), args[0])
-
-                def post(mod, args, output, name=name):
-                    if on_output is not None:
-                        return on_output(site_key(name, counts[name] - 1), output)
-                    return None
-
-                add(module, pre, pre=True)
-                add(module, post)
+        with call_sites(self.model, self.layers, record):
             yield
 
     # --- predict ----------------------------------------------------------------------------------
@@ -617,7 +617,10 @@ class GAPA:
                     "GAPA (gm.fit) or restore the weights it was fitted on")
             self._stamp = stamp
 
-    def _site_variance(self, key: str, z: torch.Tensor) -> torch.Tensor:
+    def site_variance(self, key: str, z: torch.Tensor) -> torch.Tensor:
+        """The GP variance of the activation at call site ``key`` for its pre-activation ``z``
+        (as the module receives it), shaped like ``z``: what GAPA adds at that site."""
+        self._require_fitted("compute a site variance")
         site = self._sites.get(key)
         if site is None:
             raise LayerError(
@@ -675,7 +678,7 @@ class GAPA:
         written: list[tuple[str, torch.Tensor, int | None]] = []
         # grad on also for the backward passes: callers may be in no_grad or inference mode
         with self._predict_pass(x, grad=True) as x:
-            with self._call_sites(on_call, on_output), watch:
+            with call_sites(self.model, self.layers, on_call, on_output), watch:
                 y = output_tensor(self.model(x))
             mean = y.detach()
             _require_calls([key for key, _, _ in leaves], self.layers)
@@ -705,7 +708,7 @@ class GAPA:
         rows = mean.reshape(mean.shape[0], -1)
         var = torch.zeros_like(rows)
         with torch.no_grad(), untracked():
-            variances = [self._site_variance(key, z) for key, z, _ in parts]
+            variances = [self.site_variance(key, z) for key, z, _ in parts]
             for c in range(rows.shape[1]):
                 for (_, _, squares), v in zip(parts, variances, strict=True):
                     if squares[c] is not None:
@@ -721,7 +724,7 @@ class GAPA:
 
         def on_call(key: str, z: torch.Tensor) -> None:
             with tracker.paused():
-                pending[key] = self._site_variance(key, z)
+                pending[key] = self.site_variance(key, z)
 
         def on_output(key: str, out: torch.Tensor) -> None:
             with tracker.paused():
@@ -732,7 +735,7 @@ class GAPA:
         # tracking first: its hooks set a module's propagated variance before on_output adds
         # the GP variance to it
         with self._predict_pass(x) as x, tracking(self.model, tracker, outputs), \
-                self._call_sites(on_call, on_output):
+                call_sites(self.model, self.layers, on_call, on_output):
             mean = output_tensor(self.model(x))
         _require_calls(ran, self.layers)
         return mean, tracker
@@ -833,7 +836,7 @@ class GAPA:
         """Fit one scale of the logit variance on validation NLL (classification).
 
         The classification counterpart of :meth:`calibrate`: the scale of ``p(mean, c * var)``
-        under ``method`` (:func:`gapa.classification.fit_variance_scale`) and, with
+        under ``method`` (:func:`gapa.predictive.classification.fit_variance_scale`) and, with
         ``lengthscale_factors``, the lengthscale factor with the best validation NLL. The
         logits' mean is never changed; :meth:`classify` then uses the fitted scale.
         """

@@ -43,17 +43,8 @@ class NumericalError(GAPAError, RuntimeError):
     """A factorisation failed even with the largest allowed jitter."""
 
 
-class DataError(GAPAError, ValueError):
-    """A data file is missing, malformed or lacks required columns."""
-
-
 class MissingDependencyError(GAPAError, ImportError):
     """An optional back end (e.g. faiss) is not installed."""
-
-
-class NotApplicableError(ConfigurationError):
-    """A benchmark method cannot run on this backbone (e.g. all-weights KFAC Laplace on a
-    ResNet); the benchmark reports and skips it."""
 
 
 class ModelModeError(GAPAError, RuntimeError):

@@ -31,8 +31,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .calibration import Calibration
-from .classification import Method, VarianceScaleFit
 from .errors import (
     ArchitectureMismatchError,
     CorruptStateError,
@@ -42,9 +40,11 @@ from .errors import (
     StateFileError,
     WeightsMismatchError,
 )
+from .gp.kernels import Hyperparameters
+from .gp.site import GPSite
 from .io import atomic_path, raw_bytes
-from .kernels import Hyperparameters
-from .site import GPSite
+from .predictive.classification import Method, VarianceScaleFit
+from .predictive.regression import Calibration
 
 if TYPE_CHECKING:
     from .core import GAPA
@@ -80,10 +80,10 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
     """Write ``gm``'s fitted state to ``path`` atomically (aside, then renamed): an interrupted
     save leaves the previous file as it was. The file records the model's fingerprint of the
     fit; :class:`gapa.ModelChangedError` when the weights changed since, and nothing is written."""
-    gm._require_fitted("save")
+    state = gm.state_dict()
     path = Path(path)
     now = model_fingerprint(gm.model)
-    fitted = gm._fingerprint or now
+    fitted = state["model"] or now
     if any(fitted.get(part) != now[part] for part in ("architecture", "weights")):
         raise ModelChangedError(
             f"cannot save to {path}: the model's weights changed since this GAPA was fitted, so "
@@ -91,7 +91,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
             "gm.fit(...), or restore the weights it was fitted on, then save")
     tensors: dict[str, torch.Tensor] = {}
     sites = {}
-    for key, site in gm.sites.items():
+    for key, site in state["sites"].items():
         hp = site.hyperparameters
         tensors[f"{key}/rows"] = site.rows
         tensors[f"{key}/counts"] = site.counts
@@ -105,18 +105,19 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
             meta["index"] = index_state
         sites[key] = meta
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    class_cal = gm._class_calibration
+    class_cal, calibration, shape = (state["class_calibration"], state["calibration"],
+                                     state["input_shape"])
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "gapa_version": _library_version(),
         "model": dict(fitted),
-        "options": gm.options(),
-        "input_shape": list(gm._input_shape) if gm._input_shape is not None else None,
-        "fit_inputs": gm._fit_inputs,
-        "training_ok": sorted(gm._training_ok),
-        "lengthscale_factor": gm.lengthscale_factor,
-        "calibration": asdict(gm.calibration) if gm.calibration is not None else None,
+        "options": state["options"],
+        "input_shape": list(shape) if shape is not None else None,
+        "fit_inputs": state["fit_inputs"],
+        "training_ok": state["training_ok"],
+        "lengthscale_factor": state["lengthscale_factor"],
+        "calibration": asdict(calibration) if calibration is not None else None,
         "class_calibration": None if class_cal is None else {
             **asdict(class_cal), "method": class_cal.method.value},
         "sites": sites,
@@ -131,10 +132,10 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
                map_location: str | torch.device | None = None) -> GAPA:
     """A fitted :class:`gapa.GAPA` around ``model`` from :func:`save_state`'s file.
 
-    Raises :class:`gapa.CorruptStateError` (truncated, not a GAPA file, checksum, or
-    impossible contents: every value is validated), :class:`gapa.FormatVersionError` (a newer
-    or unknown format), :class:`gapa.ArchitectureMismatchError` or
-    :class:`gapa.WeightsMismatchError` (another model); an older format loads with a
+    Raises :class:`gapa.errors.CorruptStateError` (truncated, not a GAPA file, checksum, or
+    impossible contents: every value is validated), :class:`gapa.errors.FormatVersionError` (a newer
+    or unknown format), :class:`gapa.errors.ArchitectureMismatchError` or
+    :class:`gapa.errors.WeightsMismatchError` (another model); an older format loads with a
     :class:`FormatWarning`. ``map_location`` moves the state's tensors (default: the device of
     the model's parameters).
     """
@@ -209,10 +210,10 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
     for key, meta in sites_meta.items():
         with _rebuilding(path, f"site {key!r}"):
             sites[key] = _site(gm, key, meta, tensors, factor, device)
-    gm._fit_inputs = fit_inputs
-    gm._restore(sites, tuple(shape) if shape is not None else None, factor, calibration,
-                class_cal, fingerprint=metadata["model"], training_ok=frozenset(training_ok))
-    return gm
+    return gm.load_state_dict({
+        "sites": sites, "model": metadata["model"], "input_shape": shape,
+        "fit_inputs": fit_inputs, "training_ok": training_ok, "lengthscale_factor": factor,
+        "calibration": calibration, "class_calibration": class_cal})
 
 
 def _site(gm: GAPA, key: str, meta: dict, tensors: dict[str, torch.Tensor], factor: float,

@@ -13,21 +13,21 @@ import math
 import re
 from dataclasses import dataclass
 
+from .capture.store import SHARD_BYTES
 from .errors import ConfigurationError, MemoryBudgetError
-from .kernels import LENGTHSCALE_PAIRS
-from .search import (
+from .gp.kernels import LENGTHSCALE_PAIRS
+from .gp.search import (
     AUTO_EXACT_MAX_ROWS,
     HNSW_M,
     SearchBackend,
 )
-from .site import Conditioning, GPConfig
-from .store import SHARD_BYTES
+from .gp.site import Conditioning, GPConfig
 
 #: Search-time settings assumed before the fit tunes them (the tuned values are reported by
 #: ``gm.summary()``): IVF lists probed, HNSW beam width.
 ASSUMED_NPROBE = 8
 ASSUMED_EF_SEARCH = 64
-#: k-means trains on at most this many rows per inducing point (gapa.inducing).
+#: k-means trains on at most this many rows per inducing point (gapa.gp.inducing).
 KMEANS_ROWS_PER_CENTROID = 64
 FLOAT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -81,7 +81,7 @@ class Plan:
     disk_bytes: int
 
     def check(self, budget: int | float | str) -> Plan:
-        """Raise :class:`gapa.MemoryBudgetError` when the fit needs more than ``budget``."""
+        """Raise :class:`gapa.errors.MemoryBudgetError` when the fit needs more than ``budget``."""
         limit = parse_bytes(budget)
         if self.peak_bytes > limit:
             hint = ("" if self.store else "; fit(..., store=DIR) keeps the cache on disk")
@@ -147,7 +147,7 @@ def _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype) ->
             f"compute_dtype must be one of {', '.join(FLOAT_BYTES)}, got {compute_dtype!r}")
     if not isinstance(config, GPConfig):
         raise ConfigurationError(
-            f"config must be a gapa.site.GPConfig, got {type(config).__name__}")
+            f"config must be a gapa.gp.site.GPConfig, got {type(config).__name__}")
     if not _is_count(config.k):
         raise ConfigurationError(f"k must be a positive integer, got {config.k!r}")
     if config.m is not None and not _is_count(config.m):
@@ -168,7 +168,7 @@ def _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype) ->
 
 
 def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> int:
-    """Peak resident bytes of the capture and of building the GPs (gapa.core, gapa.site)."""
+    """Peak resident bytes of the capture and of building the GPs (gapa.core, gapa.gp.site)."""
     whole = config.m is None
     full = [s.cache_rows * s.width * item for s in sites]  # each cache in the model's dtype
     # kept after the build: the conditioning rows, their scaled copy and the index

@@ -7,7 +7,9 @@ from collections.abc import Iterator
 
 import torch
 
+from .capture.hooks import call_sites
 from .core import GAPA
+from .errors import NotFittedError
 from .moments import Moments
 from .propagation.engine import output_tensor, thread_hooks
 
@@ -29,7 +31,8 @@ def monte_carlo_trace(
     gm: GAPA, x: torch.Tensor, n_samples: int, *, generator: torch.Generator
 ) -> dict[str, Moments]:
     """:func:`monte_carlo_moments` for every module's output, keyed as :meth:`GAPA.trace`."""
-    gm._require_fitted("sample")
+    if not gm.is_fitted:
+        raise NotFittedError("cannot sample: this GAPA is not fitted; call gm.fit(train_inputs)")
     reps = x.repeat_interleave(n_samples, dim=0) if x.shape[0] else x
     z_seen: dict[str, torch.Tensor] = {}
     outputs: list[tuple[str, torch.Tensor]] = []
@@ -39,12 +42,12 @@ def monte_carlo_trace(
 
     def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
         z = z_seen.pop(key)
-        var = gm._site_variance(key, z)
+        var = gm.site_variance(key, z)
         eps = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
         return out + var.sqrt() * eps
 
     # the recording hooks come after the sampling ones, so they see the sampled outputs
-    with torch.no_grad(), gm._call_sites(on_call, on_output), _recording(gm.model, outputs):
+    with torch.no_grad(), call_sites(gm.model, gm.layers, on_call, on_output), _recording(gm.model, outputs):
         gm.model(reps)
     traced: dict[str, Moments] = {}
     for name, out in outputs:

@@ -1,0 +1,49 @@
+"""Hooks on the GAPA layers of a network: each call's pre-activation and output, keyed by call
+site, in the calling thread only."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..propagation.engine import thread_hooks
+
+
+def site_key(layer: str, call: int) -> str:
+    """Name of the ``call``-th call (0-based) of module ``layer`` in one forward pass."""
+    return layer if call == 0 else f"{layer}#{call}"
+
+
+@contextlib.contextmanager
+def call_sites(
+    model: nn.Module, layers: Sequence[str],
+    on_call: Callable[[str, torch.Tensor], None],
+    on_output: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
+) -> Iterator[None]:
+    """Hooks on the modules ``layers`` of ``model``: ``on_call(key, pre_activation)`` before
+    each call (the key counts calls within one forward pass, see :func:`site_key`) and
+    ``on_output(key, output)`` after it, whose return value, when not None, replaces the
+    module's output. The hooks act only in this thread: other threads' forward passes of the
+    same model never reach them."""
+    counts: dict[str, int] = {}
+    with thread_hooks() as add:
+        add(model, lambda mod, args: counts.clear(), pre=True)
+        for name in layers:
+            module = model.get_submodule(name)
+
+            def pre(mod, args, name=name):
+                call = counts.get(name, 0)
+                counts[name] = call + 1
+                on_call(site_key(name, call), args[0])
+
+            def post(mod, args, output, name=name):
+                if on_output is not None:
+                    return on_output(site_key(name, counts[name] - 1), output)
+                return None
+
+            add(module, pre, pre=True)
+            add(module, post)
+        yield

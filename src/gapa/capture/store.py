@@ -1,0 +1,509 @@
+"""Cached pre-activations on disk: shards of rows per call site, read back in bounded memory.
+
+``GAPA.fit(loader, store=path)`` streams the training activations batch by batch into a store,
+so the cache may be larger than memory. Every shard is written aside and renamed, and the
+manifest lists only finished shards with a digest of the inputs that produced them: a capture
+that was interrupted resumes at the first unfinished shard when called again with the same
+store and the same data in the same order, and refuses (:class:`gapa.errors.StoreMismatchError`) when
+the model, the layers or the data differ.
+
+A capture holds an exclusive lock file in the store (:class:`gapa.errors.StoreLockedError` for a second
+one), and the manifest records every shard file's size, shape and SHA-256, checked before the
+file is first read (:class:`gapa.errors.CorruptStoreError`): a modified, truncated or swapped shard
+never reaches the GPs.
+
+Reads never map more than one shard at a time, so the resident memory of a fit from a store is
+bounded by a few shards (:data:`SHARD_BYTES` each) plus what the fit keeps (M inducing points).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import (
+    ConfigurationError,
+    CorruptStoreError,
+    NonFiniteError,
+    StateFileError,
+    StoreLockedError,
+    StoreMismatchError,
+)
+from ..io import atomic_path, raw_bytes
+
+#: Bytes of cached rows (all call sites together, float32) a shard holds: what a capture keeps
+#: in memory before writing, and at most what a read maps at once.
+SHARD_BYTES = 64 << 20
+#: 2: every shard file's byte size and SHA-256 are in the manifest (1 had no checksums).
+STORE_FORMAT = 2
+MANIFEST = "manifest.json"
+#: The lock file a capture holds: JSON ``{"pid": ..., "host": ...}`` of its process.
+LOCK = "capture.lock"
+#: The dtypes a store keeps rows in: float32, or float16 to halve the disk and read cost.
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+_HASH_BLOCK = 1 << 20
+
+
+class StoredRows:
+    """One call site's cached rows (N x d) across the shards of a store, read on demand in the
+    dtype and on the device the model computed them in. Each shard file is checked against its
+    manifest entry (size, header, SHA-256) the first time it is read, then trusted."""
+
+    def __init__(self, root: Path, shards: list[dict], width: int, file_dtype: str,
+                 dtype: torch.dtype, device: torch.device):
+        self.root, self.shards, self.file_dtype = Path(root), shards, file_dtype
+        self.sizes = [s["rows"] for s in shards]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.width, self.dtype, self.device = width, dtype, device
+        self._verified: set[str] = set()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.root / s["file"] for s in self.shards]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self), self.width
+
+    def _path(self, shard: int) -> Path:
+        """The shard's file, verified once per object (hashing is a full read of the file)."""
+        spec = self.shards[shard]
+        if spec["file"] in self._verified:
+            return self.root / spec["file"]
+        path = verify_shard(self.root, spec, self.file_dtype)
+        self._verified.add(spec["file"])
+        return path
+
+    def _read(self, shard: int, rows=None) -> torch.Tensor:
+        path = self._path(shard)
+        try:
+            array = np.load(path, mmap_mode="r")
+            part = np.array(array if rows is None else array[rows])  # a copy; the map is released
+        except (OSError, ValueError) as exc:  # changed since it was verified
+            raise CorruptStoreError(f"the activation-store shard {path} cannot be read "
+                                    f"({exc}); delete the store and capture again") from exc
+        del array
+        return torch.from_numpy(part).to(device=self.device, dtype=self.dtype)
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """The rows, one shard at a time, in order."""
+        for shard in range(len(self.shards)):
+            yield self._read(shard)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows at the given indices (a 1-D integer tensor), in that order."""
+        idx = torch.as_tensor(idx).reshape(-1).cpu().numpy()
+        out = torch.empty(len(idx), self.width, dtype=self.dtype, device=self.device)
+        shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
+        for shard in np.unique(shard_of):
+            where = np.nonzero(shard_of == shard)[0]
+            local = idx[where] - self.offsets[shard]
+            order = np.argsort(local)  # sorted reads from the memory map
+            rows = self._read(int(shard), local[order])
+            out[torch.from_numpy(where[order]).to(self.device)] = rows
+        return out
+
+    def materialize(self) -> torch.Tensor:
+        """All rows in one tensor (the whole cache in memory)."""
+        return torch.cat(list(self.chunks())) if self.shards else torch.empty(
+            0, self.width, dtype=self.dtype, device=self.device)
+
+
+class ActivationStore:
+    """A directory of per-site shards (``.npy``) and a JSON manifest of the finished ones.
+
+    :meth:`open` takes the store's lock; :meth:`close` (or leaving a ``with`` block) releases it.
+    """
+
+    def __init__(self, path: str | os.PathLike, dtype: str = "float32",
+                 shard_rows: int | None = None):
+        if dtype not in STORE_DTYPES:
+            raise ConfigurationError(f"store dtype must be one of {list(STORE_DTYPES)}, got {dtype!r}")
+        if shard_rows is not None and (not isinstance(shard_rows, int) or shard_rows < 1):
+            raise ConfigurationError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+        self.path = Path(path)
+        self.dtype = dtype
+        self.shard_rows = shard_rows
+        self.manifest: dict = {}
+        self._lock: dict | None = None  # the lock file's contents while this object holds it
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def open(self, signature: dict) -> list[dict]:
+        """Lock the store and start or resume a capture for ``signature`` (model fingerprint,
+        layers, queries): returns the finished shards, or raises StoreMismatchError when the
+        store on disk was written for something else. On any error the lock is released."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._acquire()
+        try:
+            # temporaries of killed writes; under the lock no live writer has any here
+            for tmp in self.path.glob("*.tmp"):
+                if tmp.is_file():
+                    tmp.unlink(missing_ok=True)
+            if (self.path / MANIFEST).exists():
+                manifest = self._load_manifest()
+                mismatch = [k for k, v in signature.items() if manifest["signature"].get(k) != v]
+                if manifest["dtype"] != self.dtype:
+                    mismatch.append(f"dtype ({manifest['dtype']} on disk, {self.dtype} asked)")
+                if mismatch:
+                    raise StoreMismatchError(
+                        f"the activation store {self.path} was written for another "
+                        f"{', '.join(mismatch)}; use a new store path or delete this one")
+                self.manifest = manifest
+            else:
+                self.manifest = {"format": STORE_FORMAT, "dtype": self.dtype,
+                                 "signature": signature, "shards": [], "complete": False}
+                self._save_manifest()
+        except BaseException:
+            self.close()
+            raise
+        return list(self.manifest["shards"])
+
+    def close(self) -> None:
+        """Release the lock if this object holds it (idempotent). A lock file that is no
+        longer this object's (deleted and taken by another capture) is left alone."""
+        token, self._lock = self._lock, None
+        if token is None:
+            return
+        lock = self.path / LOCK
+        try:
+            if _read_lock(lock) == token:
+                lock.unlink()
+        except (StoreLockedError, OSError):
+            pass  # gone or replaced: not ours to remove
+
+    def _acquire(self) -> None:
+        """Create the lock file (O_CREAT|O_EXCL); take over one whose process is gone."""
+        if self._lock is not None:
+            return
+        lock = self.path / LOCK
+        token = {"pid": os.getpid(), "host": socket.gethostname(), "token": secrets.token_hex(8)}
+        for _ in range(5):  # another process may take over the same stale lock at once
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                fd = None
+            except OSError as exc:
+                raise StateFileError(f"cannot create the lock file {lock} of the activation "
+                                     f"store {self.path} ({exc})") from exc
+            if fd is not None:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(token, f)
+                self._lock = token
+                return
+            owner = _read_lock(lock)
+            if owner is None:  # released meanwhile
+                continue
+            self._refuse_unless_stale(lock, owner)
+            warnings.warn(f"taking over the stale lock {lock} of process {owner['pid']}, which "
+                          f"no longer runs on {owner['host']} (an earlier capture was killed)",
+                          stacklevel=3)
+            if _read_lock(lock) == owner:  # not taken over by another process meanwhile
+                lock.unlink(missing_ok=True)
+        raise StoreLockedError(f"could not lock the activation store {self.path}: its lock "
+                               f"file {lock} keeps changing hands; retry")
+
+    def _refuse_unless_stale(self, lock: Path, owner: dict) -> None:
+        pid, host = owner["pid"], owner["host"]
+        if host != socket.gethostname():
+            why = (f"process {pid} on another host, {host}, which gapa cannot check from here; if "
+                   f"no capture into this store runs there, delete {lock} and retry")
+        elif pid == os.getpid():
+            why = (f"this process (pid {pid}): another ActivationStore on this directory was "
+                   "opened and not closed; close() it first, or use `with ActivationStore(...)`")
+        elif _pid_alive(pid):
+            why = (f"process {pid} on this host, which is still running: wait for its capture "
+                   "to finish or use another store path; if that process is not capturing "
+                   f"(its pid was reused), delete {lock} and retry")
+        else:
+            return
+        raise StoreLockedError(f"the activation store {self.path} is locked (lock file {lock}) "
+                               f"by {why}")
+
+    def rows_per_shard(self, total_width: int) -> int:
+        """Rows per shard for call sites of ``total_width`` units together: ``shard_rows`` if
+        given, else :data:`SHARD_BYTES` worth of float32 rows."""
+        return self.shard_rows or max(1, SHARD_BYTES // (4 * total_width))
+
+    def write_shard(self, rows: dict[str, torch.Tensor], *, batches: int, inputs: int,
+                    digest: str) -> None:
+        """Append one shard: every site's rows, then the manifest entry that makes it count
+        (with the size and SHA-256 of the bytes written, which every read checks)."""
+        index = len(self.manifest["shards"])
+        entry = {"batches": batches, "inputs": inputs, "digest": digest, "sites": {}}
+        for key, value in rows.items():
+            name = f"{_file_key(key)}-{index:05d}.npy"  # _file_key is unique per key
+            limit = float(np.finfo(STORE_DTYPES[self.dtype]).max)
+            if float(value.abs().max()) > limit:  # the cast would store them as inf
+                raise NonFiniteError(
+                    f"the pre-activations at {key!r} exceed {self.dtype}'s range (max "
+                    f"{float(value.abs().max()):.3g} > {limit:.6g}); use store_dtype='float32'")
+            # through float32 in torch: numpy has no bfloat16
+            array = value.detach().to("cpu", torch.float32).numpy().astype(
+                STORE_DTYPES[self.dtype], copy=False)
+            with atomic_path(self.path / name) as tmp, open(tmp, "wb") as f:
+                out = _HashingWriter(f)
+                np.save(out, array)
+            entry["sites"][key] = {"file": name, "rows": int(array.shape[0]),
+                                   "width": int(array.shape[1]),
+                                   "dtype": str(value.dtype).removeprefix("torch."),
+                                   "bytes": out.size, "sha256": out.sha256.hexdigest()}
+        self.manifest["shards"].append(entry)
+        self._save_manifest()
+
+    def finish(self, input_shape: tuple[int, ...]) -> None:
+        """Mark the capture complete (the lock stays held until :meth:`close`)."""
+        self.manifest["complete"] = True
+        self.manifest["input_shape"] = list(input_shape)
+        self._save_manifest()
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    @property
+    def keys(self) -> list[str]:
+        """The call sites, in the order they were first cached."""
+        shards = self.manifest.get("shards", [])
+        return list(dict.fromkeys(k for s in shards for k in s["sites"]))
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        shape = self.manifest.get("input_shape")
+        return None if shape is None else tuple(shape)
+
+    def rows(self, key: str, device: torch.device | str = "cpu") -> StoredRows:
+        """One site's rows, read back in the dtype the model computed them in, on ``device``."""
+        shards = [s["sites"][key] for s in self.manifest["shards"] if key in s["sites"]]
+        return StoredRows(self.path, shards, shards[0]["width"], self.manifest["dtype"],
+                          getattr(torch, shards[0]["dtype"]), torch.device(device))
+
+    def n_rows(self, key: str) -> int:
+        return sum(s["sites"][key]["rows"] for s in self.manifest["shards"] if key in s["sites"])
+
+    def _load_manifest(self) -> dict:
+        path = self.path / MANIFEST
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptStoreError(f"the activation-store manifest {path} is unreadable "
+                                    f"({exc}); delete the store to capture again") from exc
+        _check_manifest(manifest, path)
+        return manifest
+
+    def _save_manifest(self) -> None:
+        with atomic_path(self.path / MANIFEST) as tmp, open(tmp, "w") as f:
+            json.dump(self.manifest, f, indent=1)
+
+
+class _HashingWriter:
+    """A write-only file wrapper that counts and hashes what passes through it (np.save writes
+    through ``write`` when given an object that is not a real file)."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.f.write(data)
+
+
+def verify_shard(root: Path, spec: dict, file_dtype: str) -> Path:
+    """The path of the shard ``spec`` names in the store ``root``, after checking that it is a
+    file of the store with the recorded size, npy shape and dtype, and SHA-256."""
+    name = spec["file"]
+    _check_file_name(name, root / MANIFEST)
+    path = root / name
+    if path.resolve().parent != root.resolve():
+        raise CorruptStoreError(f"the activation-store shard {path} resolves outside the store "
+                                f"{root} (a link?); delete the store and capture again")
+
+    def corrupt(what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"the activation-store shard {path} {what}; the store is "
+                                 "damaged: delete it and capture again")
+
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise corrupt("is not a regular file")
+        if size != spec["bytes"]:
+            raise corrupt(f"is {size} bytes, the manifest records {spec['bytes']} (truncated "
+                          "or replaced)")
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+            except ValueError as exc:
+                raise corrupt(f"is not a readable .npy file ({exc})") from exc
+            want = (spec["rows"], spec["width"])
+            if shape != want or dtype != np.dtype(STORE_DTYPES[file_dtype]) or fortran:
+                raise corrupt(f"holds {dtype} {shape}, the manifest records {file_dtype} {want}")
+            f.seek(0)
+            digest = hashlib.sha256()
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+    except CorruptStoreError:
+        raise
+    except FileNotFoundError as exc:
+        raise corrupt("is missing") from exc
+    except OSError as exc:
+        raise corrupt(f"cannot be read ({exc})") from exc
+    if digest.hexdigest() != spec["sha256"]:
+        raise corrupt("does not match the SHA-256 the manifest records: it was modified")
+    return path
+
+
+def _check_file_name(name, manifest: Path) -> None:
+    """A shard must be a plain file name in the store: no separators, no ``..``, no drive."""
+    if (not isinstance(name, str) or name in ("", ".", "..")
+            or any(c in name for c in "/\\:\0")):
+        raise CorruptStoreError(f"the activation-store manifest {manifest} names the shard file "
+                                f"{name!r}, which is not a plain file name inside the store; "
+                                "delete the store and capture again")
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """Raise a typed error naming ``path`` unless ``manifest`` is a well-formed current one."""
+    def bad(what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"the activation-store manifest {path} is malformed: {what}; "
+                                 "delete the store and capture again")
+
+    def count(value, least: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    if manifest.get("format") != STORE_FORMAT:
+        raise StoreMismatchError(
+            f"the activation store {path.parent} is format {manifest.get('format')!r} ({path}); "
+            f"this gapa reads format {STORE_FORMAT} only, whose manifest checks every shard's "
+            "size and SHA-256: delete the store directory and capture again (a store is a cache)")
+    if manifest.get("dtype") not in STORE_DTYPES:
+        raise bad(f"dtype {manifest.get('dtype')!r} is not one of {list(STORE_DTYPES)}")
+    if not isinstance(manifest.get("signature"), dict):
+        raise bad("'signature' is not an object")
+    shards, complete = manifest.get("shards"), manifest.get("complete")
+    if not isinstance(shards, list):
+        raise bad("'shards' is not a list")
+    if not isinstance(complete, bool):
+        raise bad("'complete' is not true or false")
+    if complete and not shards:
+        raise CorruptStoreError(f"the activation-store manifest {path} is marked complete but "
+                                "lists no shards: delete the store and capture again")
+    shape = manifest.get("input_shape")
+    if (complete or shape is not None) and not (
+            isinstance(shape, list) and all(count(n, 0) for n in shape)):
+        raise bad(f"'input_shape' {shape!r} is not a list of sizes")
+    sites_seen: dict[str, tuple] = {}
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            raise bad(f"shard {i} is not an object")
+        if not (count(shard.get("batches"), 1) and count(shard.get("inputs"), 1)):
+            raise bad(f"shard {i} has no positive 'batches' and 'inputs' counts")
+        if not isinstance(shard.get("digest"), str) or not isinstance(shard.get("sites"), dict):
+            raise bad(f"shard {i} lacks its 'digest' or 'sites'")
+        for key, site in shard["sites"].items():
+            where = f"shard {i}, site {key!r}"
+            if not isinstance(site, dict):
+                raise bad(f"{where} is not an object")
+            _check_file_name(site.get("file"), path)
+            if not (count(site.get("rows"), 0) and count(site.get("width"), 1)
+                    and count(site.get("bytes"), 0)):
+                raise bad(f"{where} has no valid 'rows', 'width' and 'bytes' counts")
+            dtype = site.get("dtype")
+            if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+                    and getattr(torch, dtype).is_floating_point):
+                raise bad(f"{where} has dtype {dtype!r}, not a torch floating dtype")
+            sha = site.get("sha256")
+            if not (isinstance(sha, str) and len(sha) == 64
+                    and all(c in "0123456789abcdef" for c in sha)):
+                raise bad(f"{where} has no SHA-256")
+            if sites_seen.setdefault(key, (site["width"], dtype)) != (site["width"], dtype):
+                raise bad(f"{where} has width {site['width']} and dtype {dtype}, unlike the "
+                          "site's earlier shards")
+
+
+def _read_lock(lock: Path) -> dict | None:
+    """The lock file's owner (``pid``, ``host``), or None if there is no lock file."""
+    try:
+        text = lock.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreLockedError(f"cannot read the activation-store lock file {lock} ({exc})") from exc
+    try:
+        owner = json.loads(text)
+        if (isinstance(owner, dict) and isinstance(owner.get("host"), str)
+                and type(owner.get("pid")) is int and owner["pid"] > 0):
+            return owner
+    except json.JSONDecodeError:
+        pass
+    raise StoreLockedError(
+        f"the activation-store lock file {lock} does not name its owner ({text[:80]!r}): a "
+        "capture may be starting; if no capture into this store is running, delete it and retry")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (assumed so where that cannot be checked)."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _file_key(key: str) -> str:
+    """A call-site key as a file name: its safe characters and a digest of the whole key (module
+    paths have dots, repeated calls ``#``, and two keys may differ only in those)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+class Shard:
+    """The inputs of one store shard: how many batches and rows, and a digest of their bytes
+    (what tells a resumed capture that the data did not change, whatever its batch size)."""
+
+    def __init__(self):
+        self.digest = hashlib.blake2b(digest_size=16)
+        self.batches = 0
+        self.inputs = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.digest.update(raw_bytes(x))
+        self.batches += 1
+        self.inputs += x.shape[0]
+
+    def check(self, entry: dict, index: int, store: ActivationStore) -> None:
+        if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
+            raise StoreMismatchError(
+                f"the inputs of shard {index} differ from those that wrote it to {store.path} "
+                f"({entry['inputs']} inputs): the data or its order (a shuffling DataLoader?) "
+                "changed; resume with the same data in the same order, or use a new store")

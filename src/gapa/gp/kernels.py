@@ -1,0 +1,238 @@
+"""Per-unit RBF kernels on a unit's scalar pre-activation, and their label-free hyperparameters.
+
+Each unit ``j`` of a GAPA layer has ``k_j(u, u') = a_j exp(-(u - u')^2 / (2 l_j^2))``. The
+lengthscale ``l_j`` and amplitude ``a_j`` come from statistics of the cached pre-activations
+(no labels, no gradients); the observation noise of a cached row is ``noise * a_j / n`` where
+``n`` is how many training rows the row stands for (1 for a raw cache row, the cluster size for
+an inducing point), so dense regions of activation space are more certain than sparse ones.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError
+
+#: Random pairs of cached rows whose differences set the lengthscale.
+LENGTHSCALE_PAIRS = 20_000
+#: Rows per chunk of the activation statistics (bounds their temporaries).
+STATS_CHUNK_ROWS = 1 << 16
+#: Smallest lengthscale, relative to the unit's pre-activation scale, so constant units stay finite.
+MIN_LENGTHSCALE = 1e-6
+#: The settings a ``hyperparameters=`` override may give, per layer or call site.
+OVERRIDABLE = ("lengthscale", "amplitude", "noise")
+#: The label-free amplitude rules (see :func:`estimate_hyperparameters`).
+AMPLITUDE_RULES = ("variance", "unit", "max1")
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Kernel hyperparameters of one GAPA call site (``d`` units)."""
+
+    lengthscale: torch.Tensor  #: (d,) per-unit RBF lengthscale, in pre-activation units
+    amplitude: torch.Tensor  #: (d,) per-unit prior variance a_j (variance far from the data)
+    noise: float  #: observation noise of one cached row, relative to the amplitude
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        return replace(
+            self,
+            lengthscale=self.lengthscale.to(device=device, dtype=dtype),
+            amplitude=self.amplitude.to(device=device, dtype=dtype),
+        )
+
+
+@dataclass(frozen=True)
+class ColumnStats:
+    """Per-unit statistics of a cache (``d`` units), from one pass over its rows."""
+
+    lo: torch.Tensor  #: (d,) smallest cached value, in the cache's dtype (exact)
+    hi: torch.Tensor  #: (d,) largest cached value (exact)
+    std: torch.Tensor  #: (d,) standard deviation of the pre-activation
+    act_var: torch.Tensor  #: (d,) variance of the activation of the pre-activation
+
+
+def pairwise_difference_quantile(
+    x: torch.Tensor, q: float, n_pairs: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-column ``q``-quantile of the non-zero ``|x_i - x_j|`` over ``n_pairs`` random pairs
+    ``i != j`` (0 for a column without distinct values)."""
+    n = len(x)
+    i = torch.randint(n, (n_pairs,), generator=generator)
+    j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n
+    diff = (x[i] - x[j]).abs().double()
+    # duplicated rows say nothing about the spacing of distinct values: on a cache with many
+    # copies the plain quantile is 0 and every new point would sit at the prior variance
+    diff[diff == 0] = float("nan")
+    return torch.nanquantile(diff, q, dim=0).nan_to_num(0.0).to(x.dtype)
+
+
+def estimate_hyperparameters(
+    pre: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    lengthscale_quantile: float,
+    amplitude_rule: str,
+    noise: float,
+    generator: torch.Generator,
+    n_pairs: int = LENGTHSCALE_PAIRS,
+    stats: ColumnStats | None = None,
+) -> Hyperparameters:
+    """Hyperparameters from the cached pre-activations ``pre`` (N x d) of one call site.
+
+    ``lengthscale``: the ``lengthscale_quantile`` of pairwise distances between a unit's cached
+    pre-activations, so that a typical neighbour is "close" on the kernel's scale.
+    ``amplitude``: ``"variance"`` uses Var(phi(X_j)), the spread the activation actually takes
+    over the data; ``"unit"`` uses 1; ``"max1"`` (default) uses max(1, Var(phi(X_j))): a unit
+    whose activation barely moves on the training data is still allowed to move off it (on
+    flights, with the validation-chosen lengthscale, it beat ``"variance"`` in 5 of 6
+    seed/split cases: benchmarks/RESULTS.md). ``stats``: :func:`column_stats` of ``pre``, when
+    the caller has them already (one pass over a store fewer).
+    """
+    check_quantile(lengthscale_quantile)
+    check_amplitude_rule(amplitude_rule)
+    noise = check_positive("noise", noise)
+    if len(pre) > 1:
+        stats = stats if stats is not None else column_stats(pre, activation)
+        act_var = stats.act_var
+        lengthscale = pairwise_difference_quantile(pre, lengthscale_quantile, n_pairs, generator)
+        lengthscale = torch.maximum(lengthscale, MIN_LENGTHSCALE * stats.std.clamp_min(1.0))
+    else:
+        one = pre[torch.zeros(1, dtype=torch.long)][0]
+        lengthscale, act_var = torch.ones_like(one), torch.zeros_like(one)
+    if amplitude_rule == "variance":
+        amplitude = act_var.clamp_min(1e-6)
+    elif amplitude_rule == "unit":
+        amplitude = torch.ones_like(act_var)
+    else:  # "max1"
+        amplitude = act_var.clamp_min(1.0)
+    return Hyperparameters(lengthscale=lengthscale, amplitude=amplitude, noise=float(noise))
+
+
+def column_stats(pre, activation) -> ColumnStats:
+    """Per-unit range and standard deviation of ``pre`` (N >= 2 rows) and variance of
+    ``activation(pre)``, from float64 sums over chunks (of a tensor, or the shards of a
+    :class:`gapa.capture.store.StoredRows`), so no full-size temporary is made."""
+    chunks = pre.split(STATS_CHUNK_ROWS) if isinstance(pre, torch.Tensor) else pre.chunks()
+    n = len(pre)
+    sums = torch.zeros(4, pre.shape[1], dtype=torch.float64, device=pre.device)
+    lo = hi = None
+    for chunk in chunks:
+        lo = chunk.amin(0) if lo is None else torch.minimum(lo, chunk.amin(0))
+        hi = chunk.amax(0) if hi is None else torch.maximum(hi, chunk.amax(0))
+        act = activation(chunk.clone()).double()  # clone: an in-place activation must not write
+        chunk = chunk.double()
+        sums += torch.stack([chunk.sum(0), chunk.square().sum(0), act.sum(0), act.square().sum(0)])
+    mean, act_mean = sums[0] / n, sums[2] / n
+    var = ((sums[1] - n * mean.square()) / (n - 1)).clamp_min(0)
+    act_var = ((sums[3] - n * act_mean.square()) / (n - 1)).clamp_min(0)
+    return ColumnStats(lo=lo, hi=hi, std=var.sqrt().to(lo.dtype), act_var=act_var.to(lo.dtype))
+
+
+# --- checks of user settings: refused, never repaired ----------------------------------------------
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float; ConfigurationError unless it is a finite real number > 0."""
+    if not _is_real(value) or not (math.isfinite(value) and value > 0):
+        raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def check_quantile(q) -> None:
+    if not _is_real(q) or not 0.0 < q <= 1.0:
+        raise ConfigurationError(f"lengthscale_quantile must lie in (0, 1], got {q!r}")
+
+
+def check_amplitude_rule(rule) -> None:
+    if rule not in AMPLITUDE_RULES:
+        raise ConfigurationError(
+            f"unknown amplitude_rule {rule!r}; use 'variance', 'unit' or 'max1'")
+
+
+def check_overrides(overrides: Mapping[str, Mapping]) -> None:
+    """Refuse a ``hyperparameters=`` mapping (layer or call site -> settings) that cannot be
+    right: an unknown setting, a value that is not a number or a vector of numbers, or one that
+    is not finite and positive. The number of units is unknown before the fit, so a per-unit
+    vector's length is checked by :func:`override`."""
+    if not isinstance(overrides, Mapping):
+        raise ConfigurationError(
+            f"hyperparameters must map layer names to settings, got {type(overrides).__name__}")
+    for layer, values in overrides.items():
+        _check_keys(values, layer)
+        for name, value in values.items():
+            _override_values(name, value, layer)
+
+
+def _check_keys(values, layer) -> None:
+    if not isinstance(values, Mapping):
+        raise ConfigurationError(
+            f"hyperparameters[{layer!r}] must map settings ({', '.join(OVERRIDABLE)}) to values, "
+            f"got {type(values).__name__}")
+    unknown = set(values) - set(OVERRIDABLE)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown hyperparameter(s) {sorted(map(str, unknown))}; allowed: "
+            f"{', '.join(OVERRIDABLE)} (layer {layer!r})")
+
+
+def _override_values(name: str, value, layer) -> torch.Tensor:
+    """A user's override as a float64 tensor (0-d, or 1-d per unit), checked finite and > 0."""
+    where = f"(layer {layer!r})"
+    try:  # through numpy: a Python float stays float64 (torch would make it float32)
+        t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigurationError(
+            f"{name} override {where} must be a number or a vector of numbers, got "
+            f"{value!r}") from None
+    if t.dtype == torch.bool or t.is_complex():
+        raise ConfigurationError(f"{name} override {where} must be real numbers, got {t.dtype}")
+    if t.dim() > (0 if name == "noise" else 1):
+        what = "one number per layer" if name == "noise" else "a scalar or one value per unit"
+        raise ConfigurationError(
+            f"{name} override has shape {tuple(t.shape)} {where}; give {what}")
+    t = t.to("cpu", torch.float64)
+    bad = ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0, 0])
+        at = f" at unit {i}" if t.dim() else ""
+        raise ConfigurationError(
+            f"{name} override must be positive and finite {where}, got {t.reshape(-1)[i].item()}"
+            f"{at}")
+    return t
+
+
+def override(hp: Hyperparameters, values: Mapping, layer: str = "?") -> Hyperparameters:
+    """Replace fitted hyperparameters by user values (scalars or per-unit tensors) of ``layer``,
+    checked as :func:`check_overrides` does, and each against the layer's width and dtype."""
+    _check_keys(values, layer)
+    changes: dict = {}
+    for name, value in values.items():
+        v = _override_values(name, value, layer)
+        if name == "noise":
+            changes[name] = float(v)
+            continue
+        ref = getattr(hp, name)
+        if v.dim() == 0:
+            v = v.expand(ref.shape)
+        if v.shape != ref.shape:
+            raise ConfigurationError(
+                f"{name} override has shape {tuple(v.shape)}; the layer has {ref.shape[0]} "
+                f"units, so give a scalar or shape ({ref.shape[0]},) (layer {layer!r})")
+        cast = v.to(ref.device, ref.dtype, copy=True).contiguous()  # never the user's tensor
+        if not bool((torch.isfinite(cast) & (cast > 0)).all()):
+            raise ConfigurationError(
+                f"{name} override at layer {layer!r} (from {v.min().item():.3g} to "
+                f"{v.max().item():.3g}) is not representable in the layer's {ref.dtype}: it "
+                "overflows or underflows to 0")
+        changes[name] = cast
+    return replace(hp, **changes)

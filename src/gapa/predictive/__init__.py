@@ -1,0 +1,1 @@
+"""gapa.predictive."""

@@ -1,0 +1,170 @@
+"""``gapa bench regression``: every method of the paper's table on one data set, over seeds.
+
+Post-hoc methods share one frozen MAP backbone per seed (MLP 3 x 200 tanh, cached on disk);
+methods that train networks (MC dropout, ensembles) train them with the same settings. All are
+calibrated on validation the same way (:func:`gapa_bench.regression.run_method`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gapa.errors import ConfigurationError, MissingDependencyError
+from gapa.io import atomic_path
+
+from .backbones import cached_regressor
+from .baselines import FitFn
+from .baselines.dropout import fit_mc_dropout
+from .baselines.ella import fit_ella
+from .baselines.ensemble import fit_ensemble
+from .baselines.laplace import fit_lla_diag, fit_lla_kfac, fit_lla_lastlayer
+from .data import RegressionData
+from .regression import MethodResult, fit_gapa, fit_map, run_method
+
+#: GAPA as the benchmark and the demo run it: the middle hidden activation of the 3-layer MLP,
+#: 1-NN closed form over 512 k-means inducing points (benchmarks/RESULTS.md, ablation), and the
+#: exact first-order (Jacobian) propagation, one backward pass for the scalar output, which keeps
+#: the correlations the next mixing layer creates (RQ5 in RESULTS.md).
+GAPA_DEFAULT = {"layers": ["3"], "k": 1, "m": 512, "propagation": "jacobian"}
+
+METHODS: dict[str, FitFn] = {
+    "map": fit_map,
+    "lla_diag": fit_lla_diag,
+    "lla_kfac": fit_lla_kfac,
+    "lla_lastlayer": fit_lla_lastlayer,
+    "ella": fit_ella,
+    "mc_dropout": fit_mc_dropout,
+    "ensemble": fit_ensemble,
+    "gapa": partial(fit_gapa, **GAPA_DEFAULT),
+    # the paper's one-pass diagonal propagation
+    "gapa_diag": partial(fit_gapa, **{**GAPA_DEFAULT, "propagation": "diagonal"}),
+    # the 1-NN closed form over the whole training cache, no inducing points; the nearest
+    # cached row is found by an HNSW graph tuned to recall@1 >= 0.95 (exact search over the
+    # whole cache cost 390x the network at test)
+    "gapa_k1": partial(fit_gapa, **{**GAPA_DEFAULT, "m": None, "search": "hnsw"}),
+}
+
+#: Columns of the summary table and whether lower is better (all are).
+COLUMNS = ("nll", "crps", "cqm", "rmse", "fit_s", "test_s")
+
+
+def parse_methods(spec: str | Sequence[str] | None, known: dict | None = None) -> list[str]:
+    """``None`` or ``"all"`` for every method of ``known`` (default: the regression ones),
+    else a comma-separated list of known names."""
+    known = METHODS if known is None else known
+    if spec is None or spec == "all":
+        return list(known)
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigurationError(
+            f"unknown method(s) {unknown or names}; choose from {', '.join(known)} or 'all'"
+        )
+    return names
+
+
+def run_benchmark(
+    data: RegressionData,
+    methods: Sequence[str],
+    seeds: int = 5,
+    *,
+    train: dict | None = None,
+    progress: bool = True,
+    json_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    log=print,
+) -> list[MethodResult]:
+    """Each method on each seed; the backbone of seed ``s`` is trained once (cached on disk) and
+    loaded once per run.
+
+    With ``json_path`` the records are rewritten after every result, so an interrupted run keeps
+    what it finished; with ``resume`` the records already in that file for this data set and
+    split are kept and their method/seed pairs are not run again. A method whose optional
+    dependency is missing (laplace-torch) is reported and skipped, never faked.
+    """
+    if seeds < 1:
+        raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+    if resume and json_path is None:
+        raise ConfigurationError("resume needs the JSON path whose records it keeps")
+    train = dict(train or {})
+    results: list[MethodResult] = []
+    if resume and os.path.exists(json_path):
+        results = [r for r in load_records(json_path)
+                   if (r.dataset, r.split) == (data.name, data.split)]
+    done = {(r.method, r.seed) for r in results}
+    backbones: dict[int, nn.Module] = {}
+    for name in methods:
+        bar = tqdm(range(seeds), desc=name, disable=not progress)
+        for seed in bar:
+            if (name, seed) in done:
+                continue
+            if seed not in backbones:
+                backbones[seed] = cached_regressor(data, seed=seed, progress=progress, **train)[0]
+            backbone = backbones[seed]
+            try:
+                res = run_method(name, METHODS[name], backbone, data, seed=seed,
+                                 progress=progress, train=train)
+            except MissingDependencyError as exc:
+                log(f"{name}: skipped ({exc})")
+                break
+            res.fitted = None  # release the fitted state: only the scores are kept
+            results.append(res)
+            if json_path is not None:
+                write_records(json_path, results)
+            bar.set_postfix(nll=f"{res.nll:.3f}")
+    return results
+
+
+def summary_table(results: Sequence[MethodResult]) -> str:
+    """Markdown: mean +- standard error over seeds per method; the best mean per column in bold.
+
+    ``test / map`` is the ratio of mean test times to MAP's, or "—" when MAP was not run.
+    """
+    methods = list(dict.fromkeys(r.method for r in results))
+    stats = {m: {c: mean_se([getattr(r, c) for r in results if r.method == m]) for c in COLUMNS}
+             for m in methods}
+    best = {c: min(stats[m][c][0] for m in methods) for c in COLUMNS}
+    map_test = stats["map"]["test_s"][0] if "map" in stats else None
+    head = ["method", "seeds", "NLL", "CRPS", "CQM", "RMSE", "fit s", "test s", "test / map"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        n = sum(r.method == m for r in results)
+        cells = [m, str(n)]
+        for c in COLUMNS:
+            mean, se = stats[m][c]
+            digits = 2 if c.endswith("_s") else 3
+            text = f"{mean:.{digits}f} ± {se:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+            cells.append(f"**{text}**" if mean == best[c] else text)
+        cells.append(f"{stats[m]['test_s'][0] / map_test:.1f}x" if map_test else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_records(path: str | os.PathLike, results: Sequence) -> None:
+    """One JSON record per method and seed, written aside then renamed."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump([r.record() for r in results], f, indent=2)
+
+
+def load_records(path: str | os.PathLike) -> list[MethodResult]:
+    """The results of a :func:`write_records` file, without the per-row predictions."""
+    with open(path) as f:
+        return [MethodResult(**rec, mean=torch.empty(0), std=torch.empty(0))
+                for rec in json.load(f)]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (``ddof=1``; 0 for a single value) of ``values``."""
+    a = np.asarray(values, dtype=np.float64)
+    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+    return float(a.mean()), se

@@ -1,0 +1,139 @@
+"""The regression pipeline shared by the demo and the benchmark: fit a method, calibrate it on
+validation, score it on test.
+
+Every method, GAPA included, goes through :func:`run_method`: the method returns its epistemic
+variance, one scale and one homoscedastic noise are fitted on validation for all methods alike,
+and the test metrics come from :mod:`gapa_bench.metrics`.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gapa.core import GAPA
+from gapa.moments import Moments
+from gapa.predictive.regression import fit_scale_and_noise
+
+from .baselines import FitFn, Fitted
+from .data import RegressionData
+from .metrics import regression_report
+
+#: The fields every JSON record has, in this order.
+RECORD_FIELDS = ("dataset", "method", "seed", "nll", "crps", "cqm", "rmse", "fit_s", "test_s")
+
+
+@dataclass
+class MethodResult:
+    """One method's test-set scores, in the target's own units, and its cost."""
+
+    method: str
+    nll: float
+    crps: float
+    cqm: float
+    rmse: float
+    fit_s: float
+    test_s: float
+    mean: torch.Tensor  # test predictive mean, target units
+    std: torch.Tensor  # test predictive standard deviation, target units
+    dataset: str = ""
+    split: str = ""  # how the data set was split (time-ordered, shuffled, file order, ...)
+    seed: int = 0
+    scale: float = 0.0  # validation-fitted multiplier of the method's variance
+    noise: float = 0.0  # validation-fitted homoscedastic noise variance, standardised units
+    peak_rss_mib: float = 0.0  # peak resident memory of the process while the method ran
+    info: dict = field(default_factory=dict)
+    fitted: Fitted | None = field(default=None, repr=False)
+
+    def record(self) -> dict:
+        """The JSON record: :data:`RECORD_FIELDS` plus calibration, memory and method info."""
+        rec = {k: getattr(self, k) for k in RECORD_FIELDS}
+        rec.update(split=self.split, scale=self.scale, noise=self.noise, peak_rss_mib=self.peak_rss_mib,
+                   info=self.info)
+        return rec
+
+
+def fit_map(backbone: nn.Module, data: RegressionData, **_) -> Fitted:
+    """The frozen network alone: zero epistemic variance, so calibration fits only the noise."""
+
+    def predict(x: torch.Tensor) -> Moments:
+        with torch.no_grad():
+            mean = backbone(x)
+        return Moments(mean, torch.zeros_like(mean))
+
+    return Fitted(predict)
+
+
+def fit_gapa(
+    backbone: nn.Module, data: RegressionData, *, seed: int = 0, progress: bool = False,
+    train: dict | None = None, **options,
+) -> Fitted:
+    """GAPA on the training inputs; ``options`` go to :class:`gapa.GAPA`. The lengthscale factor
+    is chosen on validation by :meth:`gapa.GAPA.calibrate`, as a user would."""
+    gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
+    gm.calibrate(data.x_val, data.y_val)
+    info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
+            "propagation": gm.propagation, "lengthscale_factor": gm.lengthscale_factor}
+    return Fitted(gm, info=info, handle=gm)
+
+
+def run_method(
+    name: str,
+    fit: FitFn,
+    backbone: nn.Module,
+    data: RegressionData,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    train: dict | None = None,
+) -> MethodResult:
+    """Fit, calibrate on validation, predict on test, score in target units.
+
+    ``fit_s`` covers the method's fit and the calibration (for methods that train networks, the
+    recorded training seconds instead of the fit call); ``test_s`` one pass over the test inputs.
+    """
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    fitted = fit(backbone, data, seed=seed, progress=progress, train=dict(train or {}))
+    fit_call_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    val = fitted.predict(data.x_val)
+    cal = fit_scale_and_noise(val.mean, val.var, data.y_val)
+    calibrate_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    test = fitted.predict(data.x_test)
+    test_s = time.perf_counter() - t0
+    fit_s = (fit_call_s if fitted.fit_s is None else fitted.fit_s) + calibrate_s
+    mean, std = data.to_target_units(test.mean, cal.predictive_std(test.var))
+    y = data.y_test * data.y_std + data.y_mean
+    return MethodResult(
+        name, **regression_report(mean, std, y), fit_s=fit_s, test_s=test_s, mean=mean, std=std,
+        dataset=data.name, split=data.split, seed=seed, scale=cal.scale, noise=cal.noise,
+        peak_rss_mib=_peak_rss_mib(),
+        info=fitted.info, fitted=fitted,
+    )
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (Linux), so the next reading is this method's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory since the last reset (``VmHWM``), else the process's ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

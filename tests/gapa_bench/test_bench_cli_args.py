@@ -1,0 +1,44 @@
+"""Every numeric or list argument of ``gapa-bench``: a bad value is argparse's one-line error,
+exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from gapa_bench.cli import main
+
+CASES = [
+    # gapa-bench demo
+    (["demo", "--k", "0"], "--k"),
+    (["demo", "--m", "-1"], "--m"),
+    (["demo", "--m", "3", "--k", "4"], "--k"),
+    (["demo", "--seed", "-1"], "--seed"),
+    (["demo", "--seed", "one"], "--seed"),
+    (["demo", "--layers", "1,,3"], "--layers"),
+    (["demo", "--layers", ""], "--layers"),
+    (["demo", "--csv", "table.csv"], "--target"),
+    # gapa-bench regression
+    (["regression", "--seeds", "0"], "--seeds"),
+    (["regression", "--seeds", "2.5"], "--seeds"),
+    (["regression", "--max-epochs", "0"], "--max-epochs"),
+    # gapa-bench classification
+    (["classification", "--seeds", "-1"], "--seeds"),
+    (["classification", "--rotated-size", "0"], "--rotated-size"),
+    (["classification", "--test-size", "-10"], "--test-size"),
+    (["classification", "--subset", "0"], "--subset"),
+    (["classification", "--max-epochs", "x"], "--max-epochs"),
+    (["classification", "--ood", "mnist,svhn"], "--ood"),
+    (["classification", "--device", "gpu9"], "--device"),
+]
+
+
+@pytest.mark.parametrize(("argv", "argument"), CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_argument_is_a_usage_error(argv, argument, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in captured.err
+    assert errors[0].startswith("gapa-bench ") and f"error: argument {argument}" in errors[0]
