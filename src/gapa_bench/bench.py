@@ -1,4 +1,4 @@
-"""``gapa bench regression``: every method of the paper's table on one data set, over seeds.
+"""``gapa-bench regression``: every method of the paper's table on one data set, over seeds.
 
 Post-hoc methods share one frozen MAP backbone per seed (MLP 3 x 200 tanh, cached on disk);
 methods that train networks (MC dropout, ensembles) train them with the same settings. All are

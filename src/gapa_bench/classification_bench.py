@@ -1,4 +1,4 @@
-"""``gapa bench classification``: GAPA and its peers on one frozen image classifier, over seeds.
+"""``gapa-bench classification``: GAPA and its peers on one frozen image classifier, over seeds.
 
 Every method maps images to class probabilities; all are scored by :mod:`gapa_bench.metrics` on the
 test set (accuracy, NLL, ECE, Brier), on out-of-distribution sets (AUROC and FPR at 95% TPR of

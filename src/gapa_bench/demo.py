@@ -1,4 +1,4 @@
-"""``gapa demo``: the main job. Train (or reuse) the published backbone on real flight delays,
+"""``gapa-bench demo``: the main job. Train (or reuse) the published backbone on real flight delays,
 fit GAPA on its training activations, calibrate on validation, compare with MAP on test."""
 
 from __future__ import annotations
