@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from .adapters import output_tensor
 from .capture.hooks import call_sites
 from .capture.store import ActivationStore, Shard
 from .errors import (
@@ -48,7 +49,7 @@ from .predictive.classification import (
 from .predictive.regression import Calibration, fit_scale_and_noise
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
-from .propagation.engine import output_tensor, untracked, version
+from .propagation.engine import untracked, version
 from .propagation.graph import GraphWatch
 
 #: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).

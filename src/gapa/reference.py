@@ -7,11 +7,12 @@ from collections.abc import Iterator
 
 import torch
 
+from .adapters import output_tensor
 from .capture.hooks import call_sites
 from .core import GAPA
 from .errors import NotFittedError
 from .moments import Moments
-from .propagation.engine import output_tensor, thread_hooks
+from .propagation.engine import thread_hooks
 
 
 def monte_carlo_moments(

@@ -38,6 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..adapters import output_tensor
 from ..errors import InputError, UnsupportedOperationError
 from ..moments import Moments
 
@@ -460,22 +461,6 @@ def propagate(model: nn.Module, mean: Tensor, var: Tensor) -> Moments:
         out = output_tensor(model(mean))
     out_var = tracker.var(out)
     return Moments(out, torch.zeros_like(out) if out_var is None else out_var)
-
-
-def output_tensor(out: Any) -> Tensor:
-    """The prediction in a model's output: the tensor itself, the ``logits`` of a
-    ``transformers`` output, or the first element of a tuple."""
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise InputError(
-        f"the model returned {type(out).__name__}; GAPA needs a Tensor, an output with a "
-        "'logits' tensor, or a tuple whose first element is a Tensor"
-    )
 
 
 def supported_operations() -> Iterator[str]:
