@@ -90,6 +90,10 @@ def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return z.movedim(-1, 1) if inverse else z.movedim(1, -1)
 
 
+#: Rows per forward pass of ``fit``, :meth:`GAPA.moments`, ``predict``, ``classify`` and
+#: ``calibrate_classifier`` (``gm(x)`` itself is one pass).
+BATCH_SIZE = 1024
+
 #: What one GP query is (see :class:`GAPA`).
 QUERY_MODES = ("positions", "inputs")
 
@@ -374,14 +378,15 @@ class GAPA:
     # --- fit ------------------------------------------------------------------------------------
 
     def fit(
-        self, data=None, *, batch_size: int = 1024, progress: bool = True,
+        self, data=None, *, batch_size: int = BATCH_SIZE, progress: bool = False,
         store: str | os.PathLike | ActivationStore | None = None, store_dtype: str = "float32",
         memory_budget: int | str | None = None,
     ) -> GAPA:
         """Cache the pre-activations of every GAPA call site over ``data`` and build the GPs.
 
         ``data``: a Tensor of inputs, a TensorDataset, or a DataLoader yielding inputs or
-        ``(inputs, targets)`` tuples (targets are never used). The model must be deterministic
+        ``(inputs, targets)`` tuples (targets are never used). ``progress``: tqdm bars for the
+        capture and the GP building (off by default; the ``gapa-bench`` commands show them). The model must be deterministic
         (eval mode); a model whose forward pass is random or changes its buffers is refused.
 
         ``store``: a directory (or :class:`gapa.capture.store.ActivationStore`) to stream the cache to
@@ -832,7 +837,7 @@ class GAPA:
     def calibrate_classifier(
         self, x: torch.Tensor, labels: torch.Tensor, *,
         lengthscale_factors: Sequence[float] | None = LENGTHSCALE_FACTORS,
-        method: Method | str = Method.ARGMAX_PRESERVING, batch_size: int | None = 1024,
+        method: Method | str = Method.ARGMAX_PRESERVING, batch_size: int | None = BATCH_SIZE,
     ) -> VarianceScaleFit:
         """Fit one scale of the logit variance on validation NLL (classification).
 
@@ -891,7 +896,7 @@ class GAPA:
         result, _, factor = best
         return result, self._factor if factor is None else float(factor)
 
-    def moments(self, x: torch.Tensor, batch_size: int | None = None) -> Moments:
+    def moments(self, x: torch.Tensor, batch_size: int | None = BATCH_SIZE) -> Moments:
         """``self(x)`` in batches of ``batch_size`` rows (all at once for ``None``)."""
         if batch_size is None or len(x) <= batch_size:
             return self(x)
@@ -899,35 +904,40 @@ class GAPA:
 
     def classify(
         self, x: torch.Tensor, *, method: Method | str | None = None,
-        ood_score: OODScore | str = OODScore.ENTROPY, batch_size: int | None = 1024,
+        ood_score: OODScore | str = OODScore.ENTROPY, batch_size: int | None = BATCH_SIZE,
     ) -> ClassPrediction:
         """Class probabilities, the network's own predicted class (default method), predictive
         entropy, logit variances and an OOD score (higher = more OOD) per input.
 
         Uses the scale and method fitted by :meth:`calibrate_classifier` (``method`` overrides
-        the latter); without that calibration the raw variance (scale 1) is used.
+        the latter), which it needs, as :meth:`predict` needs :meth:`calibrate`; ``gm(x)`` gives
+        the raw logit moments.
         """
         self._require_fitted("classify")
         fitted = self._class_calibration
-        if method is None:
-            method = fitted.method if fitted is not None else Method.ARGMAX_PRESERVING
-        scale = 1.0 if fitted is None else fitted.scale
-        return predict_classes(self.moments(x, batch_size), method, ood_score=ood_score,
-                               variance_scale=scale)
+        if fitted is None:
+            raise NotFittedError(
+                "classify needs a calibrated variance scale: call "
+                "gm.calibrate_classifier(val_x, val_labels) first (or use gm(x) for the raw "
+                "logit moments)")
+        return predict_classes(self.moments(x, batch_size), method or fitted.method,
+                               ood_score=ood_score, variance_scale=fitted.scale)
 
     def _rescale_lengthscales(self, factor: float) -> None:
         for site in self._sites.values():
             site.rescale_lengthscale(factor)
 
-    def predict(self, x: torch.Tensor) -> torch.distributions.Normal:
-        """Calibrated regression predictive ``N(mean, scale * var + noise)``."""
+    def predict(self, x: torch.Tensor, *,
+                batch_size: int | None = BATCH_SIZE) -> torch.distributions.Normal:
+        """Calibrated regression predictive ``N(mean, scale * var + noise)``, in batches of
+        ``batch_size`` rows; needs :meth:`calibrate`."""
         self._require_fitted("predict")
         if self._calibration is None:
             raise NotFittedError(
                 "predict needs a calibrated output noise: call gm.calibrate(val_x, val_y) first "
                 "(or use gm(x) for the raw moments)"
             )
-        out = self(x)
+        out = self.moments(x, batch_size)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
 
 
