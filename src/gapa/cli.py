@@ -27,6 +27,14 @@ def integer(minimum: int):
     return parse
 
 
+def inducing_points(text: str) -> int | None:
+    """argparse type: a positive number of inducing points, or ``all`` (the whole cache, the
+    library's ``m=None``)."""
+    if text.strip().lower() == "all":
+        return None
+    return integer(1)(text)
+
+
 def _widths(text: str) -> list[int]:
     """argparse type: comma-separated positive unit counts."""
     try:
@@ -62,22 +70,25 @@ def _plan_parser(sub) -> None:
     p.add_argument("--width", type=_widths, required=True,
                    help="units of each GAPA call site, comma-separated (e.g. 256 or 64,256)")
     p.add_argument("--queries-per-input", type=integer(1), default=1,
-                   help="GP queries per input at each site: 1 for MLPs or queries='inputs', "
+                   help="GP queries per input at each site: 1 for MLPs or queries='per_input', "
                    "H x W for a feature map's positions (default %(default)s)")
-    p.add_argument("--m", type=integer(0), default=GPConfig.m,
-                   help="inducing points, 0 for the whole cache (default %(default)s)")
+    p.add_argument("--m", type=inducing_points, default=GPConfig.m,
+                   help="inducing points per site, or 'all' for the whole cache "
+                   "(default %(default)s)")
     p.add_argument("--k", type=integer(1), default=1, help="neighbours (default %(default)s)")
     p.add_argument("--search", default="torch", choices=[b.value for b in SearchBackend])
-    p.add_argument("--store", action="store_true", help="stream the cache to disk")
+    p.add_argument("--on-disk", action="store_true",
+                   help="the cache streams to an activation store on disk")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--budget", type=_budget,
                    help="memory budget, e.g. 4GiB: exit 1 when the plan exceeds it")
 
 
 def _plan(args) -> None:
-    config = GPConfig(k=args.k, m=args.m or None, search=SearchBackend(args.search))
+    config = GPConfig(k=args.k, m=args.m, search=SearchBackend(args.search))
     sites = {f"site{i}": (w, args.queries_per_input) for i, w in enumerate(args.width)}
-    plan = plan_fit(args.n_train, sites, config, store=args.store, store_dtype=args.store_dtype)
+    plan = plan_fit(args.n_train, sites, config, on_disk=args.on_disk,
+                    store_dtype=args.store_dtype)
     if args.budget:
         plan.check(args.budget)  # the error shows the plan
     print(plan)
@@ -88,11 +99,11 @@ def _plan(args) -> None:
 def _check_together(args) -> None:
     """Arguments valid alone but not together: argparse's error (exit status 2)."""
     rows = args.n_train * args.queries_per_input
-    rows = min(args.m, rows) if args.m else rows
+    rows = min(args.m, rows) if args.m is not None else rows
     if args.k > rows:
         args.command_parser.error(
             f"argument --k: {args.k} neighbours exceed the {rows:,} conditioning rows "
-            f"(--m {args.m}, --n-train {args.n_train} x --queries-per-input "
+            f"(--m {args.m or 'all'}, --n-train {args.n_train} x --queries-per-input "
             f"{args.queries_per_input}); lower --k")
 
 

@@ -8,6 +8,7 @@ import numbers
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 
@@ -59,8 +60,14 @@ ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
 )
 
 
-#: How the GP variance reaches the output (see :class:`GAPA`).
-PROPAGATION_MODES = ("diagonal", "jacobian")
+class Propagation(str, Enum):
+    """How the GP variance reaches the output (see :class:`GAPA`)."""
+
+    DIAGONAL = "diagonal"
+    """One pass with the per-operation rules of :mod:`gapa.propagation` (any network)."""
+    JACOBIAN = "jacobian"
+    """The exact first-order variance by one backward pass per output unit (few outputs)."""
+
 
 #: Lengthscale multipliers :meth:`GAPA.calibrate` and :meth:`GAPA.calibrate_classifier` choose
 #: from by validation NLL (benchmarks/RESULTS.md). The label-free rule sets the lengthscale's
@@ -94,8 +101,13 @@ def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 #: ``calibrate_classifier`` (``gm(x)`` itself is one pass).
 BATCH_SIZE = 1024
 
-#: What one GP query is (see :class:`GAPA`).
-QUERY_MODES = ("positions", "inputs")
+class Queries(str, Enum):
+    """What one GP query is (see :class:`GAPA`)."""
+
+    PER_POSITION = "per_position"
+    """Every spatial position (token) of an activation is a query over its channels."""
+    PER_INPUT = "per_input"
+    """Each input is one query over all the activation's values but the batch axis."""
 
 
 class GAPA:
@@ -126,14 +138,16 @@ class GAPA:
         Neighbour search back end: ``"torch"`` (exact, any device) or ``"faiss"``.
     inducing:
         ``"kmeans"`` or ``"random"`` choice of the M inducing points.
-    count_noise:
-        Give an inducing point standing for ``n`` training rows the noise ``noise / n``, so that
-        dense regions of activation space are more certain.
-    lengthscale_quantile, amplitude_rule, noise:
+    noise_by_count:
+        Give an inducing point standing for ``n`` training rows the noise ratio divided by
+        ``n``, so that dense regions of activation space are more certain.
+    lengthscale_quantile, amplitude_rule, noise_ratio:
         The label-free hyperparameter rule (see :func:`gapa.gp.kernels.estimate_hyperparameters`).
     hyperparameters:
         Per-layer (or per-call-site) overrides: ``{"net.5": {"lengthscale": 0.5}}``; values are
-        scalars or per-unit tensors for ``lengthscale`` and ``amplitude``, a float for ``noise``.
+        scalars or per-unit tensors for ``lengthscale`` and ``amplitude``, a float for
+        ``noise_ratio`` (the noise of one cached row relative to the unit's amplitude; not the
+        output noise that :meth:`calibrate` fits).
     propagation:
         How the GP variance reaches the output. ``"diagonal"`` (default): one forward pass with
         the per-operation rules of :mod:`gapa.propagation` (any architecture; units treated as
@@ -143,9 +157,10 @@ class GAPA:
         and classifiers with few outputs; not language models). Needs a model whose rows along
         dim 0 are independent (eval mode).
     queries:
-        What one GP query is. ``"positions"`` (default): every spatial position of a feature map
+        What one GP query is (:class:`Queries`). ``"per_position"`` (default): every spatial
+        position of a feature map
         (every token of a sequence) is a query over the channels, as :func:`units_last` reads
-        them. ``"inputs"``: every element of the activation but the batch axis is a unit and each
+        them. ``"per_input"``: every element of the activation but the batch axis is a unit and each
         input is one query, so the neighbours are whole training inputs' feature maps (fixed
         shapes only; the cache holds one row of C x H x W values per training input). On the
         Fashion-MNIST ResNet this is what makes the variance see out-of-distribution images
@@ -164,13 +179,13 @@ class GAPA:
         conditioning: str = "local",
         search: str = "torch",
         inducing: str = "kmeans",
-        count_noise: bool = True,
+        noise_by_count: bool = True,
         lengthscale_quantile: float = 0.25,
         amplitude_rule: str = "max1",
-        noise: float = 1e-2,
+        noise_ratio: float = 1e-2,
         hyperparameters: Mapping[str, Mapping] | None = None,
         propagation: str = "diagonal",
-        queries: str = "positions",
+        queries: str = "per_position",
         seed: int = 0,
     ):
         if not isinstance(model, nn.Module):
@@ -184,18 +199,12 @@ class GAPA:
         self.config = GPConfig(
             k=k, m=m, conditioning=parse_enum(Conditioning, conditioning, "conditioning"),
             search=parse_enum(SearchBackend, search, "search"),
-            inducing=parse_enum(Inducing, inducing, "inducing"), count_noise=count_noise,
+            inducing=parse_enum(Inducing, inducing, "inducing"), noise_by_count=noise_by_count,
             lengthscale_quantile=lengthscale_quantile, amplitude_rule=amplitude_rule,
-            noise=noise, seed=seed,
+            noise_ratio=noise_ratio, seed=seed,
         )
-        if propagation not in PROPAGATION_MODES:
-            raise ConfigurationError(
-                f"unknown propagation {propagation!r}; use one of {list(PROPAGATION_MODES)}"
-            )
         self.propagation = propagation
-        if queries not in QUERY_MODES:
-            raise ConfigurationError(f"unknown queries {queries!r}; use one of {list(QUERY_MODES)}")
-        self.queries = queries
+        self.queries = parse_enum(Queries, queries, "queries")
         check_overrides(hyperparameters or {})
         self._overrides = dict(hyperparameters or {})
         unknown = {name.split("#")[0] for name in self._overrides} - set(self.layers)
@@ -271,6 +280,15 @@ class GAPA:
         return self._calibration
 
     @property
+    def propagation(self) -> Propagation:
+        """How the GP variance reaches the output; may be switched on a fitted GAPA."""
+        return self._propagation
+
+    @propagation.setter
+    def propagation(self, value: Propagation | str) -> None:
+        self._propagation = parse_enum(Propagation, value, "propagation")
+
+    @property
     def class_calibration(self) -> VarianceScaleFit | None:
         """The classification calibration (:meth:`calibrate_classifier`), or None."""
         return self._class_calibration
@@ -308,11 +326,11 @@ class GAPA:
         return {
             "layers": list(self.layers), "k": cfg.k, "m": cfg.m,
             "conditioning": cfg.conditioning.value, "search": cfg.search.value,
-            "inducing": cfg.inducing.value, "count_noise": cfg.count_noise,
+            "inducing": cfg.inducing.value, "noise_by_count": cfg.noise_by_count,
             "lengthscale_quantile": cfg.lengthscale_quantile,
-            "amplitude_rule": cfg.amplitude_rule, "noise": cfg.noise,
-            "hyperparameters": overrides, "propagation": self.propagation,
-            "queries": self.queries, "seed": cfg.seed,
+            "amplitude_rule": cfg.amplitude_rule.value, "noise_ratio": cfg.noise_ratio,
+            "hyperparameters": overrides, "propagation": self.propagation.value,
+            "queries": self.queries.value, "seed": cfg.seed,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -404,7 +422,7 @@ class GAPA:
             if data is None:
                 raise InputError("memory_budget needs the training data to plan the fit")
             n_train, example = _size_and_example(data, batch_size)
-            self.plan(n_train, example, store=store is not None,
+            self.plan(n_train, example, on_disk=store is not None,
                       store_dtype=store_dtype).check(memory_budget)
         fingerprint = model_fingerprint(self.model)  # the weights the cache describes
         if store is None:
@@ -451,7 +469,7 @@ class GAPA:
             sites[key] = GPSite.fit(key, rows, module, self.config, overrides)
         return sites
 
-    def plan(self, n_train: int, example: torch.Tensor | None = None, *, store: bool = False,
+    def plan(self, n_train: int, example: torch.Tensor | None = None, *, on_disk: bool = False,
              store_dtype: str = "float32") -> Plan:
         """The expected cost of fitting on ``n_train`` inputs, before anything is cached.
 
@@ -479,7 +497,7 @@ class GAPA:
             sites = {key: (chunks[0].shape[1], sum(len(c) for c in chunks) // len(example))
                      for key, chunks in seen.items()}
             dtype = example.dtype if example.is_floating_point() else torch.float32
-        return plan_fit(n_train, sites, self.config, store=store, store_dtype=store_dtype,
+        return plan_fit(n_train, sites, self.config, on_disk=on_disk, store_dtype=store_dtype,
                         compute_dtype=str(dtype).removeprefix("torch."))
 
     def _training_batches(self, data, batch_size: int,
@@ -518,7 +536,7 @@ class GAPA:
         """Stream the cache into ``store`` shard by shard; shards it already holds are checked
         against the inputs' digest and skipped without running the model."""
         finished = store.open({"model": fingerprint, "layers": self.layers,
-                               "queries": self.queries})
+                               "queries": self.queries.value})
         if data is None:
             if not store.complete:
                 raise InputError(f"the activation store {store.path} is not complete; pass the "
@@ -639,7 +657,7 @@ class GAPA:
     def _as_queries(self, z: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """An activation as (..., units) rows of GP queries, per :attr:`queries`; with ``like``,
         the inverse: such rows back in the shape of the activation ``like``."""
-        if self.queries == "inputs":
+        if self.queries is Queries.PER_INPUT:
             return z.flatten(1) if like is None else z.reshape(like.shape)
         return units_last(z, inverse=like is not None)
 

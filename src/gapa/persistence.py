@@ -11,6 +11,9 @@ Format versions:
 * 1 (gapa 0.1, first format): no checksum, no saved search index (it is rebuilt on load).
 * 2 (current): a SHA-256 of every tensor, checked on load, and the search index's own state
   (the approximate faiss indexes are restored, not retrained).
+* 3: the options under their current names (``noise_ratio``, ``noise_by_count``, ``queries``
+  ``"per_position"``/``"per_input"``, override key ``noise_ratio``); files of formats 1 and 2
+  name them as before and are read through :func:`_current_options`.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ if TYPE_CHECKING:
     from .core import GAPA
 
 #: Written by :func:`save_state`; :func:`load_state` reads every version from 1 up to it.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FORMAT_NAME = "gapa-state"
 #: Header key of the JSON metadata inside the safetensors file.
 META_KEY = "gapa"
@@ -147,14 +150,14 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
             f"{path} is GAPA state format {version!r}; this gapa ({_library_version()}) reads "
             f"formats 1 to {FORMAT_VERSION}: upgrade gapa to load it"
         )
+    if version == 1 and "checksum" in metadata:  # formats from 2 on have one: altered
+        raise CorruptStateError(f"{path} claims format {version} but carries a checksum; "
+                                "its metadata was altered")
     if version < FORMAT_VERSION:
-        if "checksum" in metadata:  # only the current format has one: the version was altered
-            raise CorruptStateError(f"{path} claims format {version} but carries a checksum; "
-                                    "its metadata was altered")
         warnings.warn(f"{path} is GAPA state format {version} (current {FORMAT_VERSION}); it "
                       "loads, and saving it again writes the current format", FormatWarning,
                       stacklevel=3)
-    else:
+    if version > 1:
         expected = metadata.pop("checksum", None)
         if expected != _checksum(tensors, metadata):
             raise CorruptStateError(f"{path}: the contents do not match their recorded checksum; "
@@ -188,7 +191,7 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
            tensors: dict[str, torch.Tensor], device) -> GAPA:
     """The GAPA the checked metadata and tensors describe; every value is validated first."""
     with _rebuilding(path, "the metadata"):
-        gm = cls(model, **metadata["options"])
+        gm = cls(model, **_current_options(metadata["options"]))
         factor = _number(metadata["lengthscale_factor"], "lengthscale_factor", 0, strict=True)
         shape = metadata["input_shape"]
         if shape is not None and not (isinstance(shape, list) and all(
@@ -214,6 +217,26 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
         "sites": sites, "model": metadata["model"], "input_shape": shape,
         "fit_inputs": fit_inputs, "training_ok": training_ok, "lengthscale_factor": factor,
         "calibration": calibration, "class_calibration": class_cal})
+
+
+#: Option names and values of formats 1 and 2 -> their current ones.
+_RENAMED = {"noise": "noise_ratio", "count_noise": "noise_by_count"}
+_QUERIES = {"positions": "per_position", "inputs": "per_input"}
+
+
+def _current_options(options: dict) -> dict:
+    """The saved constructor options under today's names (formats 1 and 2 used older ones)."""
+    if not isinstance(options, dict):
+        raise _Invalid(f"the options are a {type(options).__name__}, not a mapping")
+    current = {_RENAMED.get(k, k): v for k, v in options.items()}
+    if current.get("queries") in _QUERIES:
+        current["queries"] = _QUERIES[current["queries"]]
+    overrides = current.get("hyperparameters")
+    if isinstance(overrides, dict):
+        current["hyperparameters"] = {
+            layer: {_RENAMED.get(k, k): v for k, v in values.items()}
+            if isinstance(values, dict) else values for layer, values in overrides.items()}
+    return current
 
 
 def _site(gm: GAPA, key: str, meta: dict, tensors: dict[str, torch.Tensor], factor: float,

@@ -75,7 +75,7 @@ class Plan:
 
     n_train: int
     sites: tuple[SitePlan, ...]
-    store: bool
+    on_disk: bool
     store_dtype: str
     peak_bytes: int  #: resident memory of the fit, excluding the model and a batch's activations
     disk_bytes: int
@@ -84,14 +84,14 @@ class Plan:
         """Raise :class:`gapa.errors.MemoryBudgetError` when the fit needs more than ``budget``."""
         limit = parse_bytes(budget)
         if self.peak_bytes > limit:
-            hint = ("" if self.store else "; fit(..., store=DIR) keeps the cache on disk")
+            hint = ("" if self.on_disk else "; fit(..., store=DIR) keeps the cache on disk")
             raise MemoryBudgetError(
                 f"the fit needs about {_size(self.peak_bytes)} of resident memory, over the "
                 f"budget of {_size(limit)}{hint}; or lower m, or cache fewer layers\n{self}")
         return self
 
     def __str__(self) -> str:
-        where = f"on disk ({self.store_dtype})" if self.store else "in memory"
+        where = f"on disk ({self.store_dtype})" if self.on_disk else "in memory"
         head = ["site", "width", "cache rows", "cache", "conditioning rows", "search", "index",
                 "multiply-adds / query"]
         rows = [[s.key, f"{s.width:,}", f"{s.cache_rows:,}", _size(s.cache_bytes),
@@ -109,11 +109,11 @@ class Plan:
 
 
 def plan_fit(
-    n_train: int, sites: dict[str, tuple[int, int]], config: GPConfig, *, store: bool = False,
+    n_train: int, sites: dict[str, tuple[int, int]], config: GPConfig, *, on_disk: bool = False,
     store_dtype: str = "float32", compute_dtype: str = "float32",
 ) -> Plan:
     """The plan for ``n_train`` inputs; ``sites`` maps each call site to ``(width, queries per
-    input)`` (1 for an MLP or ``queries="inputs"``, H x W for a feature map's positions).
+    input)`` (1 for an MLP or ``queries="per_input"``, H x W for a feature map's positions).
     Raises :class:`gapa.ConfigurationError` for values no fit could have."""
     _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype)
     item = FLOAT_BYTES[compute_dtype]
@@ -124,13 +124,13 @@ def plan_fit(
         search, index = _index(n if config.m is None else m, width, config)
         plans.append(SitePlan(
             key=key, width=width, cache_rows=n, conditioning_rows=m, search=search,
-            cache_bytes=n * width * (FLOAT_BYTES[store_dtype] if store else item),
+            cache_bytes=n * width * (FLOAT_BYTES[store_dtype] if on_disk else item),
             conditioning_bytes=m * width * item, index_bytes=index,
             query_flops=_query_flops(m, width, config, search),
         ))
-    peak = _peak(plans, config, store, item)
-    disk = sum(s.cache_bytes for s in plans) if store else 0
-    return Plan(n_train, tuple(plans), store, store_dtype, peak, disk)
+    peak = _peak(plans, config, on_disk, item)
+    disk = sum(s.cache_bytes for s in plans) if on_disk else 0
+    return Plan(n_train, tuple(plans), on_disk, store_dtype, peak, disk)
 
 
 def _is_count(value) -> bool:
@@ -167,7 +167,7 @@ def _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype) ->
                 f"(m={config.m}, {n_train:,} inputs x {spec[1]} queries each); lower k")
 
 
-def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> int:
+def _peak(sites: list[SitePlan], config: GPConfig, on_disk: bool, item: int) -> int:
     """Peak resident bytes of the capture and of building the GPs (gapa.core, gapa.gp.site)."""
     whole = config.m is None
     full = [s.cache_rows * s.width * item for s in sites]  # each cache in the model's dtype
@@ -178,7 +178,7 @@ def _peak(sites: list[SitePlan], config: GPConfig, store: bool, item: int) -> in
     # The capture's batch-sized chunks, once freed, mostly stay in the process (glibc keeps
     # them in its heap: measured in benchmarks/fit_scale.py), so the capture's peak is added to
     # the build's rather than compared with it.
-    if store:
+    if on_disk:
         # capture: one shard of every site as batch chunks and their concatenation
         shard = min(SHARD_BYTES * item // 4, sum(full))
         capture = 2 * shard

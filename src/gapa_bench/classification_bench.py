@@ -48,7 +48,7 @@ from .metrics import classification_report, ood_report
 #: against 0.57 on Fashion-MNIST vs MNIST; no change for the MLP) and the argmax-preserving
 #: probit with its variance scale and lengthscale factor fitted on validation.
 GAPA_CLASSIFIER_DEFAULT = {"layers": "auto", "k": 1, "m": 2048, "propagation": "diagonal",
-                           "queries": "inputs"}
+                           "queries": "per_input"}
 
 
 def fit_map(backbone: nn.Module, data: ImageData, **_) -> Fitted:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from gapa.cli import integer
+from gapa.cli import inducing_points, integer
 from gapa.errors import GAPAError
 
 from . import classification_bench as cb
@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    default=",".join(GAPA_DEFAULT["layers"]))
     d.add_argument("--k", type=integer(1), default=GAPA_DEFAULT["k"],
                    help="neighbours (default %(default)s)")
-    d.add_argument("--m", type=integer(0), default=GAPA_DEFAULT["m"],
-                   help="inducing points, 0 for the whole cache (default %(default)s)")
+    d.add_argument("--m", type=inducing_points, default=GAPA_DEFAULT["m"],
+                   help="inducing points, or 'all' for the whole cache (default %(default)s)")
     d.add_argument("--propagation", choices=["diagonal", "jacobian"],
                    default=GAPA_DEFAULT["propagation"],
                    help="how the variance reaches the output (default %(default)s)")
@@ -169,7 +169,7 @@ def _classification(args) -> None:
 
 
 def _demo_config(args) -> DemoConfig:
-    gapa_opts = {"layers": args.layers, "k": args.k, "m": args.m or None,
+    gapa_opts = {"layers": args.layers, "k": args.k, "m": args.m,
                  "propagation": args.propagation}
     return DemoConfig(csv=args.csv, target=args.target, split=args.split, seed=args.seed,
                       json_path=args.json_path, figure=args.figure, progress=args.progress,
@@ -181,7 +181,7 @@ def _check_together(args) -> None:
     error = args.command_parser.error
     if getattr(args, "csv", None) and not args.target:
         error("argument --target: --csv needs --target COLUMN")
-    if args.command == "demo" and args.m and args.k > args.m:
+    if args.command == "demo" and args.m is not None and args.k > args.m:
         error(f"argument --k: {args.k} neighbours exceed the --m {args.m} inducing points; "
               "lower --k or raise --m")
 

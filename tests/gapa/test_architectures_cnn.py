@@ -104,12 +104,12 @@ def test_unet_refuses_sizes_it_cannot_halve_twice():
 
 
 def test_whole_inputs_as_queries(case):
-    """``queries="inputs"``: one query per image over all C x H x W values of the layer; the
+    """``queries="per_input"``: one query per image over all C x H x W values of the layer; the
     variance is the site's own, reshaped, and a training image is certain where a shifted one
     is not."""
     _, model, layer = case
     train = _inputs(16, 6)
-    gm = gapa.GAPA(model, [layer], k=1, m=None, queries="inputs").fit(train, progress=False)
+    gm = gapa.GAPA(model, [layer], k=1, m=None, queries="per_input").fit(train, progress=False)
     per_position = gapa.GAPA(model, [layer], k=1, m=None).fit(train, progress=False)
     rows = gm.pre_activations(train[:2])[layer]
     seen = []

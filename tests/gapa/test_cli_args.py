@@ -26,7 +26,8 @@ CASES = [
     ([*PLAN, "--k", "-2"], "--k"),
     ([*PLAN, "--m", "4", "--k", "5"], "--k"),  # more neighbours than inducing points
     ([*PLAN, "--k", "600"], "--k"),  # over the default m of 512
-    ([*PLAN, "--m", "0", "--k", "1001"], "--k"),  # over the whole cache
+    ([*PLAN, "--m", "all", "--k", "1001"], "--k"),  # over the whole cache
+    ([*PLAN, "--m", "0"], "--m"),  # "all" says the whole cache
     ([*PLAN, "--budget", "1e400"], "--budget"),
     ([*PLAN, "--budget", "lots"], "--budget"),
     ([*PLAN, "--budget", "0"], "--budget"),
@@ -51,7 +52,7 @@ def test_bad_argument_is_a_usage_error(argv, argument, capsys):
 
 
 def test_good_arguments_still_plan(capsys):
-    assert main([*PLAN, "--width", " 64, 256 ", "--m", "0", "--k", "1000",
+    assert main([*PLAN, "--width", " 64, 256 ", "--m", "all", "--k", "1000",
                  "--queries-per-input", "1", "--budget", "4GiB"]) == 0
     out = capsys.readouterr().out
     assert "1,000 training inputs" in out and "within the budget of 4GiB" in out

@@ -121,7 +121,7 @@ def test_inducing_counts_cover_the_cache(gen):
 def test_variance_near_floor_on_training_rows_and_grows_away(gen):
     net = mlp([3, 16, 16, 1]).double()
     x = torch.randn(400, 3, generator=gen, dtype=torch.float64)
-    gm = gapa.GAPA(net, ["1"], k=8, m=None, noise=1e-4).fit(x, progress=False)
+    gm = gapa.GAPA(net, ["1"], k=8, m=None, noise_ratio=1e-4).fit(x, progress=False)
     site = gm.sites["1"]
     z = net[0](x[:50])
     v_train = site.variance(z)

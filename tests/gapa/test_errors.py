@@ -315,12 +315,12 @@ def test_override_for_an_unknown_layer():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"scale": 1.0}, r"unknown hyperparameter\(s\) \['scale'\]; allowed: lengthscale, amplitude, noise"),
+        ({"scale": 1.0}, r"unknown hyperparameter\(s\) \['scale'\]; allowed: lengthscale, amplitude, noise_ratio"),
         ({"amplitude": torch.ones(3)}, r"amplitude override has shape \(3,\); the layer has 8 units"),
         ({"lengthscale": torch.ones(8, 1)}, r"lengthscale override has shape \(8, 1\)"),
         ({"lengthscale": 0.0}, r"lengthscale override must be positive"),
         ({"amplitude": -torch.ones(8)}, r"amplitude override must be positive"),
-        ({"noise": 0.0}, r"noise override must be positive"),
+        ({"noise_ratio": 0.0}, r"noise_ratio override must be positive"),
     ],
     ids=["unknown_key", "amplitude_shape", "lengthscale_rank", "zero_lengthscale",
          "negative_amplitude", "zero_noise"],

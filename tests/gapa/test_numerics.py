@@ -138,6 +138,6 @@ def test_duplicated_rows_with_tiny_noise_need_jitter_and_stay_finite(gen, option
     factorises once, at predict for local conditioning) and the variances stay finite."""
     model, x, queries = _duplicated(gen, torch.float32)
     with pytest.warns(JitterWarning, match="retrying with jitter"):
-        gm = gapa.GAPA(model, layers=["1", "3"], m=None, noise=1e-9, **options)
+        gm = gapa.GAPA(model, layers=["1", "3"], m=None, noise_ratio=1e-9, **options)
         gm.fit(x, progress=False)
         _check_finite_moments(gm, model, queries)

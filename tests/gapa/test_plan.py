@@ -42,7 +42,7 @@ def test_plan_sizes_match_the_fit(tmp_path):
     # every cache, plus one site's chunks being concatenated (the measured peaks are in
     # benchmarks/RESULTS.md, from benchmarks/fit_scale.py)
     assert plan.peak_bytes >= sum(cached.values()) + max(cached.values())
-    stored = gm.plan(len(x), x[:4], store=True, store_dtype="float16")
+    stored = gm.plan(len(x), x[:4], on_disk=True, store_dtype="float16")
     assert stored.disk_bytes == sum(cached.values()) // 2
     gm.fit(x, store=tmp_path / "s", store_dtype="float16", progress=False)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "s").glob("*.npy"))
@@ -55,7 +55,7 @@ def test_a_fitted_gapa_plans_without_an_example(tmp_path):
     with pytest.raises(gapa.InputError, match="example"):
         gm.plan(10**6)
     gm.fit(x, progress=False)
-    assert gm.plan(10**6, store=True) == gm.plan(10**6, x[:4], store=True)
+    assert gm.plan(10**6, on_disk=True) == gm.plan(10**6, x[:4], on_disk=True)
     loaded = gapa.GAPA.load(gm.save(tmp_path / "s.gapa"), model)
     assert loaded.plan(10**6) == gm.plan(10**6)
     refit = gapa.GAPA(model, layers=["1", "3"], m=64).fit(x, store=tmp_path / "store",
@@ -71,7 +71,7 @@ def test_plan_counts_feature_map_positions():
     x = torch.randn(2, 1, 8, 8)
     positions = gapa.GAPA(model, m=None).plan(1000, x).sites[0]
     assert (positions.width, positions.cache_rows) == (6, 1000 * 64)
-    inputs = gapa.GAPA(model, m=None, queries="inputs").plan(1000, x).sites[0]
+    inputs = gapa.GAPA(model, m=None, queries="per_input").plan(1000, x).sites[0]
     assert (inputs.width, inputs.cache_rows) == (6 * 64, 1000)
 
 
@@ -103,11 +103,11 @@ def test_budget_needs_sized_data():
 
 
 def test_cli_plan(capsys):
-    assert main(["plan", "--n-train", "2000000", "--width", "64,256", "--store",
+    assert main(["plan", "--n-train", "2000000", "--width", "64,256", "--on-disk",
                  "--store-dtype", "float16", "--budget", "4GiB"]) == 0
     out = capsys.readouterr().out
     assert "2,000,000" in out and "within the budget" in out
-    assert main(["plan", "--n-train", "2000000", "--width", "512", "--m", "0",
+    assert main(["plan", "--n-train", "2000000", "--width", "512", "--m", "all",
                  "--budget", "4GiB"]) == 1
     assert "MemoryBudgetError" in capsys.readouterr().err
 

@@ -202,10 +202,10 @@ def test_round_trip_with_a_constant_unit(tmp_path, search):
 
 
 @pytest.mark.parametrize(("option", "value"), [
-    ("noise", math.nan), ("noise", math.inf), ("noise", -1e-2), ("noise", 0.0), ("noise", "0.1"),
-    ("noise", True), ("lengthscale_quantile", 0.0), ("lengthscale_quantile", 1.5),
+    ("noise_ratio", math.nan), ("noise_ratio", math.inf), ("noise_ratio", -1e-2),
+    ("noise_ratio", 0.0), ("noise_ratio", "0.1"), ("noise_ratio", True), ("lengthscale_quantile", 0.0), ("lengthscale_quantile", 1.5),
     ("lengthscale_quantile", math.nan), ("amplitude_rule", "max2"), ("seed", -1),
-    ("seed", 1.5), ("k", True), ("count_noise", "yes"),
+    ("seed", 1.5), ("k", True), ("noise_by_count", "yes"),
 ])
 def test_bad_constructor_settings_are_refused(option, value):
     with pytest.raises(gapa.ConfigurationError, match=rf"{option}.*{value!r}"):
@@ -221,10 +221,10 @@ def test_a_quantile_of_one_is_allowed():
 
 
 BAD_OVERRIDES = [
-    ({"noise": math.nan}, r"noise override must be positive and finite \(layer '1'\), got nan"),
-    ({"noise": math.inf}, r"noise .*layer '1'.*got inf"),
-    ({"noise": -1.0}, r"noise .*layer '1'.*got -1\.0"),
-    ({"noise": torch.full((8,), 0.1)}, r"noise override has shape \(8,\) \(layer '1'\)"),
+    ({"noise_ratio": math.nan}, r"noise_ratio override must be positive and finite \(layer '1'\), got nan"),
+    ({"noise_ratio": math.inf}, r"noise_ratio .*layer '1'.*got inf"),
+    ({"noise_ratio": -1.0}, r"noise_ratio .*layer '1'.*got -1\.0"),
+    ({"noise_ratio": torch.full((8,), 0.1)}, r"noise_ratio override has shape \(8,\) \(layer '1'\)"),
     ({"amplitude": math.inf}, r"amplitude .*layer '1'.*got inf"),
     ({"lengthscale": math.inf}, r"lengthscale .*layer '1'.*got inf"),
     ({"lengthscale": 0.0}, r"lengthscale override must be positive"),
@@ -248,10 +248,10 @@ def test_bad_overrides_are_refused(values, message):
 
 def test_override_mapping_shape_is_checked():
     with pytest.raises(gapa.ConfigurationError, match="must map layer names"):
-        check_overrides([("1", {"noise": 0.1})])
+        check_overrides([("1", {"noise_ratio": 0.1})])
     with pytest.raises(gapa.ConfigurationError, match=r"hyperparameters\['1'\] must map"):
         check_overrides({"1": 0.1})
-    check_overrides({"1": {"lengthscale": torch.ones(8), "amplitude": 2, "noise": 1e-3}})
+    check_overrides({"1": {"lengthscale": torch.ones(8), "amplitude": 2, "noise_ratio": 1e-3}})
 
 
 @pytest.mark.parametrize(("values", "message"), [
@@ -269,7 +269,7 @@ def test_overrides_the_layer_cannot_hold_are_refused_at_fit(values, message):
 def test_valid_overrides_are_used_as_given():
     x, q = _data()
     ls = torch.linspace(0.5, 2.0, 8)
-    gm = gapa.GAPA(mlp([3, 8, 1]), hyperparameters={"1": {"lengthscale": ls, "noise": 1e-3}})
+    gm = gapa.GAPA(mlp([3, 8, 1]), hyperparameters={"1": {"lengthscale": ls, "noise_ratio": 1e-3}})
     hp = gm.fit(x, progress=False).sites["1"].hyperparameters
     assert torch.equal(hp.lengthscale, ls) and hp.noise == 1e-3
     ls[0] = 100.0  # the site holds its own copy

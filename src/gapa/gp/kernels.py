@@ -13,11 +13,12 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import numpy as np
 import torch
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, parse_enum
 
 #: Random pairs of cached rows whose differences set the lengthscale.
 LENGTHSCALE_PAIRS = 20_000
@@ -26,9 +27,16 @@ STATS_CHUNK_ROWS = 1 << 16
 #: Smallest lengthscale, relative to the unit's pre-activation scale, so constant units stay finite.
 MIN_LENGTHSCALE = 1e-6
 #: The settings a ``hyperparameters=`` override may give, per layer or call site.
-OVERRIDABLE = ("lengthscale", "amplitude", "noise")
-#: The label-free amplitude rules (see :func:`estimate_hyperparameters`).
-AMPLITUDE_RULES = ("variance", "unit", "max1")
+OVERRIDABLE = ("lengthscale", "amplitude", "noise_ratio")
+class AmplitudeRule(str, Enum):
+    """The label-free prior variance ``a_j`` of each unit (see :func:`estimate_hyperparameters`)."""
+
+    VARIANCE = "variance"
+    """The variance of the unit's activation over the cache."""
+    UNIT = "unit"
+    """1 for every unit."""
+    MAX1 = "max1"
+    """The larger of 1 and the activation's variance (the default)."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,7 @@ def estimate_hyperparameters(
     activation: Callable[[torch.Tensor], torch.Tensor],
     *,
     lengthscale_quantile: float,
-    amplitude_rule: str,
+    amplitude_rule: AmplitudeRule | str,
     noise: float,
     generator: torch.Generator,
     n_pairs: int = LENGTHSCALE_PAIRS,
@@ -95,7 +103,7 @@ def estimate_hyperparameters(
     the caller has them already (one pass over a store fewer).
     """
     check_quantile(lengthscale_quantile)
-    check_amplitude_rule(amplitude_rule)
+    amplitude_rule = parse_enum(AmplitudeRule, amplitude_rule, "amplitude_rule")
     noise = check_positive("noise", noise)
     if len(pre) > 1:
         stats = stats if stats is not None else column_stats(pre, activation)
@@ -153,12 +161,6 @@ def check_quantile(q) -> None:
         raise ConfigurationError(f"lengthscale_quantile must lie in (0, 1], got {q!r}")
 
 
-def check_amplitude_rule(rule) -> None:
-    if rule not in AMPLITUDE_RULES:
-        raise ConfigurationError(
-            f"unknown amplitude_rule {rule!r}; use 'variance', 'unit' or 'max1'")
-
-
 def check_overrides(overrides: Mapping[str, Mapping]) -> None:
     """Refuse a ``hyperparameters=`` mapping (layer or call site -> settings) that cannot be
     right: an unknown setting, a value that is not a number or a vector of numbers, or one that
@@ -196,8 +198,8 @@ def _override_values(name: str, value, layer) -> torch.Tensor:
             f"{value!r}") from None
     if t.dtype == torch.bool or t.is_complex():
         raise ConfigurationError(f"{name} override {where} must be real numbers, got {t.dtype}")
-    if t.dim() > (0 if name == "noise" else 1):
-        what = "one number per layer" if name == "noise" else "a scalar or one value per unit"
+    if t.dim() > (0 if name == "noise_ratio" else 1):
+        what = "one number per layer" if name == "noise_ratio" else "a scalar or one value per unit"
         raise ConfigurationError(
             f"{name} override has shape {tuple(t.shape)} {where}; give {what}")
     t = t.to("cpu", torch.float64)
@@ -218,8 +220,8 @@ def override(hp: Hyperparameters, values: Mapping, layer: str = "?") -> Hyperpar
     changes: dict = {}
     for name, value in values.items():
         v = _override_values(name, value, layer)
-        if name == "noise":
-            changes[name] = float(v)
+        if name == "noise_ratio":  # the Hyperparameters field is ``noise``, relative too
+            changes["noise"] = float(v)
             continue
         ref = getattr(hp, name)
         if v.dim() == 0:

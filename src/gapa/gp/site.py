@@ -15,8 +15,8 @@ from ..errors import ConfigurationError, EmptyDataError, InputError, NonFiniteEr
 from .conditioning import ExactConditioner, local_variance, nearest_variance
 from .inducing import kmeans_inducing, random_inducing
 from .kernels import (
+    AmplitudeRule,
     Hyperparameters,
-    check_amplitude_rule,
     check_positive,
     check_quantile,
     column_stats,
@@ -61,10 +61,10 @@ class GPConfig:
     conditioning: Conditioning = Conditioning.LOCAL
     search: SearchBackend = SearchBackend.TORCH
     inducing: Inducing = Inducing.KMEANS
-    count_noise: bool = True
+    noise_by_count: bool = True
     lengthscale_quantile: float = 0.25
-    amplitude_rule: str = "max1"
-    noise: float = 1e-2
+    amplitude_rule: AmplitudeRule = AmplitudeRule.MAX1
+    noise_ratio: float = 1e-2
     seed: int = 0
 
     def __post_init__(self):
@@ -77,11 +77,13 @@ class GPConfig:
         for name, kind in (("conditioning", Conditioning), ("search", SearchBackend),
                            ("inducing", Inducing)):
             object.__setattr__(self, name, parse_enum(kind, getattr(self, name), name))
-        if not isinstance(self.count_noise, bool):
-            raise ConfigurationError(f"count_noise must be True or False, got {self.count_noise!r}")
+        if not isinstance(self.noise_by_count, bool):
+            raise ConfigurationError(
+                f"noise_by_count must be True or False, got {self.noise_by_count!r}")
         check_quantile(self.lengthscale_quantile)
-        check_amplitude_rule(self.amplitude_rule)
-        check_positive("noise", self.noise)
+        object.__setattr__(self, "amplitude_rule",
+                           parse_enum(AmplitudeRule, self.amplitude_rule, "amplitude_rule"))
+        check_positive("noise_ratio", self.noise_ratio)
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigurationError(f"seed must be a non-negative integer, got {self.seed!r}")
 
@@ -189,7 +191,7 @@ class GPSite:
         stats = column_stats(pre, activation) if n > 1 else None
         hp = estimate_hyperparameters(
             pre, activation, lengthscale_quantile=config.lengthscale_quantile,
-            amplitude_rule=config.amplitude_rule, noise=config.noise, generator=gen, stats=stats,
+            amplitude_rule=config.amplitude_rule, noise=config.noise_ratio, generator=gen, stats=stats,
         )
         hp = override(hp, overrides, key) if overrides else hp
         # Neighbours are searched in the fit-time scaled space. A common factor on every
@@ -241,7 +243,7 @@ class GPSite:
         self._search_scale = hp.lengthscale  # the fitted lengthscale, before any factor
         self.counts = counts
         self.rows = rows  # conditioning inputs (pre-activations)
-        weight = counts.to(rows.dtype) if config.count_noise else torch.ones_like(counts, dtype=rows.dtype)
+        weight = counts.to(rows.dtype) if config.noise_by_count else torch.ones_like(counts, dtype=rows.dtype)
         self.row_noise = hp.noise / weight  # relative to the amplitude
         self._check_representable()
         self.timings = {"search": 0.0, "conditioning": 0.0}
