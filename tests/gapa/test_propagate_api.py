@@ -11,6 +11,7 @@ import gapa
 from gapa.propagation import module_rule
 from gapa.propagation.engine import MODULE_RULES
 from gapa.reference import monte_carlo_trace
+from gapa.testing import rules_restored
 from gapa_bench.architectures import SmallResNet
 from helpers import TOL, mlp
 
@@ -72,11 +73,13 @@ def test_module_rule_replaces_the_composed_rules_and_refuses_keyword_inputs(monk
 
 
 def test_module_rule_registers_by_name():
-    @module_rule("NoSuchModuleAnywhere")
-    def fn(tr, mod, args, out):
-        return tr.var(args[0])
+    with rules_restored():
+        @module_rule("NoSuchModuleAnywhere")
+        def fn(tr, mod, args, out):
+            return tr.var(args[0])
 
-    assert "NoSuchModuleAnywhere" in set(gapa.propagation.supported_operations())
+        assert "NoSuchModuleAnywhere" in set(gapa.propagation.supported_operations())
+    assert "NoSuchModuleAnywhere" not in set(gapa.propagation.supported_operations())
 
 
 def test_auto_layer_is_the_activation_feeding_the_head():

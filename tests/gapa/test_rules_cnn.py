@@ -4,7 +4,8 @@ operations, each on its own (float64, independent inputs).
 Two references:
 
 - exact: for a linear op the diagonal rule is exact, ``diag(J diag(v) J^T) = (J * J) v``, with
-  ``J`` the explicit Jacobian from autograd on a tiny input: agreement to 1e-10;
+  ``J`` the explicit Jacobian from autograd on a tiny input (:mod:`gapa.testing`): agreement
+  to 1e-10;
 - Monte Carlo (``monte_carlo_propagate``): with ``N`` draws, a sample variance has relative
   standard error ``sqrt(2 / (N - 1))``; the tolerance is 5 of those (about 1.1e-1 at N = 4000).
   This is the only reference for max pooling, whose first-order rule is exact in distribution
@@ -27,6 +28,7 @@ from torch import nn
 from gapa.errors import UnsupportedOperationError
 from gapa.propagation import VarianceTracker, propagate
 from gapa.reference import monte_carlo_propagate
+from gapa.testing import assert_rule_exact, jacobian_variance
 
 Tensor = torch.Tensor
 DT = torch.float64
@@ -229,14 +231,6 @@ def _flat_values(outs) -> Tensor:
     return torch.cat([o.reshape(-1) for o in outs if o.is_floating_point()])
 
 
-def jacobian_variance(fn, xs, vs) -> Tensor:
-    """``diag(J diag(v) J^T)`` over the flattened floating outputs, J from autograd."""
-    jac = torch.autograd.functional.jacobian(lambda *a: _flat_values(_as_tuple(fn(*a))),
-                                             tuple(xs), vectorize=True)
-    return sum(j.reshape(j.shape[0], -1).square() @ v.reshape(-1)
-               for j, v in zip(jac, vs, strict=True) if v is not None)
-
-
 def _flat_variances(outs, variances) -> Tensor:
     return torch.cat([(v if v is not None else torch.zeros_like(o)).reshape(-1)
                       for o, v in zip(outs, variances, strict=True) if o.is_floating_point()])
@@ -271,13 +265,8 @@ def _mc_variance(fn, xs, vs, gen) -> Tensor:
                          ids=[c[0] for c in LINEAR_CASES])
 def test_linear_rule_is_exact(fn, shapes, uncertain):
     xs, vs = _inputs(shapes, uncertain, seed=1)
-    outs, variances = tracked(fn, xs, vs)
-    for o, plain in zip(outs, _as_tuple(fn(*xs)), strict=True):
-        assert torch.equal(o, plain)
-    assert all(v is not None and v.shape == o.shape and v.dtype == o.dtype
-               for o, v in zip(outs, variances, strict=True))
-    got = _flat_variances(outs, variances)
-    torch.testing.assert_close(got, jacobian_variance(fn, xs, vs), rtol=EXACT, atol=EXACT)
+    variances = _as_tuple(assert_rule_exact(fn, *xs, var=vs, rtol=EXACT, atol=EXACT))
+    assert all(v is not None for v in variances)
 
 
 # dilated float64 convolutions are slow under vmap (seconds per case); the same rule runs on the
@@ -369,11 +358,7 @@ def test_modules_dispatch_to_the_rules(make, shape):
     torch.manual_seed(4)
     module = make().double().eval()
     xs, vs = _inputs([shape], [U], seed=5)
-    out = propagate(module, xs[0], vs[0])
-    assert torch.equal(out.mean, module(xs[0]))
-    with torch.no_grad():
-        expected = jacobian_variance(module, xs, vs)
-    torch.testing.assert_close(out.var.reshape(-1), expected, rtol=EXACT, atol=EXACT)
+    assert_rule_exact(module, xs[0], var=vs[0], rtol=EXACT, atol=EXACT)
 
 
 MAX_MODULES = [
@@ -458,8 +443,7 @@ def test_reflect_padded_conv_is_the_composition_of_exact_rules():
     out = propagate(conv, xs[0], vs[0])
     composed = F.conv2d(F.pad(vs[0], (1, 1, 1, 1), mode="reflect"), conv.weight.square())
     torch.testing.assert_close(out.var, composed, rtol=EXACT, atol=EXACT)
-    with torch.no_grad():
-        exact = jacobian_variance(conv, xs, vs).reshape(out.var.shape)
+    exact = jacobian_variance(conv, *xs, var=vs)
     inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
     torch.testing.assert_close(out.var[inner], exact[inner], rtol=EXACT, atol=EXACT)
     assert not torch.allclose(out.var, exact)

@@ -4,8 +4,8 @@ reductions, elementwise maths, selections) against explicit Jacobians and Monte 
 Two references, in float64:
 
 - the explicit first-order diagonal ``diag(J diag(v) J^T)`` from
-  ``torch.autograd.functional.jacobian`` on tiny inputs, to 1e-10: the rules claim this diagonal
-  exactly (layer norm, RMS norm and softmax are not elementwise, so this is the check that their
+  ``torch.autograd.functional.jacobian`` on tiny inputs (:mod:`gapa.testing`), to 1e-10: the
+  rules claim this diagonal exactly (layer norm, RMS norm and softmax are not elementwise, so this is the check that their
   O(d) closed forms are right);
 - Monte Carlo (:func:`gapa.reference.monte_carlo_propagate`) with a small input variance, where
   first order is accurate. The relative standard error of a sample variance of ``N`` Gaussian
@@ -27,6 +27,7 @@ from torch import nn
 from gapa.errors import UnsupportedOperationError
 from gapa.propagation import VarianceTracker, propagate
 from gapa.reference import monte_carlo_propagate
+from gapa.testing import assert_rule_exact, jacobian_variance
 
 MC_SE = 6.0  # standard errors allowed for the largest deviation among the checked outputs
 N_MC = 10_000
@@ -42,18 +43,6 @@ def tracked(fn, *inputs):
     with torch.no_grad(), tr:
         out = fn(*(m for m, _ in inputs))
     return out, tr.var(out)
-
-
-def jacobian_diag(fn, *inputs):
-    """``sum_k diag(J_k diag(v_k) J_k^T)`` over the uncertain inputs, from the full Jacobian."""
-    means = tuple(m for m, _ in inputs)
-    out = fn(*means)
-    jac = torch.autograd.functional.jacobian(fn, means)
-    total = torch.zeros(out.numel(), dtype=out.dtype)
-    for jk, (m, v) in zip(jac, inputs, strict=True):
-        if v is not None:
-            total += jk.reshape(out.numel(), m.numel()).square() @ v.reshape(-1)
-    return total.reshape(out.shape)
 
 
 def monte_carlo(fn, *inputs, n=N_MC, seed=0):
@@ -74,11 +63,14 @@ def monte_carlo(fn, *inputs, n=N_MC, seed=0):
 
 def check(fn, *inputs, exact=True, mc=True, se=MC_SE, n=N_MC):
     """The rule's variance against the Jacobian diagonal (to 1e-10) and Monte Carlo."""
-    out, var = tracked(fn, *inputs)
-    assert torch.equal(out, fn(*(m for m, _ in inputs)))
-    assert var is not None and var.shape == out.shape and var.dtype == out.dtype
-    if exact:
-        torch.testing.assert_close(var, jacobian_diag(fn, *inputs), rtol=1e-10, atol=1e-18)
+    means, variances = [m for m, _ in inputs], [v for _, v in inputs]
+    if exact:  # also checks the mean bit for bit, and the variance's shape and dtype
+        var = assert_rule_exact(fn, *means, var=variances, rtol=1e-10, atol=1e-18)
+    else:
+        out, var = tracked(fn, *inputs)
+        assert torch.equal(out, fn(*means))
+        assert var.shape == out.shape and var.dtype == out.dtype
+    assert var is not None
     if mc:
         ref = monte_carlo(fn, *inputs, n=n)
         nonzero = ref > 0
@@ -118,8 +110,7 @@ def test_layer_norm_module_and_typed_error_for_an_uncertain_weight():
     with torch.no_grad():
         ln.weight.copy_(rand(6, seed=4))
     x, v = rand(4, 6), small_var(4, 6)
-    moments = propagate(ln, x, v)
-    torch.testing.assert_close(moments.var, jacobian_diag(ln, (x, v)), rtol=1e-10, atol=0)
+    assert_rule_exact(ln, x, var=v, rtol=1e-10, atol=0)
     w = rand(6, seed=5)
     with pytest.raises(UnsupportedOperationError, match="layer_norm"):
         tracked(lambda t, g: F.layer_norm(t, (6,), g), (x, v), (w, small_var(6)))
@@ -145,8 +136,7 @@ def test_rms_norm_exact_diagonal(shape, normalized, eps):
 def test_rms_norm_module():
     norm = nn.RMSNorm(5, eps=1e-2).double()
     x, v = rand(3, 5), small_var(3, 5)
-    moments = propagate(norm, x, v)
-    torch.testing.assert_close(moments.var, jacobian_diag(norm, (x, v)), rtol=1e-10, atol=0)
+    assert_rule_exact(norm, x, var=v, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("cls_path", [
@@ -169,8 +159,9 @@ def test_transformers_rms_norm_module_rule(cls_path):
     # formula in float64, and the module's own Jacobian agrees to float32 precision
     gain = norm.weight + 1 if "Gemma" in cls_name else norm.weight
     formula = lambda t: gain * t / (t.square().mean(-1, keepdim=True) + 1e-3).sqrt()  # noqa: E731
-    torch.testing.assert_close(moments.var, jacobian_diag(formula, (x, v)), rtol=1e-10, atol=0)
-    torch.testing.assert_close(moments.var, jacobian_diag(norm, (x, v)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(moments.var, jacobian_variance(formula, x, var=v), rtol=1e-10,
+                               atol=0)
+    assert_rule_exact(norm, x, var=v, rtol=1e-5, atol=0)
     # in float32, the variance comes back in the module's output dtype
     norm32 = norm.float()
     moments32 = propagate(norm32, x.float(), v.float())
@@ -307,7 +298,7 @@ def test_softmax_dtype_argument():
     x, v = rand(2, 5).float(), small_var(2, 5).float()
     out, var = tracked(lambda t: F.softmax(t, dim=-1, dtype=torch.float64), (x, v))
     assert out.dtype == var.dtype == torch.float64
-    ref = jacobian_diag(lambda t: F.softmax(t, dim=-1), (x.double(), v.double()))
+    ref = jacobian_variance(lambda t: F.softmax(t, dim=-1), x.double(), var=v.double())
     torch.testing.assert_close(var, ref, rtol=1e-10, atol=0)
 
 

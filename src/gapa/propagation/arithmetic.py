@@ -5,20 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from .engine import Tensor, VarianceTracker, rule
+from .engine import Tensor, VarianceTracker, aliases, arg, rule
 
 
 def _operands(args, kwargs) -> tuple[Any, Any]:
-    return args[0], args[1] if len(args) > 1 else kwargs.get("other")
+    return args[0], arg(args, kwargs, 1, "other")
 
 
 def square(x: Any) -> Any:
     return x.square() if isinstance(x, Tensor) else x * x
 
 
-@rule(torch.add, Tensor.add, Tensor.__add__, Tensor.__radd__, Tensor.add_, Tensor.__iadd__)
+@rule(*aliases("add"), Tensor.__add__, Tensor.__radd__, Tensor.__iadd__)
 def _add(tr: VarianceTracker, func, args, kwargs):
     """Variances add: exact for independent terms, an approximation for correlated ones."""
     a, b = _operands(args, kwargs)
@@ -27,17 +25,17 @@ def _add(tr: VarianceTracker, func, args, kwargs):
     return func(*args, **kwargs), var
 
 
-@rule(torch.sub, Tensor.sub, Tensor.__sub__, Tensor.sub_, Tensor.__isub__)
+@rule(*aliases("sub"), Tensor.__sub__, Tensor.__isub__)
 def _sub(tr: VarianceTracker, func, args, kwargs):
     return _add(tr, func, args, kwargs)
 
 
 @rule(Tensor.__rsub__)
 def _rsub(tr: VarianceTracker, func, args, kwargs):
-    return func(*args, **kwargs), tr.var(args[0])
+    return _neg(tr, func, args, kwargs)
 
 
-@rule(torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.mul_, Tensor.__imul__)
+@rule(*aliases("mul"), Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__)
 def _mul(tr: VarianceTracker, func, args, kwargs):
     """Var(ab) = b^2 Va + a^2 Vb + Va Vb for independent a, b (a constant has V = 0)."""
     a, b = _operands(args, kwargs)
@@ -46,7 +44,7 @@ def _mul(tr: VarianceTracker, func, args, kwargs):
     return func(*args, **kwargs), var
 
 
-@rule(torch.div, Tensor.div, Tensor.__truediv__, Tensor.div_, Tensor.__itruediv__)
+@rule(*aliases("div"), Tensor.__truediv__, Tensor.__itruediv__)
 def _div(tr: VarianceTracker, func, args, kwargs):
     """First order in numerator and denominator: Va / b^2 + a^2 Vb / b^4."""
     a, b = _operands(args, kwargs)
@@ -58,6 +56,7 @@ def _div(tr: VarianceTracker, func, args, kwargs):
     return func(*args, **kwargs), var
 
 
-@rule(torch.neg, Tensor.neg, Tensor.__neg__, Tensor.__pos__, torch.positive)
+@rule(*aliases("neg", "positive"), Tensor.__neg__, Tensor.__pos__)
 def _neg(tr: VarianceTracker, func, args, kwargs):
-    return func(*args, **kwargs), tr.var(args[0])
+    var = tr.var(args[0])  # before an in-place neg_ writes it
+    return func(*args, **kwargs), var

@@ -19,8 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine import Tensor, VarianceTracker, rule
-from .engine import arg as _arg
+from .engine import Tensor, VarianceTracker, aliases, arg, rule
 
 
 def product_var(
@@ -39,13 +38,10 @@ def product_var(
     return var
 
 
-@rule(
-    torch.matmul, Tensor.matmul, Tensor.__matmul__, Tensor.__rmatmul__, torch.mm, Tensor.mm,
-    torch.bmm, Tensor.bmm,
-)
+@rule(*aliases("matmul", "mm", "bmm"), Tensor.__matmul__, Tensor.__rmatmul__)
 def _matmul(tr: VarianceTracker, func, args, kwargs):
     """Exact for an uncertain times a constant operand; independent operands otherwise."""
-    a, b = args[0], _arg(args, kwargs, 1, "other", kwargs.get("mat2"))
+    a, b = args[0], arg(args, kwargs, 1, "other", kwargs.get("mat2"))
     kw = {k: val for k, val in kwargs.items() if k not in ("other", "mat2", "out")}
     out = func(*args, **kwargs)
     var = product_var(lambda x, y: func(x, y, **kw), a, tr.var(a), b, tr.var(b))
@@ -57,9 +53,9 @@ def _addmm(tr: VarianceTracker, func, args, kwargs):
     """``beta * input + alpha * (m1 @ m2)``: ``beta^2 V_input + alpha^2 Var(m1 @ m2)``."""
     if "out" in kwargs:
         raise tr.unsupported(f"{func.__name__} with out=")
-    base, m1, m2 = args[0], _arg(args, kwargs, 1, "mat1"), _arg(args, kwargs, 2, "mat2")
+    base, m1, m2 = args[0], arg(args, kwargs, 1, "mat1"), arg(args, kwargs, 2, "mat2")
     if m1 is None:
-        m1, m2 = _arg(args, kwargs, 1, "batch1"), _arg(args, kwargs, 2, "batch2")
+        m1, m2 = arg(args, kwargs, 1, "batch1"), arg(args, kwargs, 2, "batch2")
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     out = func(*args, **kwargs)
     product = torch.mm if m1.dim() == 2 else torch.bmm
@@ -125,7 +121,7 @@ def _einsum(tr: VarianceTracker, func, args, kwargs):
 
 
 def _softmax_dim(args, kwargs, x: Tensor) -> int:
-    dim = _arg(args, kwargs, 1, "dim")
+    dim = arg(args, kwargs, 1, "dim")
     if dim is None:  # the deprecated implicit dim of F.softmax
         dim = 0 if x.dim() in (0, 1, 3) else 1
     return dim
@@ -145,7 +141,7 @@ def log_softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
     return (1.0 - p).square() * v + off
 
 
-@rule(F.softmax, torch.softmax, Tensor.softmax)
+@rule(*aliases("softmax"))
 def _softmax(tr: VarianceTracker, func, args, kwargs):
     x = args[0]
     out = func(*args, **kwargs)
@@ -153,7 +149,7 @@ def _softmax(tr: VarianceTracker, func, args, kwargs):
     return out, softmax_var(out, tr.var(x).to(out.dtype), dim)
 
 
-@rule(F.log_softmax, torch.log_softmax, Tensor.log_softmax)
+@rule(*aliases("log_softmax"))
 def _log_softmax(tr: VarianceTracker, func, args, kwargs):
     x = args[0]
     out = func(*args, **kwargs)
@@ -175,7 +171,7 @@ def _sdpa(tr: VarianceTracker, func, args, kwargs):
              "enable_gqa")
     defaults = (None, None, None, None, 0.0, False, None, False)
     q, k, val, mask, dropout_p, is_causal, scale, gqa = (
-        _arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, defaults, strict=True)))
+        arg(args, kwargs, i, n, d) for i, (n, d) in enumerate(zip(names, defaults, strict=True)))
     if dropout_p:
         raise tr.unsupported("scaled_dot_product_attention with dropout_p > 0")
     if tr.var(mask) is not None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine import Rule, Tensor, VarianceTracker, module_rule, rule
+from .engine import Rule, Tensor, VarianceTracker, aliases, arg, module_rule, rule
 
 
 def _from_output(derivative: Callable[[Tensor], Tensor]) -> Rule:
@@ -20,8 +20,8 @@ def _from_output(derivative: Callable[[Tensor], Tensor]) -> Rule:
     return apply
 
 
-rule(torch.tanh, Tensor.tanh, F.tanh)(_from_output(lambda y: 1.0 - y.square()))
-rule(torch.sigmoid, Tensor.sigmoid, F.sigmoid)(_from_output(lambda y: y * (1.0 - y)))
+rule(*aliases("tanh"))(_from_output(lambda y: 1.0 - y.square()))
+rule(*aliases("sigmoid"))(_from_output(lambda y: y * (1.0 - y)))
 
 
 def slope(func: Callable, mu: Tensor, *rest, **kwargs) -> Tensor:
@@ -33,11 +33,10 @@ def slope(func: Callable, mu: Tensor, *rest, **kwargs) -> Tensor:
     return grad
 
 
-@rule(
-    F.relu, torch.relu, Tensor.relu, F.relu_, torch.relu_, Tensor.relu_,
-    F.gelu, F.silu, F.elu, F.leaky_relu, F.softplus, F.mish, F.selu, F.celu, F.hardtanh,
-    F.hardswish, F.hardsigmoid, F.relu6, F.logsigmoid, F.softsign, F.tanhshrink,
-)
+@rule(*aliases(
+    "relu", "gelu", "silu", "elu", "leaky_relu", "softplus", "mish", "selu", "celu", "hardtanh",
+    "hardswish", "hardsigmoid", "relu6", "logsigmoid", "softsign", "tanhshrink",
+))
 def _elementwise(tr: VarianceTracker, func, args, kwargs):
     """Any elementwise function: its slope at the mean by autograd."""
     mu, rest = args[0], args[1:]
@@ -49,7 +48,7 @@ def _elementwise(tr: VarianceTracker, func, args, kwargs):
 
 @rule(F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout)
 def _dropout(tr: VarianceTracker, func, args, kwargs):
-    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    training = arg(args, kwargs, 2, "training", func is not F.alpha_dropout)
     if training:
         raise tr.unsupported(f"{func.__name__} in training mode (call model.eval() first)")
     return func(*args, **kwargs), tr.var(args[0])

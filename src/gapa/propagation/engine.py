@@ -15,6 +15,11 @@ Two registries hold the rules:
   module's forward runs with the function rules paused and the module rule sets the variance of
   its output.
 
+Registering over an existing rule raises :class:`~gapa.errors.ConfigurationError` unless
+``override=True``; :func:`aliases` gathers an operation's spellings (``torch.X``, ``Tensor.X``,
+``Tensor.X_``, ...). ``VarianceTracker(rules=...)`` (and ``propagate(..., rules=...)``) takes
+rules for one pass, ahead of the registries, without changing them.
+
 Writes are followed, not guessed: every variance is stored with the version counter of its
 tensor. An in-place operation (``x.add_(h)``, ``buf[:, :16] = h``, ``out=``) updates the
 variance of the tensor it wrote and of that tensor's base, so every other view of the same
@@ -30,16 +35,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..adapters import output_tensor
-from ..errors import InputError, UnsupportedOperationError
+from ..errors import ConfigurationError, InputError, UnsupportedOperationError
 from ..moments import Moments
 
 Tensor = torch.Tensor
@@ -51,51 +57,109 @@ MODULE_RULES: dict[type, ModuleRule] = {}
 MODULE_RULES_BY_NAME: dict[str, ModuleRule] = {}
 
 
-def rule(*funcs: Callable) -> Callable[[Rule], Rule]:
-    """Register a variance rule for one or several torch functions (aliases, methods).
+def rule(*funcs: Callable, override: bool = False) -> Callable[[Rule], Rule]:
+    """Register a variance rule for one or several torch functions (aliases, methods; see
+    :func:`aliases`).
 
     A rule is called as ``rule(tracker, func, args, kwargs)`` when at least one argument is
-    uncertain, and returns ``(func(*args, **kwargs), variance_of_the_output)``.
+    uncertain, and returns ``(func(*args, **kwargs), variance_of_the_output)``. A function that
+    already has a rule raises :class:`~gapa.errors.ConfigurationError` unless ``override=True``.
     """
 
     def register(fn: Rule) -> Rule:
-        for f in funcs:
-            RULES[f] = fn
+        keys = dict.fromkeys(funcs, fn)
+        _check_free(RULES, keys, override)
+        RULES.update(keys)
         return fn
 
     return register
 
 
-def module_rule(*classes: type | str) -> Callable[[ModuleRule], ModuleRule]:
+def module_rule(*classes: type | str, override: bool = False) -> Callable[[ModuleRule], ModuleRule]:
     """Register a whole-module variance rule, called as ``rule(tracker, module, args, output)``
-    after the module ran; it returns the variance of ``output``. Classes may be given by name."""
+    after the module ran; it returns the variance of ``output``. Classes may be given by name
+    (for optional libraries). A class that already has a rule raises
+    :class:`~gapa.errors.ConfigurationError` unless ``override=True``."""
 
     def register(fn: ModuleRule) -> ModuleRule:
-        for c in classes:
-            if isinstance(c, str):
-                MODULE_RULES_BY_NAME[c] = fn
-            else:
-                MODULE_RULES[c] = fn
+        by_class = {c: fn for c in classes if not isinstance(c, str)}
+        by_name = {c: fn for c in classes if isinstance(c, str)}
+        _check_free(MODULE_RULES, by_class, override)
+        _check_free(MODULE_RULES_BY_NAME, by_name, override)
+        MODULE_RULES.update(by_class)
+        MODULE_RULES_BY_NAME.update(by_name)
         return fn
 
     return register
 
 
-def find_module_rule(module: nn.Module) -> ModuleRule | None:
-    for cls in type(module).__mro__:
-        fn = MODULE_RULES.get(cls) or MODULE_RULES_BY_NAME.get(cls.__name__)
-        if fn is not None:
-            return fn
+def _check_free(registry: dict, new: dict, override: bool) -> None:
+    """Refuse to replace another rule for a key of ``new`` (key -> rule) unless ``override``."""
+    if override:
+        return
+    for key, fn in new.items():
+        existing = registry.get(key)
+        if existing is not None and existing is not fn:
+            raise ConfigurationError(
+                f"{_key_name(key)} already has a variance rule, {_rule_name(existing)}; pass "
+                "override=True to replace it, or rules={...} to gapa.propagate for one call")
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, str):
+        return f"module class {key!r}"
+    if isinstance(key, type):
+        return f"module {key.__module__}.{key.__qualname__}"
+    return f"operation {operation_name(key)}"
+
+
+def _rule_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def aliases(*names: str) -> tuple[Callable, ...]:
+    """The spellings of the torch operations ``names``: ``torch.X``, ``Tensor.X``, ``Tensor.X_``,
+    ``torch.X_``, ``F.X`` and ``F.X_``, those that exist, each once. Operators
+    (``Tensor.__add__``, ``__radd__``, ...) are never included: list them by hand.
+
+    >>> rule(*aliases("exp"))  # torch.exp, Tensor.exp, Tensor.exp_, torch.exp_   # doctest: +SKIP
+    """
+    found: list[Callable] = []
+    for name in names:
+        spellings = [getattr(owner, attr, None) for owner, attr in (
+            (torch, name), (Tensor, name), (Tensor, f"{name}_"), (torch, f"{name}_"),
+            (F, name), (F, f"{name}_"))]
+        spellings = list(dict.fromkeys(f for f in spellings if callable(f)))
+        if not spellings:
+            raise ConfigurationError(f"no torch operation is named {name!r}")
+        found += [f for f in spellings if f not in found]  # equal: torch.relu_, F.relu_
+    return tuple(found)
+
+
+def find_module_rule(module: nn.Module, rules: Mapping | None = None) -> ModuleRule | None:
+    """The rule of ``module``'s class or its nearest base; ``rules`` (classes or class names)
+    take precedence over the registry."""
+    for by_class, by_name in ((rules or {}, rules or {}), (MODULE_RULES, MODULE_RULES_BY_NAME)):
+        for cls in type(module).__mro__:
+            fn = by_class.get(cls) or by_name.get(cls.__name__)
+            if fn is not None:
+                return fn
     return None
 
 
 def arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``index`` of a call, or its keyword ``name``."""
+    """Argument ``index`` of a call, or its keyword ``name`` (``default`` when neither is
+    given): how a rule reads an argument that may come either way."""
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 def operation_name(func: Callable) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
+    """``torch.add``, ``Tensor.add``, ``F.relu``: how users spell ``func`` where they can."""
+    name = getattr(func, "__name__", None)
+    for owner, prefix in ((torch, "torch"), (Tensor, "Tensor"), (F, "F")):
+        if name and getattr(owner, name, None) is func:
+            return f"{prefix}.{name}"
+    return getattr(func, "__qualname__", None) or name or repr(func)
 
 
 def untracked() -> contextlib.AbstractContextManager:
@@ -112,10 +176,30 @@ def version(t: Tensor) -> int | None:
 
 
 class VarianceTracker(TorchFunctionMode):
-    """Carries a variance beside every uncertain tensor of one forward pass."""
+    """Carries a variance beside every uncertain tensor of one forward pass.
 
-    def __init__(self) -> None:
+    ``rules`` maps torch functions to rules, and module classes (or class names) to module rules,
+    for this tracker only: they take precedence over the registries, which stay as they are.
+    Rules read their inputs' variances with :meth:`var` (None: deterministic) or
+    :meth:`var_or_zero`, and refuse what they cannot propagate with ``raise``
+    :meth:`unsupported`.
+    """
+
+    def __init__(self, rules: Mapping[Callable | type | str, Callable] | None = None) -> None:
         super().__init__()
+        self.rules: dict[Callable, Rule] = {}
+        self.module_rules: dict[type | str, ModuleRule] = {}
+        for key, fn in (rules or {}).items():
+            if not callable(fn):
+                raise ConfigurationError(f"the rule given for {_key_name(key)} is not callable: "
+                                         f"{fn!r}")
+            if isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module)):
+                self.module_rules[key] = fn
+            elif callable(key) and not isinstance(key, type):
+                self.rules[key] = fn
+            else:
+                raise ConfigurationError(
+                    f"rules keys are torch functions or nn.Module classes, got {key!r}")
         #: id(tensor) -> (tensor, variance, the tensor's version when the variance was set)
         self._var: dict[int, tuple[Tensor, Tensor, int | None]] = {}
         #: id(tensor) -> its variance while nothing but its entry holds that variance, so the
@@ -246,6 +330,7 @@ class VarianceTracker(TorchFunctionMode):
                 self._own.pop(id(t), None)
 
     def var_or_zero(self, t: Any) -> Tensor | float:
+        """The variance carried by ``t``, or 0.0 when ``t`` is deterministic (or no tensor)."""
         v = self.var(t)
         return 0.0 if v is None else v
 
@@ -260,18 +345,22 @@ class VarianceTracker(TorchFunctionMode):
         return self.module_path[-1] if self.module_path else "<top level>"
 
     def unsupported(self, what: str) -> UnsupportedOperationError:
-        """The error for an uncertain input that ``what`` cannot propagate."""
+        """The error for an uncertain input that ``what`` cannot propagate (``raise`` it)."""
         return UnsupportedOperationError(
             f"{what} received an uncertain input in module {self.where()!r} and has no variance "
             "rule; GAPA will not drop the variance silently. Place the GAPA layer after this "
-            "operation, or add a rule with gapa.propagation.rule()."
+            "operation, or add a rule (gapa.propagation.rule(), or rules={...} for one call)."
         )
+
+    def rule_for(self, func: Callable) -> Rule | None:
+        """The rule this tracker applies to ``func``: its own, else the registered one."""
+        return self.rules.get(func) or RULES.get(func)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._paused or not self._var or not self.any_uncertain(args, kwargs):
             return func(*args, **kwargs)
-        fn = RULES.get(func)
+        fn = self.rule_for(func)
         if fn is None:
             out = func(*args, **kwargs)
             if not _carries_value(out):
@@ -395,7 +484,7 @@ def tracking(
     with thread_hooks() as add:
         for name, module in model.named_modules():
             label = f"{name} ({type(module).__name__})" if name else type(module).__name__
-            mrule = find_module_rule(module)
+            mrule = find_module_rule(module, tracker.module_rules)
             add(module, lambda mod, args, kwargs, label=label, mrule=mrule:
                 _enter(tracker, label, mrule, args, kwargs), pre=True, with_kwargs=True)
             add(module, lambda mod, args, out, mrule=mrule: _leave(tracker, mod, mrule, args, out),
@@ -435,10 +524,16 @@ def _leave(tr: VarianceTracker, mod: nn.Module, mrule: ModuleRule | None, args: 
     return None
 
 
-def propagate(model: nn.Module, mean: Tensor, var: Tensor) -> Moments:
+def propagate(
+    model: nn.Module, mean: Tensor, var: Tensor,
+    rules: Mapping[Callable | type | str, Callable] | None = None,
+) -> Moments:
     """Push an input with diagonal Gaussian uncertainty ``N(mean, diag(var))`` through ``model``
     in one pass. ``.mean`` is ``model(mean)`` bit for bit; ``.var`` is the first-order diagonal
-    output variance (exact for linear maps)."""
+    output variance (exact for linear maps).
+
+    ``rules`` maps torch functions to rules (and module classes to module rules) for this call
+    only, taking precedence over the registered ones (see :class:`VarianceTracker`)."""
     if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
         raise InputError(
             f"mean and var must be tensors, got {type(mean).__name__} and {type(var).__name__}"
@@ -455,7 +550,7 @@ def propagate(model: nn.Module, mean: Tensor, var: Tensor) -> Moments:
         )
     if bool((var < 0).any()) or not bool(torch.isfinite(var).all()):
         raise InputError("var must be finite and non-negative")
-    tracker = VarianceTracker()
+    tracker = VarianceTracker(rules)
     tracker.set_var(mean, var)
     with torch.no_grad(), tracking(model, tracker):
         out = output_tensor(model(mean))

@@ -14,14 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .engine import Tensor, VarianceTracker, rule
-
-
-def argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    """The argument at position ``index`` or keyword ``name`` of a call."""
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
+from .engine import Tensor, VarianceTracker, arg, rule
 
 
 def replaced(args: tuple, kwargs: dict, changes: dict[int, tuple[str, Any]]) -> tuple[tuple, dict]:
@@ -44,13 +37,13 @@ def _bias_variance(tr: VarianceTracker, bias: Any, out: Tensor, spatial: int) ->
 
 @rule(F.linear)
 def _linear(tr: VarianceTracker, func, args, kwargs):
-    x, weight = args[0], argument(args, kwargs, 1, "weight")
+    x, weight = args[0], arg(args, kwargs, 1, "weight")
     if tr.var(weight) is not None:
         raise tr.unsupported("F.linear with an uncertain weight")
     out = func(*args, **kwargs)
     vx = tr.var(x)
     var = torch.zeros_like(out) if vx is None else F.linear(vx, weight.square())
-    vb = tr.var(argument(args, kwargs, 2, "bias"))
+    vb = tr.var(arg(args, kwargs, 2, "bias"))
     return out, var if vb is None else var + vb
 
 
@@ -58,8 +51,8 @@ def _linear(tr: VarianceTracker, func, args, kwargs):
 def _conv(tr: VarianceTracker, func, args, kwargs):
     """The same convolution (stride, padding, dilation, groups, output padding) of the variance
     with the squared kernel and no bias."""
-    x, weight = argument(args, kwargs, 0, "input"), argument(args, kwargs, 1, "weight")
-    bias = argument(args, kwargs, 2, "bias")
+    x, weight = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
+    bias = arg(args, kwargs, 2, "bias")
     if tr.var(weight) is not None:
         raise tr.unsupported(f"{func.__name__} with an uncertain weight")
     out = func(*args, **kwargs)
@@ -113,7 +106,7 @@ def _pad(tr: VarianceTracker, func, args, kwargs):
     padding copy input elements, so the same padding of the variance is exact."""
     out = func(*args, **kwargs)
     vargs, vkwargs = replaced(args, kwargs, {0: ("input", tr.var(args[0]))})
-    if argument(args, kwargs, 2, "mode", "constant") == "constant":
+    if arg(args, kwargs, 2, "mode", "constant") == "constant":
         vargs, vkwargs = replaced(vargs, vkwargs, {3: ("value", 0.0)})
     return out, func(*vargs, **vkwargs)
 

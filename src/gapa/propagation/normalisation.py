@@ -16,10 +16,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .engine import Tensor, VarianceTracker, module_rule, rule
-from .engine import arg as _arg
+from .engine import Tensor, VarianceTracker, aliases, arg, module_rule, rule
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
@@ -68,13 +66,13 @@ def _scaled(var: Tensor, weight: Tensor | None, out: Tensor) -> Tensor:
     return var.to(out.dtype)
 
 
-@rule(F.layer_norm, torch.layer_norm)
+@rule(*aliases("layer_norm"))
 def _layer_norm(tr: VarianceTracker, func, args, kwargs):
     """Exact first-order diagonal of layer norm over the trailing ``normalized_shape`` dims."""
     x = args[0]
-    shape = _arg(args, kwargs, 1, "normalized_shape")
-    weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
-    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    shape = arg(args, kwargs, 1, "normalized_shape")
+    weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    eps = arg(args, kwargs, 4, "eps", 1e-5)
     _check_affine(tr, "layer_norm", weight, bias)
     out = func(*args, **kwargs)
     wd = _work_dtype(x)
@@ -82,13 +80,13 @@ def _layer_norm(tr: VarianceTracker, func, args, kwargs):
     return out, _scaled(var, weight, out)
 
 
-@rule(F.group_norm, torch.group_norm)
+@rule(*aliases("group_norm"))
 def _group_norm(tr: VarianceTracker, func, args, kwargs):
     """Layer norm's diagonal within each group of channels, then the per-channel scale."""
     x = args[0]
-    groups = _arg(args, kwargs, 1, "num_groups")
-    weight, bias = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
-    eps = _arg(args, kwargs, 4, "eps", 1e-5)
+    groups = arg(args, kwargs, 1, "num_groups")
+    weight, bias = arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias")
+    eps = arg(args, kwargs, 4, "eps", 1e-5)
     _check_affine(tr, "group_norm", weight, bias)
     out = func(*args, **kwargs)
     wd = _work_dtype(x)
@@ -101,14 +99,14 @@ def _group_norm(tr: VarianceTracker, func, args, kwargs):
     return out, var.to(out.dtype)
 
 
-@rule(F.rms_norm, torch.rms_norm)
+@rule(*aliases("rms_norm"))
 def _rms_norm(tr: VarianceTracker, func, args, kwargs):
     """Exact first-order diagonal of RMS norm; ``eps=None`` is the machine epsilon of the
     computation dtype, as in torch."""
     x = args[0]
-    shape = _arg(args, kwargs, 1, "normalized_shape")
-    weight = _arg(args, kwargs, 2, "weight")
-    eps = _arg(args, kwargs, 3, "eps")
+    shape = arg(args, kwargs, 1, "normalized_shape")
+    weight = arg(args, kwargs, 2, "weight")
+    eps = arg(args, kwargs, 3, "eps")
     _check_affine(tr, "rms_norm", weight)
     out = func(*args, **kwargs)
     wd = _work_dtype(x)

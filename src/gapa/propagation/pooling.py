@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .engine import Tensor, VarianceTracker, rule
-from .linear import argument, replaced
+from .engine import Tensor, VarianceTracker, arg, rule
+from .linear import replaced
 
 _AVG_SPATIAL = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 
@@ -20,7 +20,7 @@ def _avg_pool(tr: VarianceTracker, func, args, kwargs):
     """``pool(v) / D``, and ``D = n / pool(1)`` where ``n`` counts the real (not padded) inputs
     of each window: this covers padding, ``count_include_pad``, ``ceil_mode`` windows that run
     over the edge, and ``divisor_override``."""
-    x = argument(args, kwargs, 0, "input")
+    x = arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     vargs, vkwargs = replaced(args, kwargs, {0: ("input", tr.var(x))})
     pooled = func(*vargs, **vkwargs)
@@ -39,11 +39,11 @@ def _real_inputs_per_window(func, ones: Tensor, args: tuple, kwargs: dict) -> Te
     if func is not F.avg_pool1d:
         sargs, skwargs = replaced(args, kwargs, {0: ("input", ones), 6: ("divisor_override", 1)})
         return func(*sargs, **skwargs)
-    kernel = _single(argument(args, kwargs, 1, "kernel_size"))
-    stride = _single(argument(args, kwargs, 2, "stride")) or kernel
-    padding = _single(argument(args, kwargs, 3, "padding", 0))
-    ceil_mode = argument(args, kwargs, 4, "ceil_mode", False)
-    include_pad = argument(args, kwargs, 5, "count_include_pad", True)
+    kernel = _single(arg(args, kwargs, 1, "kernel_size"))
+    stride = _single(arg(args, kwargs, 2, "stride")) or kernel
+    padding = _single(arg(args, kwargs, 3, "padding", 0))
+    ceil_mode = arg(args, kwargs, 4, "ceil_mode", False)
+    include_pad = arg(args, kwargs, 5, "count_include_pad", True)
     return F.avg_pool2d(
         ones.unsqueeze(-2), (1, kernel), (1, stride), (0, padding), ceil_mode, include_pad, 1
     ).squeeze(-2)
@@ -65,7 +65,7 @@ _ADAPTIVE_AVG_SPATIAL = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
 def _adaptive_avg_pool(tr: VarianceTracker, func, args, kwargs):
     """Output ``i`` of each dim averages the bin ``[floor(i n / m), ceil((i + 1) n / m))``
     (PyTorch's bins): ``pool(v) / D`` with ``D`` the product of the bin lengths."""
-    x = argument(args, kwargs, 0, "input")
+    x = arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     vargs, vkwargs = replaced(args, kwargs, {0: ("input", tr.var(x))})
     var = func(*vargs, **vkwargs)
@@ -98,7 +98,7 @@ _MAX_SPATIAL.update({_WITH_INDICES[f]: s for f, s in list(_MAX_SPATIAL.items())}
 def _max_pool(tr: VarianceTracker, func, args, kwargs):
     """The variance of each window's arg-max element, gathered through the pool's indices
     (first order; ``return_indices=True`` calls get ``(variance, None)``)."""
-    x = argument(args, kwargs, 0, "input")
+    x = arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     if isinstance(out, tuple):
         values, indices = out

@@ -3,12 +3,10 @@ is the sum of the variances and a mean over ``n`` entries divides it by ``n^2``)
 
 from __future__ import annotations
 
-import torch
-
-from .engine import Tensor, VarianceTracker, rule
+from .engine import VarianceTracker, aliases, rule
 
 
-@rule(torch.sum, Tensor.sum)
+@rule(*aliases("sum"))
 def _sum(tr: VarianceTracker, func, args, kwargs):
     """The same sum (``dim``, ``keepdim``, ``dtype``) of the variance."""
     if "out" in kwargs:
@@ -16,7 +14,7 @@ def _sum(tr: VarianceTracker, func, args, kwargs):
     return func(*args, **kwargs), func(tr.var(args[0]), *args[1:], **kwargs)
 
 
-@rule(torch.mean, Tensor.mean)
+@rule(*aliases("mean"))
 def _mean(tr: VarianceTracker, func, args, kwargs):
     """The same mean of the variance divided by ``n``, the count of entries averaged."""
     if "out" in kwargs:

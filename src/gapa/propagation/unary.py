@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from .engine import Tensor, VarianceTracker, rule
-from .engine import arg as _arg
+from .engine import Tensor, VarianceTracker, aliases, arg, rule
 
 
 def _delta(derivative: Callable[[Tensor], Tensor]):
@@ -28,23 +27,19 @@ def _delta(derivative: Callable[[Tensor], Tensor]):
     return apply
 
 
-rule(torch.exp, Tensor.exp, Tensor.exp_, torch.exp_)(_delta(torch.exp))
-rule(torch.log, Tensor.log, Tensor.log_, torch.log_)(_delta(torch.reciprocal))
-rule(torch.log1p, Tensor.log1p, Tensor.log1p_)(_delta(lambda x: torch.reciprocal(1.0 + x)))
-rule(torch.expm1, Tensor.expm1, Tensor.expm1_)(_delta(torch.exp))
-rule(torch.sqrt, Tensor.sqrt, Tensor.sqrt_, torch.sqrt_)(_delta(lambda x: 0.5 * torch.rsqrt(x)))
-rule(torch.rsqrt, Tensor.rsqrt, Tensor.rsqrt_, torch.rsqrt_)(
-    _delta(lambda x: -0.5 * torch.rsqrt(x).pow(3)))
-rule(torch.reciprocal, Tensor.reciprocal, Tensor.reciprocal_)(
-    _delta(lambda x: -torch.reciprocal(x).square()))
-rule(torch.square, Tensor.square, Tensor.square_, torch.square_)(_delta(lambda x: 2.0 * x))
+rule(*aliases("exp"))(_delta(torch.exp))
+rule(*aliases("log"))(_delta(torch.reciprocal))
+rule(*aliases("log1p"))(_delta(lambda x: torch.reciprocal(1.0 + x)))
+rule(*aliases("expm1"))(_delta(torch.exp))
+rule(*aliases("sqrt"))(_delta(lambda x: 0.5 * torch.rsqrt(x)))
+rule(*aliases("rsqrt"))(_delta(lambda x: -0.5 * torch.rsqrt(x).pow(3)))
+rule(*aliases("reciprocal"))(_delta(lambda x: -torch.reciprocal(x).square()))
+rule(*aliases("square"))(_delta(lambda x: 2.0 * x))
 # |x| has slope sign(x): 0 at x = 0, where it has no derivative (as autograd).
-rule(torch.abs, torch.absolute, Tensor.abs, Tensor.absolute, Tensor.__abs__, Tensor.abs_,
-     Tensor.absolute_, torch.abs_)(_delta(torch.sign))
-rule(torch.sin, Tensor.sin, Tensor.sin_, torch.sin_)(_delta(torch.cos))
-rule(torch.cos, Tensor.cos, Tensor.cos_, torch.cos_)(_delta(torch.sin))  # squared: sign is moot
-rule(torch.erf, Tensor.erf, Tensor.erf_)(
-    _delta(lambda x: (2.0 / math.sqrt(math.pi)) * torch.exp(-x.square())))
+rule(*aliases("abs", "absolute"), Tensor.__abs__)(_delta(torch.sign))
+rule(*aliases("sin"))(_delta(torch.cos))
+rule(*aliases("cos"))(_delta(torch.sin))  # squared: sign is moot
+rule(*aliases("erf"))(_delta(lambda x: (2.0 / math.sqrt(math.pi)) * torch.exp(-x.square())))
 
 
 def _pow_var(tr: VarianceTracker, base: Any, exponent: Any) -> Tensor:
@@ -64,10 +59,10 @@ def _pow_var(tr: VarianceTracker, base: Any, exponent: Any) -> Tensor:
     return var
 
 
-@rule(torch.pow, Tensor.pow, Tensor.__pow__, Tensor.pow_, Tensor.__ipow__)
+@rule(*aliases("pow"), Tensor.__pow__, Tensor.__ipow__)
 def _pow(tr: VarianceTracker, func, args, kwargs):
-    base = _arg(args, kwargs, 0, "input", kwargs.get("self"))
-    exponent = _arg(args, kwargs, 1, "exponent")
+    base = arg(args, kwargs, 0, "input", kwargs.get("self"))
+    exponent = arg(args, kwargs, 1, "exponent")
     var = _pow_var(tr, base, exponent)
     return func(*args, **kwargs), var
 
@@ -87,25 +82,22 @@ def _select(cond: Tensor, va: Tensor | float, vb: Tensor | float, shape) -> Tens
     return var if var.shape == shape else var.expand(shape).clone()
 
 
-@rule(
-    torch.clamp, torch.clip, Tensor.clamp, Tensor.clip, Tensor.clamp_, Tensor.clip_,
-    torch.clamp_, torch.clip_,
-)
+@rule(*aliases("clamp", "clip"))
 def _clamp(tr: VarianceTracker, func, args, kwargs):
     """``min(max(x, lo), hi)``: each entry takes the variance of the operand it came from
     (slope 1 inside ``[lo, hi]``, 0 outside for ``x``)."""
-    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    lo, hi = arg(args, kwargs, 1, "min"), arg(args, kwargs, 2, "max")
     return _clamp_var(tr, func, args, kwargs, lo, hi)
 
 
-@rule(torch.clamp_min, Tensor.clamp_min, Tensor.clamp_min_, torch.clamp_min_)
+@rule(*aliases("clamp_min"))
 def _clamp_min(tr: VarianceTracker, func, args, kwargs):
-    return _clamp_var(tr, func, args, kwargs, _arg(args, kwargs, 1, "min"), None)
+    return _clamp_var(tr, func, args, kwargs, arg(args, kwargs, 1, "min"), None)
 
 
-@rule(torch.clamp_max, Tensor.clamp_max, Tensor.clamp_max_, torch.clamp_max_)
+@rule(*aliases("clamp_max"))
 def _clamp_max(tr: VarianceTracker, func, args, kwargs):
-    return _clamp_var(tr, func, args, kwargs, None, _arg(args, kwargs, 1, "max"))
+    return _clamp_var(tr, func, args, kwargs, None, arg(args, kwargs, 1, "max"))
 
 
 def _clamp_var(tr: VarianceTracker, func, args, kwargs, lo, hi):
@@ -124,23 +116,23 @@ def _clamp_var(tr: VarianceTracker, func, args, kwargs, lo, hi):
     return out, var if var.shape == out.shape else var.expand(out.shape).clone()
 
 
-@rule(torch.where, Tensor.where)
+@rule(*aliases("where"))
 def _where(tr: VarianceTracker, func, args, kwargs):
     """Each entry takes the variance of the branch it selects (exact)."""
     if func is Tensor.where:  # x.where(condition, y) is torch.where(condition, x, y)
-        cond, a, b = _arg(args, kwargs, 1, "condition"), args[0], _arg(args, kwargs, 2, "other")
+        cond, a, b = arg(args, kwargs, 1, "condition"), args[0], arg(args, kwargs, 2, "other")
     else:
-        cond = _arg(args, kwargs, 0, "condition")
-        a, b = _arg(args, kwargs, 1, "input"), _arg(args, kwargs, 2, "other")
+        cond = arg(args, kwargs, 0, "condition")
+        a, b = arg(args, kwargs, 1, "input"), arg(args, kwargs, 2, "other")
     out = func(*args, **kwargs)
     return out, _select(cond, tr.var_or_zero(a), tr.var_or_zero(b), out.shape)
 
 
-@rule(Tensor.masked_fill, Tensor.masked_fill_, torch.masked_fill)
+@rule(*aliases("masked_fill"))
 def _masked_fill(tr: VarianceTracker, func, args, kwargs):
     """Filled entries take the fill value's variance (0 for a number)."""
-    x, mask = args[0], _arg(args, kwargs, 1, "mask")
-    value = _arg(args, kwargs, 2, "value")
+    x, mask = args[0], arg(args, kwargs, 1, "mask")
+    value = arg(args, kwargs, 2, "value")
     var = _select(mask, tr.var_or_zero(value), tr.var_or_zero(x), x.shape)
     return func(*args, **kwargs), var
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from .engine import Tensor, VarianceTracker, rule
-from .engine import arg as _arg
+from .engine import Tensor, VarianceTracker, aliases, arg, rule
 
 
 def _target(tr: VarianceTracker, func, t: Tensor) -> Tensor:
@@ -48,7 +47,7 @@ def _setitem(tr: VarianceTracker, func, args, kwargs):
 @rule(Tensor.copy_)
 def _copy(tr: VarianceTracker, func, args, kwargs):
     """``t.copy_(src)``: ``src`` broadcast to ``t``."""
-    t, src = args[0], _arg(args, kwargs, 1, "src")
+    t, src = args[0], arg(args, kwargs, 1, "src")
     var = torch.zeros_like(t)
     var.copy_(_source_var(tr, src, t))
     return func(*args, **kwargs), var
@@ -57,20 +56,20 @@ def _copy(tr: VarianceTracker, func, args, kwargs):
 @rule(Tensor.fill_, Tensor.zero_, torch.fill_, torch.zero_)
 def _fill(tr: VarianceTracker, func, args, kwargs):
     """Every entry takes the fill value's variance (0 for a number)."""
-    t, value = args[0], _arg(args, kwargs, 1, "value")
+    t, value = args[0], arg(args, kwargs, 1, "value")
     var = torch.zeros_like(t)
     if isinstance(value, Tensor) and tr.var(value) is not None:
         var.copy_(tr.var(value).expand(t.shape))
     return func(*args, **kwargs), var
 
 
-@rule(Tensor.index_put_, Tensor.index_put, torch.index_put_, torch.index_put)
+@rule(*aliases("index_put"))
 def _index_put(tr: VarianceTracker, func, args, kwargs):
     """Put entries take the values' variances; with ``accumulate`` the variances add
     (the accumulated values treated as independent)."""
-    t, indices = args[0], _arg(args, kwargs, 1, "indices")
-    values = _arg(args, kwargs, 2, "values")
-    accumulate = bool(_arg(args, kwargs, 3, "accumulate", False))
+    t, indices = args[0], arg(args, kwargs, 1, "indices")
+    values = arg(args, kwargs, 2, "values")
+    accumulate = bool(arg(args, kwargs, 3, "accumulate", False))
     src = _source_var(tr, values, t)
     src = src if isinstance(src, Tensor) else torch.zeros_like(values, dtype=t.dtype)
     var = _target(tr, func, t).index_put_(indices, src, accumulate=accumulate)
@@ -78,8 +77,8 @@ def _index_put(tr: VarianceTracker, func, args, kwargs):
 
 
 def _scatter_like(tr: VarianceTracker, func, args, kwargs, *, adds: bool):
-    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
-    src = _arg(args, kwargs, 3, "src", kwargs.get("value"))
+    t, dim, index = args[0], arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "index")
+    src = arg(args, kwargs, 3, "src", kwargs.get("value"))
     reduce = kwargs.get("reduce")
     if reduce is not None and reduce != "add":
         raise tr.unsupported(f"{func.__name__} with reduce={reduce!r}")
@@ -93,40 +92,40 @@ def _scatter_like(tr: VarianceTracker, func, args, kwargs, *, adds: bool):
     return func(*args, **kwargs), var
 
 
-@rule(Tensor.scatter_, Tensor.scatter, torch.scatter)
+@rule(*aliases("scatter"))
 def _scatter(tr: VarianceTracker, func, args, kwargs):
     """Scattered entries take the source's variance (``reduce="add"``: added to theirs)."""
     return _scatter_like(tr, func, args, kwargs, adds=False)
 
 
-@rule(Tensor.scatter_add_, Tensor.scatter_add, torch.scatter_add)
+@rule(*aliases("scatter_add"))
 def _scatter_add(tr: VarianceTracker, func, args, kwargs):
     """The source's variances add to the entries they are added to."""
     return _scatter_like(tr, func, args, kwargs, adds=True)
 
 
-@rule(Tensor.index_copy_, Tensor.index_copy, torch.index_copy)
+@rule(*aliases("index_copy"))
 def _index_copy(tr: VarianceTracker, func, args, kwargs):
-    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
-    src = _source_var(tr, _arg(args, kwargs, 3, "source"), t)
+    t, dim, index = args[0], arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "index")
+    src = _source_var(tr, arg(args, kwargs, 3, "source"), t)
     var = _target(tr, func, t).index_copy_(dim, index, src)
     return func(*args, **kwargs), var
 
 
-@rule(Tensor.index_add_, Tensor.index_add, torch.index_add)
+@rule(*aliases("index_add"))
 def _index_add(tr: VarianceTracker, func, args, kwargs):
     """``t.index_add_(dim, index, source, alpha=a)``: ``a^2`` times the source's variance adds."""
-    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
-    src = _source_var(tr, _arg(args, kwargs, 3, "source"), t)
+    t, dim, index = args[0], arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "index")
+    src = _source_var(tr, arg(args, kwargs, 3, "source"), t)
     alpha = kwargs.get("alpha", 1)
     var = _target(tr, func, t).index_add_(dim, index, src, alpha=alpha**2)
     return func(*args, **kwargs), var
 
 
-@rule(Tensor.index_fill_, Tensor.index_fill, torch.index_fill)
+@rule(*aliases("index_fill"))
 def _index_fill(tr: VarianceTracker, func, args, kwargs):
-    t, dim, index = args[0], _arg(args, kwargs, 1, "dim"), _arg(args, kwargs, 2, "index")
-    value = _arg(args, kwargs, 3, "value")
+    t, dim, index = args[0], arg(args, kwargs, 1, "dim"), arg(args, kwargs, 2, "index")
+    value = arg(args, kwargs, 3, "value")
     if isinstance(value, Tensor) and tr.var(value) is not None:
         raise tr.unsupported(f"{func.__name__} with an uncertain fill value")
     var = _target(tr, func, t).index_fill_(dim, index, 0.0)
