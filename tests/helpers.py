@@ -43,3 +43,18 @@ class SharedActivation(nn.Module):
 
     def forward(self, x):
         return self.out(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def assert_usage_error(main, argv: list[str], argument: str, prog: str, capsys) -> None:
+    """``main(argv)`` ends in argparse's one-line error naming ``argument``, exit status 2,
+    nothing on stdout and no traceback."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in captured.err
+    assert errors[0].startswith(f"{prog} ") and f"error: argument {argument}" in errors[0]

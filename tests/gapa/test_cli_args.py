@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gapa.cli import main
+from helpers import assert_usage_error
 
 PLAN = ["plan", "--n-train", "1000", "--width", "64"]
 CASES = [
@@ -41,14 +42,7 @@ CASES = [
 
 @pytest.mark.parametrize(("argv", "argument"), CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_argument_is_a_usage_error(argv, argument, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in captured.err
-    assert errors[0].startswith("gapa ") and f"error: argument {argument}" in errors[0]
+    assert_usage_error(main, argv, argument, "gapa", capsys)
 
 
 def test_good_arguments_still_plan(capsys):

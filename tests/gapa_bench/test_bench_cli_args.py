@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from gapa_bench.cli import main
+from helpers import assert_usage_error
 
 CASES = [
     # gapa-bench demo
@@ -34,11 +35,4 @@ CASES = [
 
 @pytest.mark.parametrize(("argv", "argument"), CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_argument_is_a_usage_error(argv, argument, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "Traceback" not in captured.err
-    assert errors[0].startswith("gapa-bench ") and f"error: argument {argument}" in errors[0]
+    assert_usage_error(main, argv, argument, "gapa-bench", capsys)
