@@ -1,5 +1,8 @@
-"""What GAPA reads from the outputs of the networks it wraps: conventions of other libraries
-(Hugging Face ``transformers``' output objects) kept out of the engine."""
+"""What GAPA reads from the outputs of the networks it wraps.
+
+Conventions of other libraries (Hugging Face ``transformers``' output objects) are kept here,
+out of the engine.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,24 @@ from .errors import InputError
 
 
 def output_tensor(out: Any) -> Tensor:
-    """The prediction in a model's output: the tensor itself, the ``logits`` of a
-    ``transformers`` output, or the first element of a tuple."""
+    """Return the prediction in a model's output.
+
+    Parameters
+    ----------
+    out : Any
+        What the model returned.
+
+    Returns
+    -------
+    Tensor
+        ``out`` itself when it is a tensor, else the ``logits`` tensor of a ``transformers``
+        output, else the first element of a tuple or list.
+
+    Raises
+    ------
+    InputError
+        When ``out`` is none of these.
+    """
     if isinstance(out, Tensor):
         return out
     logits = getattr(out, "logits", None)

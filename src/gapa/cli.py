@@ -1,7 +1,10 @@
-"""Command line of the library: ``gapa plan`` (the expected cache, index and memory of a fit,
-before fitting). The benchmarks and the demo are ``gapa-bench`` (the harness, ``gapa[bench]``).
-Every numeric or list argument is checked as it is parsed: a bad value ends in argparse's
-one-line ``error:`` message and exit status 2."""
+"""Command line of the library: ``gapa plan``.
+
+``gapa plan`` shows the expected cache, index and memory of a fit, before fitting. The
+benchmarks and the demo are ``gapa-bench`` (the harness, ``gapa[bench]``). Every numeric or list
+argument is checked as it is parsed: a bad value ends in argparse's one-line ``error:`` message
+and exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,10 @@ from .plan import parse_bytes, plan_fit
 
 
 def integer(minimum: int):
-    """argparse type: an integer >= ``minimum``."""
+    """Build an argparse type that reads an integer of at least ``minimum``.
+
+    The parser it returns raises :class:`argparse.ArgumentTypeError` for other text.
+    """
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -28,15 +34,18 @@ def integer(minimum: int):
 
 
 def inducing_points(text: str) -> int | None:
-    """argparse type: a positive number of inducing points, or ``all`` (the whole cache, the
-    library's ``m=None``)."""
+    """Read ``--m``: a positive number of inducing points, or ``all`` (an argparse type).
+
+    ``all`` (any case) is the whole cache, which it returns as the library's ``m=None``;
+    other text that is not a positive integer raises :class:`argparse.ArgumentTypeError`.
+    """
     if text.strip().lower() == "all":
         return None
     return integer(1)(text)
 
 
 def _widths(text: str) -> list[int]:
-    """argparse type: comma-separated positive unit counts."""
+    """Read comma-separated positive unit counts (an argparse type)."""
     try:
         widths = [int(w) for w in text.split(",")]
     except ValueError:
@@ -48,7 +57,7 @@ def _widths(text: str) -> list[int]:
 
 
 def _budget(text: str) -> str:
-    """argparse type: a memory size such as 4GiB (kept as written, for the messages)."""
+    """Check a memory size such as 4GiB and keep it as written, for messages (argparse type)."""
     try:
         parse_bytes(text)
     except ConfigurationError as exc:
@@ -97,7 +106,7 @@ def _plan(args) -> None:
 
 
 def _check_together(args) -> None:
-    """Arguments valid alone but not together: argparse's error (exit status 2)."""
+    """Refuse arguments valid alone but not together with argparse's error (exit status 2)."""
     rows = args.n_train * args.queries_per_input
     rows = min(args.m, rows) if args.m is not None else rows
     if args.k > rows:
@@ -108,6 +117,20 @@ def _check_together(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``gapa`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments without the program name; None reads them from ``sys.argv``.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 1 when the plan raises a :class:`gapa.errors.GAPAError` (such
+        as a plan over ``--budget``), which is printed to stderr. Invalid arguments exit
+        through argparse instead (:class:`SystemExit`, status 2).
+    """
     args = _parser().parse_args(argv)
     _check_together(args)
     try:

@@ -70,16 +70,28 @@ class Propagation(str, Enum):
 
 
 #: Lengthscale multipliers :meth:`GAPA.calibrate` and :meth:`GAPA.calibrate_classifier` choose
-#: from by validation NLL (benchmarks/RESULTS.md). The label-free rule sets the lengthscale's
-#: order of magnitude; how fast the variance should grow away from the data depends on the task,
-#: and the labels say so. Flights picked the smallest of 1/8 ... 2 and Fashion-MNIST the largest,
-#: so the grid spans 1/16 ... 8.
+#: from by validation NLL. The label-free rule sets the lengthscale's order of magnitude; how fast
+#: the variance should grow away from the data depends on the task, and the labels say so. The
+#: grid spans 1/16 ... 8 (see benchmarks/RESULTS.md).
 LENGTHSCALE_FACTORS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def is_activation(module: nn.Module) -> bool:
-    """Whether GAPA can make ``module`` a GP activation: an elementwise activation of torch or
-    of ``transformers.activations``."""
+    """Return whether GAPA can make ``module`` a GP activation.
+
+    It can when ``module`` is an elementwise activation of torch (one of
+    :data:`ELEMENTWISE_ACTIVATIONS`) or of ``transformers.activations``.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The module to test.
+
+    Returns
+    -------
+    bool
+        True for a supported elementwise activation module.
+    """
     return isinstance(module, ELEMENTWISE_ACTIVATIONS) or (
         type(module).__module__ == "transformers.activations"
         and type(module).__name__ in TRANSFORMERS_ACTIVATIONS
@@ -87,11 +99,26 @@ def is_activation(module: nn.Module) -> bool:
 
 
 def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Move the unit axis of an activation last. Feature maps of 2-D and 3-D convolutions (4 or
-    5 dimensions) are channel-first in PyTorch: their channels are the units and every spatial
-    position is one query. For 2- and 3-dimensional activations (MLPs, transformers' (batch,
-    tokens, width)) the last axis holds the units; a Conv1d feature map (N, C, L) would be read
-    as L units, so GAPA layers in Conv1d networks belong after the flatten."""
+    """Move the unit axis of an activation last (with ``inverse``, back to axis 1).
+
+    Feature maps of 2-D and 3-D convolutions (4 or 5 dimensions) are channel-first in PyTorch:
+    their channels are the units and every spatial position is one query. For 2- and
+    3-dimensional activations (MLPs, transformers' (batch, tokens, width)) the last axis holds
+    the units; a Conv1d feature map (N, C, L) would be read as L units, so GAPA layers in Conv1d
+    networks belong after the flatten.
+
+    Parameters
+    ----------
+    z : torch.Tensor
+        An activation, batch axis first.
+    inverse : bool, default False
+        Undo the move: put the last axis back at axis 1.
+
+    Returns
+    -------
+    torch.Tensor
+        ``z`` itself when it has fewer than 4 dimensions, else ``z`` with the axis moved.
+    """
     if z.dim() < 4:
         return z
     return z.movedim(-1, 1) if inverse else z.movedim(1, -1)
@@ -113,11 +140,14 @@ class Queries(str, Enum):
 class GAPA:
     """Gaussian Process Activations around a frozen network.
 
+    Wrap a trained network, :meth:`fit` on training inputs (no labels), then ``gm(x)`` returns
+    the network's own output and its epistemic variance (:class:`gapa.Moments`).
+
     Parameters
     ----------
-    model:
+    model : nn.Module
         The trained network; it is never modified. Put it in eval mode first.
-    layers:
+    layers : str or sequence of str or None, default "auto"
         Names from ``model.named_modules()`` of elementwise activation modules (torch's or
         ``transformers.activations``') to make GP activations. ``"auto"`` (default, also
         ``None``): the last such module in ``named_modules()`` order, which is the activation
@@ -125,30 +155,37 @@ class GAPA:
         pooling and the classifier), the MLP of a transformer's last block. A module called
         several times in ``forward`` gives one call site per call, each with its own cache
         (``"act"``, ``"act#1"``, ...).
-    k:
-        Neighbours each query is conditioned on (local conditioning). The default ``k=1`` is the
-        closed form (chosen on flights: best NLL and CRPS per second, benchmarks/RESULTS.md).
-    m:
+    k : int, default 1
+        Neighbours each query is conditioned on (local conditioning); ``k=1`` is the closed
+        form.
+    m : int or None, default 512
         Inducing points per call site (k-means on the cache); ``None`` conditions on the whole
-        cache. The default 512 scored as well as 2048 on flights at less than half the cost.
-    conditioning:
-        ``"local"`` (K nearest neighbours, default) or ``"exact"`` (the whole conditioning set;
-        the slow reference, refused above :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows).
-    search:
-        Neighbour search back end: ``"torch"`` (exact, any device) or ``"faiss"``.
-    inducing:
-        ``"kmeans"`` or ``"random"`` choice of the M inducing points.
-    noise_by_count:
+        cache.
+    conditioning : {"local", "exact"}, default "local"
+        ``"local"`` (K nearest neighbours) or ``"exact"`` (the whole conditioning set; the slow
+        reference, refused above :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows).
+    search : {"torch", "faiss", "ivf", "hnsw", "auto"}, default "torch"
+        Neighbour search back end (:class:`gapa.gp.search.SearchBackend`): ``"torch"`` is exact
+        on any device; ``"faiss"``, ``"ivf"`` and ``"hnsw"`` need faiss, as ``"auto"`` does
+        above :data:`gapa.gp.search.AUTO_EXACT_MAX_ROWS` rows.
+    inducing : {"kmeans", "random"}, default "kmeans"
+        How the M inducing points are chosen.
+    noise_by_count : bool, default True
         Give an inducing point standing for ``n`` training rows the noise ratio divided by
         ``n``, so that dense regions of activation space are more certain.
-    lengthscale_quantile, amplitude_rule, noise_ratio:
-        The label-free hyperparameter rule (see :func:`gapa.gp.kernels.estimate_hyperparameters`).
-    hyperparameters:
+    lengthscale_quantile : float, default 0.25
+        The quantile of pairwise pre-activation distances taken as a unit's lengthscale.
+    amplitude_rule : {"max1", "variance", "unit"}, default "max1"
+        The prior variance of each unit.
+    noise_ratio : float, default 1e-2
+        The noise of one cached row relative to the unit's amplitude. These three make the
+        label-free hyperparameter rule (see :func:`gapa.gp.kernels.estimate_hyperparameters`).
+    hyperparameters : Mapping or None, default None
         Per-layer (or per-call-site) overrides: ``{"net.5": {"lengthscale": 0.5}}``; values are
         scalars or per-unit tensors for ``lengthscale`` and ``amplitude``, a float for
         ``noise_ratio`` (the noise of one cached row relative to the unit's amplitude; not the
         output noise that :meth:`calibrate` fits).
-    propagation:
+    propagation : {"diagonal", "jacobian"}, default "diagonal"
         How the GP variance reaches the output. ``"diagonal"`` (default): one forward pass with
         the per-operation rules of :mod:`gapa.propagation` (any architecture; units treated as
         independent after each operation). ``"jacobian"``: the exact first-order variance
@@ -156,17 +193,37 @@ class GAPA:
         unit of a sample, so it keeps the correlations that mixing layers create (regressors
         and classifiers with few outputs; not language models). Needs a model whose rows along
         dim 0 are independent (eval mode).
-    queries:
-        What one GP query is (:class:`Queries`). ``"per_position"`` (default): every spatial
-        position of a feature map
-        (every token of a sequence) is a query over the channels, as :func:`units_last` reads
-        them. ``"per_input"``: every element of the activation but the batch axis is a unit and each
-        input is one query, so the neighbours are whole training inputs' feature maps (fixed
-        shapes only; the cache holds one row of C x H x W values per training input). On the
-        Fashion-MNIST ResNet this is what makes the variance see out-of-distribution images
-        (benchmarks/RESULTS.md).
-    seed:
+    queries : {"per_position", "per_input"}, default "per_position"
+        What one GP query is (:class:`Queries`). ``"per_position"``: every spatial position of
+        a feature map (every token of a sequence) is a query over the channels, as
+        :func:`units_last` reads them. ``"per_input"``: every element of the activation but the
+        batch axis is a unit and each input is one query, so the neighbours are whole training
+        inputs' feature maps (fixed shapes only; the cache holds one row of C x H x W values per
+        training input): an input is near the data only when its whole feature map is near a
+        training input's.
+    seed : int, default 0
         Seed of every random choice (subsamples, k-means).
+
+    Raises
+    ------
+    InputError
+        When ``model`` is not a ``torch.nn.Module``.
+    LayerError
+        When a name in ``layers`` is not a module of ``model`` or not an elementwise
+        activation, ``model`` has no such module (``"auto"``), or ``hyperparameters`` names a
+        layer that is not a GAPA layer.
+    ConfigurationError
+        When an option is out of range or not one of its choices.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)).eval()
+    >>> gm = GAPA(model).fit(torch.randn(200, 4))
+    >>> out = gm(torch.randn(3, 4))
+    >>> out.mean.shape, out.var.shape
+    (torch.Size([3, 1]), torch.Size([3, 1]))
     """
 
     def __init__(
@@ -262,26 +319,52 @@ class GAPA:
 
     @property
     def is_fitted(self) -> bool:
+        """Whether this GAPA holds fitted call sites (:meth:`fit`, :meth:`load`, ...)."""
         return bool(self._sites)
 
     @property
     def sites(self) -> Mapping[str, GPSite]:
-        """Fitted call sites by key (read-only): cache size, hyperparameters, conditioning set."""
+        """Fitted call sites by key (read-only): cache size, hyperparameters, conditioning set.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        """
         self._require_fitted("read the fitted sites")
         return MappingProxyType(self._sites)
 
     def summary(self) -> str:
-        """What was fitted, one line per call site (see :meth:`gapa.gp.site.GPSite.describe`)."""
+        """Describe what was fitted, one line per call site.
+
+        Returns
+        -------
+        str
+            One line per call site, as :meth:`gapa.gp.site.GPSite.describe` writes it.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        """
         self._require_fitted("summarise")
         return "\n".join(site.describe() for site in self._sites.values())
 
     @property
     def calibration(self) -> Calibration | None:
+        """The regression calibration (:meth:`calibrate`), or None.
+
+        A refit, or a calibration that changes the lengthscale factor, drops it.
+        """
         return self._calibration
 
     @property
     def propagation(self) -> Propagation:
-        """How the GP variance reaches the output; may be switched on a fitted GAPA."""
+        """How the GP variance reaches the output (:class:`Propagation`).
+
+        It may be switched on a fitted GAPA; setting a value that is not a :class:`Propagation`
+        raises :class:`gapa.errors.ConfigurationError`.
+        """
         return self._propagation
 
     @propagation.setter
@@ -290,14 +373,27 @@ class GAPA:
 
     @property
     def class_calibration(self) -> VarianceScaleFit | None:
-        """The classification calibration (:meth:`calibrate_classifier`), or None."""
+        """The classification calibration (:meth:`calibrate_classifier`), or None.
+
+        A refit, or a calibration that changes the lengthscale factor, drops it.
+        """
         return self._class_calibration
 
     @property
     def lengthscale_factor(self) -> float:
-        """The factor every call site's fitted lengthscales are multiplied by (1 after a fit;
-        :meth:`calibrate` chooses it on validation). Setting it rescales the sites and drops
-        the calibrations, which were fitted at another factor."""
+        """The factor every call site's fitted lengthscales are multiplied by.
+
+        It is 1 after a fit; :meth:`calibrate` and :meth:`calibrate_classifier` choose it on
+        validation. Setting it to a new value rescales the sites and drops the calibrations,
+        which were fitted at another factor.
+
+        Raises
+        ------
+        ConfigurationError
+            On setting a value that is not a positive finite number.
+        NotFittedError
+            On setting it before a fit.
+        """
         return self._factor
 
     @lengthscale_factor.setter
@@ -316,8 +412,16 @@ class GAPA:
         self._factor = factor
 
     def options(self) -> dict:
-        """The constructor's keyword arguments (JSON-safe): ``GAPA(model, **gm.options())``
-        builds an unfitted twin of this GAPA."""
+        """Return the constructor's keyword arguments (JSON-safe).
+
+        ``GAPA(model, **gm.options())`` builds an unfitted twin of this GAPA.
+
+        Returns
+        -------
+        dict
+            Every keyword argument of :class:`GAPA` but ``model``; options as their strings,
+            tensor overrides as lists.
+        """
         cfg = self.config
         overrides = {
             name: {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in hp.items()}
@@ -334,27 +438,86 @@ class GAPA:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted state to ``path`` (one safetensors file with JSON metadata; no
-        pickle), atomically: an interrupted save leaves any previous file intact. Load it with
-        :meth:`GAPA.load` onto the same network."""
+        """Write the fitted state to ``path``, atomically.
+
+        One safetensors file with JSON metadata, no pickle; an interrupted save leaves any
+        previous file intact. Load it with :meth:`GAPA.load` onto the same network.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The file to write.
+
+        Returns
+        -------
+        Path
+            ``path`` as a :class:`pathlib.Path`.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        ModelChangedError
+            When the model's weights changed since the fit (nothing is written).
+        """
         self._require_fitted("save")
         return save_state(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module,
              map_location: str | torch.device | None = None) -> GAPA:
-        """The GAPA saved at ``path``, around ``model``, which must be the network it was fitted
-        on (architecture and weights are checked); ``map_location`` puts the state's tensors on
-        another device (default: the model's). Raises a :class:`gapa.StateFileError` subclass
-        that says what is wrong with the file."""
+        """Load the GAPA saved at ``path`` around ``model``.
+
+        ``model`` must be the network it was fitted on: its architecture and weights are
+        checked against the fingerprint in the file (see :func:`gapa.persistence.load_state`).
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            A file written by :meth:`save`.
+        model : nn.Module
+            The network the state was fitted on.
+        map_location : str or torch.device or None, default None
+            The device for the state's tensors; ``None`` takes the model's.
+
+        Returns
+        -------
+        GAPA
+            The fitted GAPA.
+
+        Raises
+        ------
+        StateFileError
+            A subclass of :class:`gapa.StateFileError` says what is wrong with the file.
+
+        Warns
+        -----
+        FormatWarning
+            When the file is in an older format (it loads; saving it again upgrades it).
+        """
         return load_state(cls, path, model, map_location)
 
     def state_dict(self) -> dict:
-        """Everything this fitted GAPA holds besides the model, for :mod:`gapa.persistence`
-        (or your own storage): the options, the model's fingerprint taken at fit, the fitted
-        inputs' shape and count, the modules proven deterministic in training mode, the
-        lengthscale factor, the calibrations and the :class:`gapa.gp.site.GPSite` of every call
-        site. :meth:`load_state_dict` installs such a dict on a GAPA with the same options."""
+        """Return everything this fitted GAPA holds besides the model.
+
+        For :mod:`gapa.persistence` (or your own storage): the options, the model's fingerprint
+        taken at fit, the fitted inputs' shape and count, the modules proven deterministic in
+        training mode, the lengthscale factor, the calibrations and the
+        :class:`gapa.gp.site.GPSite` of every call site. :meth:`load_state_dict` installs such
+        a dict on a GAPA with the same options.
+
+        Returns
+        -------
+        dict
+            Keys ``"options"``, ``"model"``, ``"input_shape"``, ``"fit_inputs"``,
+            ``"training_ok"``, ``"lengthscale_factor"``, ``"calibration"``,
+            ``"class_calibration"`` and ``"sites"``.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        """
         self._require_fitted("export its state")
         return {
             "options": self.options(), "model": dict(self._fingerprint or {}),
@@ -365,9 +528,28 @@ class GAPA:
         }
 
     def load_state_dict(self, state: Mapping) -> GAPA:
-        """Install a :meth:`state_dict` (its sites already at its lengthscale factor). The
-        model's fingerprint defaults to the model's own now; nothing is changed when a key is
-        missing or a value is of the wrong kind."""
+        """Install a :meth:`state_dict`, its sites already at its lengthscale factor.
+
+        The model's fingerprint defaults to the model's own now; nothing is changed when a key
+        is missing or a value is of the wrong kind.
+
+        Parameters
+        ----------
+        state : Mapping
+            A dict as :meth:`state_dict` returns it; ``"model"``, ``"fit_inputs"`` and
+            ``"training_ok"`` may be left out.
+
+        Returns
+        -------
+        GAPA
+            This GAPA, now fitted.
+
+        Raises
+        ------
+        InputError
+            When a key is missing, a value is of the wrong kind, or ``"sites"`` holds no
+            :class:`gapa.gp.site.GPSite`.
+        """
         try:
             sites = dict(state["sites"])
             shape = state["input_shape"]
@@ -402,19 +584,63 @@ class GAPA:
     ) -> GAPA:
         """Cache the pre-activations of every GAPA call site over ``data`` and build the GPs.
 
-        ``data``: a Tensor of inputs, a TensorDataset, or a DataLoader yielding inputs or
-        ``(inputs, targets)`` tuples (targets are never used). ``progress``: tqdm bars for the
-        capture and the GP building (off by default; the ``gapa-bench`` commands show them). The model must be deterministic
-        (eval mode); a model whose forward pass is random or changes its buffers is refused.
+        The model must be deterministic (eval mode); a model whose forward pass is random or
+        changes its buffers is refused. A fit that fails leaves the GAPA as it was; a fit that
+        succeeds drops the calibrations and sets the lengthscale factor to 1.
 
-        ``store``: a directory (or :class:`gapa.capture.store.ActivationStore`) to stream the cache to
-        instead of memory, in ``store_dtype`` (``"float32"`` or ``"float16"``). The GPs are
-        then built from it in bounded memory (sampled statistics, k-means on a sample, streamed
-        cluster counts). An interrupted capture resumes at its first unfinished shard when
-        called again with the same store and data order; a finished store can be refitted with
-        ``data=None``. ``memory_budget`` (bytes, or a string such as ``"4GiB"``): refuse with
-        :class:`gapa.errors.MemoryBudgetError` before anything is cached when :meth:`plan` expects
-        the fit to need more resident memory.
+        Parameters
+        ----------
+        data : torch.Tensor or Dataset or DataLoader or None, default None
+            The training inputs: a Tensor, a TensorDataset, or a DataLoader yielding inputs or
+            ``(inputs, targets)`` tuples (targets are never used). ``None`` refits from a
+            finished ``store``.
+        batch_size : int, default BATCH_SIZE
+            Rows per forward pass for a Tensor or a Dataset (a DataLoader keeps its batches).
+        progress : bool, default False
+            Show tqdm bars for the capture and the GP building (the ``gapa-bench`` commands
+            show them).
+        store : str or os.PathLike or ActivationStore or None, default None
+            A directory (or :class:`gapa.capture.store.ActivationStore`) to stream the cache to
+            instead of memory. The GPs are then built from it in bounded memory (sampled
+            statistics, k-means on a sample, streamed cluster counts). An interrupted capture
+            resumes at its first unfinished shard when called again with the same store and
+            data order.
+        store_dtype : {"float32", "float16"}, default "float32"
+            The dtype of the store's cache.
+        memory_budget : int or str or None, default None
+            Bytes, or a string such as ``"4GiB"``: refuse before anything is cached when
+            :meth:`plan` expects the fit to need more resident memory.
+
+        Returns
+        -------
+        GAPA
+            This GAPA, fitted.
+
+        Raises
+        ------
+        InputError
+            Inputs that are not tensors of the model's dtype and device or change shape; no
+            ``data`` and no finished store; ``memory_budget`` without ``data``, or with data of
+            unknown size.
+        EmptyDataError
+            When ``data`` yields no rows.
+        NonFiniteError
+            NaN or Inf in the inputs or in the cached pre-activations.
+        ModelModeError
+            When the model, in training mode, is random or changes its buffers.
+        LayerError
+            When no GAPA layer runs in ``model.forward``.
+        ConfigurationError
+            Options the cache cannot satisfy, e.g. ``k`` above a conditioning set's rows.
+        CacheTooLargeError
+            ``conditioning="exact"`` on too many rows.
+        MissingDependencyError
+            A faiss search back end without faiss installed.
+        MemoryBudgetError
+            When the plan exceeds ``memory_budget``.
+        StateFileError
+            A store of another model, layer set or data order
+            (:class:`gapa.errors.StoreMismatchError`), or a corrupt or locked store.
         """
         # Everything is built aside and installed at the end: a fit that fails leaves the
         # GAPA exactly as it was (an earlier fit keeps working and saving).
@@ -471,12 +697,40 @@ class GAPA:
 
     def plan(self, n_train: int, example: torch.Tensor | None = None, *, on_disk: bool = False,
              store_dtype: str = "float32") -> Plan:
-        """The expected cost of fitting on ``n_train`` inputs, before anything is cached.
+        """Return the expected cost of fitting on ``n_train`` inputs, before anything is cached.
 
-        ``example``: a batch of a few training inputs; one forward pass on it shows every call
-        site's width and queries per input. A fitted GAPA may omit it (its sites say the same),
-        e.g. to plan a refit on more data. ``print(gm.plan(...))`` shows a table; see
-        :mod:`gapa.plan`."""
+        ``print(gm.plan(...))`` shows a table; see :mod:`gapa.plan`.
+
+        Parameters
+        ----------
+        n_train : int
+            Training inputs of the planned fit.
+        example : torch.Tensor or None, default None
+            A batch of a few training inputs; one forward pass on it shows every call site's
+            width and queries per input. A fitted GAPA may omit it (its sites say the same),
+            e.g. to plan a refit on more data.
+        on_disk : bool, default False
+            Plan a fit that streams the cache to a store (``fit(..., store=...)``).
+        store_dtype : {"float32", "float16"}, default "float32"
+            The dtype of that store.
+
+        Returns
+        -------
+        Plan
+            The expected resident memory and disk use, per call site and in total.
+
+        Raises
+        ------
+        InputError
+            Without ``example`` on an unfitted GAPA, or an ``example`` that is not a tensor of
+            the model's dtype and device.
+        LayerError
+            When no GAPA layer runs on ``example``.
+        ModelModeError
+            When the model, in training mode, is random or changes its buffers.
+        ConfigurationError
+            Impossible arguments, e.g. ``k`` above a call site's conditioning rows.
+        """
         if example is None:
             if not self._sites or not self._fit_inputs:
                 raise InputError("plan needs an example batch of training inputs (or a fitted "
@@ -502,10 +756,13 @@ class GAPA:
 
     def _training_batches(self, data, batch_size: int,
                           progress: bool) -> tuple[Iterator[torch.Tensor], _Seen]:
-        """The input batches of ``data``, each checked (finite, one shape, the model's dtype
-        and device), and what they showed (filled in as they are consumed); EmptyDataError
-        when there are none. The first batch is read and the model checked for determinism
-        now, before the caller starts capturing activations."""
+        """Return the checked input batches of ``data`` and what they showed.
+
+        Each batch is checked (finite, one shape, the model's dtype and device); what they
+        showed is filled in as they are consumed. EmptyDataError when there are none. The first
+        batch is read and the model checked for determinism now, before the caller starts
+        capturing activations.
+        """
         batches = iter(tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
                             disable=not progress, leave=False))
         first = next(batches, None)
@@ -533,8 +790,11 @@ class GAPA:
 
     def _capture_to_store(self, data, store: ActivationStore, batch_size: int,
                           progress: bool, fingerprint: dict) -> _Seen:
-        """Stream the cache into ``store`` shard by shard; shards it already holds are checked
-        against the inputs' digest and skipped without running the model."""
+        """Stream the cache into ``store`` shard by shard.
+
+        Shards it already holds are checked against the inputs' digest and skipped without
+        running the model.
+        """
         finished = store.open({"model": fingerprint, "layers": self.layers,
                                "queries": self.queries.value})
         if data is None:
@@ -598,10 +858,39 @@ class GAPA:
     # --- predict ----------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor) -> Moments:
-        """Mean (the frozen network's output, bit for bit) and epistemic variance at ``x``.
+        """Return the mean (the frozen network's output, bit for bit) and epistemic variance.
 
         Safe to call from several threads at once on one fitted GAPA (each call tracks only its
-        own thread's forward pass); not while the same object is being fitted or calibrated."""
+        own thread's forward pass); not while the same object is being fitted or calibrated.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs shaped like the training inputs, in the model's dtype and on its device.
+
+        Returns
+        -------
+        Moments
+            ``mean`` and ``var``, each shaped like the model's output.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        InputError
+            Inputs of another shape, dtype or device than the fit's.
+        NonFiniteError
+            NaN or Inf in ``x``.
+        ModelModeError
+            When a module was put in training mode after the fit.
+        ModelChangedError
+            When the model's weights changed since the fit.
+        LayerError
+            When a GAPA layer is called more often than during the fit.
+        UnsupportedOperationError
+            When an operation without a variance rule receives an uncertain input, or no GAPA
+            layer runs in the calling thread.
+        """
         if self.propagation == "jacobian":
             return self._jacobian_moments(x)
         mean, tracker = self._forward(x)
@@ -609,9 +898,12 @@ class GAPA:
 
     @contextlib.contextmanager
     def _predict_pass(self, x: torch.Tensor, grad: bool = False) -> Iterator[torch.Tensor]:
-        """Check ``x`` and the model, then run the caller's forward pass outside inference
-        mode (tensors keep the version counters the tracker relies on, and the Jacobian pass
-        its graph) with autograd ``grad``; yields ``x`` (a copy for an inference tensor)."""
+        """Check ``x`` and the model, then run the caller's forward pass.
+
+        The pass runs outside inference mode (tensors keep the version counters the tracker
+        relies on, and the Jacobian pass its graph) with autograd ``grad``; yields ``x`` (a copy
+        for an inference tensor).
+        """
         self._require_fitted("predict")
         self._check_input(x)
         self._check_finite(x, "inputs")
@@ -620,10 +912,12 @@ class GAPA:
             yield x.clone() if x.is_inference() else x
 
     def _check_model(self) -> None:
-        """Refuse a model that is no longer the one fitted: a module put (back) in training
-        mode (random outputs, running statistics updated), or weights written since the fit.
-        Cheap: module flags and weight version counters; the weights' hash only when a counter
-        moved."""
+        """Refuse a model that is no longer the one fitted.
+
+        That is a module put (back) in training mode (random outputs, running statistics
+        updated), or weights written since the fit. Cheap: module flags and weight version
+        counters; the weights' hash only when a counter moved.
+        """
         new = [f"{name or '<model>'} ({type(m).__name__})"
                for name, m in self.model.named_modules()
                if m.training and name not in self._training_ok]
@@ -642,8 +936,29 @@ class GAPA:
             self._stamp = stamp
 
     def site_variance(self, key: str, z: torch.Tensor) -> torch.Tensor:
-        """The GP variance of the activation at call site ``key`` for its pre-activation ``z``
-        (as the module receives it), shaped like ``z``: what GAPA adds at that site."""
+        """Return the GP variance GAPA adds at call site ``key`` for the pre-activation ``z``.
+
+        Parameters
+        ----------
+        key : str
+            A call site, as in :attr:`sites` (``"act"``, ``"act#1"``, ...).
+        z : torch.Tensor
+            The pre-activation, as the module receives it.
+
+        Returns
+        -------
+        torch.Tensor
+            The variance of the activation, shaped like ``z``.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        LayerError
+            When ``key`` was not seen during the fit.
+        InputError
+            When ``z`` has another width, dtype or device than the site's cache.
+        """
         self._require_fitted("compute a site variance")
         site = self._sites.get(key)
         if site is None:
@@ -655,22 +970,29 @@ class GAPA:
             return self._as_queries(site.variance(self._as_queries(z.detach())), like=z)
 
     def _as_queries(self, z: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
-        """An activation as (..., units) rows of GP queries, per :attr:`queries`; with ``like``,
-        the inverse: such rows back in the shape of the activation ``like``."""
+        """Return an activation as (..., units) rows of GP queries, per ``self.queries``.
+
+        With ``like``, the inverse: such rows back in the shape of the activation ``like``.
+        """
         if self.queries is Queries.PER_INPUT:
             return z.flatten(1) if like is None else z.reshape(like.shape)
         return units_last(z, inverse=like is not None)
 
     def _jacobian_moments(self, x: torch.Tensor) -> Moments:
-        """``propagation="jacobian"``: a forward pass with autograd on (same values, so the mean
-        is unchanged), then one backward pass per output unit gives ``d y / d h`` at every GAPA
-        output ``h``."""
+        """Return the moments of ``propagation="jacobian"``.
+
+        A forward pass with autograd on (same values, so the mean is unchanged), then one
+        backward pass per output unit gives ``d y / d h`` at every GAPA output ``h``.
+        """
         return self._combine_jacobian(*self._jacobian_parts(x))
 
     def _jacobian_parts(self, x: torch.Tensor):
-        """The mean and, per GAPA call, its pre-activation and ``(d y_c / d h)^2`` for every
-        output unit ``c``: everything but the GP variance, which :meth:`_combine_jacobian`
-        adds. A lengthscale search reuses them (the gradients do not depend on the kernel)."""
+        """Return everything of the Jacobian moments but the GP variance.
+
+        That is the mean and, per GAPA call, its pre-activation and ``(d y_c / d h)^2`` for
+        every output unit ``c``; :meth:`_combine_jacobian` adds the GP variance. A lengthscale
+        search reuses them (the gradients do not depend on the kernel).
+        """
         leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = []
         pending: dict[str, torch.Tensor] = {}
         watch = GraphWatch()
@@ -727,8 +1049,10 @@ class GAPA:
         return mean, [(key, z, sq) for (key, z, _), sq in zip(leaves, squares, strict=True)]
 
     def _combine_jacobian(self, mean: torch.Tensor, parts) -> Moments:
-        """``sum_j (d y_c / d h_j)^2 v_j`` with the GP variances ``v`` at the current
-        lengthscales."""
+        """Combine the Jacobian parts with the GP variances at the current lengthscales.
+
+        The variance of output unit ``c`` is ``sum_j (d y_c / d h_j)^2 v_j``.
+        """
         rows = mean.reshape(mean.shape[0], -1)
         var = torch.zeros_like(rows)
         with torch.no_grad(), untracked():
@@ -742,7 +1066,7 @@ class GAPA:
     def _forward(
         self, x: torch.Tensor, outputs: list | None = None
     ) -> tuple[torch.Tensor, VarianceTracker]:
-        """One tracked forward pass: the output and the tracker holding every variance."""
+        """Run one tracked forward pass; return the output and the tracker of every variance."""
         tracker = VarianceTracker()
         pending: dict[str, torch.Tensor] = {}
 
@@ -765,10 +1089,28 @@ class GAPA:
         return mean, tracker
 
     def trace(self, x: torch.Tensor) -> dict[str, Moments]:
-        """Moments of every module's output at ``x``, in the order the calls finish (a module
-        called again gets ``"name#1"``, ...; the whole model is ``""``). Shows where variance
-        enters and how each operation carries it; ``benchmarks/rq5_propagation.py`` compares
-        each entry with Monte Carlo to find where the diagonal rule loses correlations."""
+        """Return the moments of every module's output at ``x``.
+
+        Shows where variance enters and how each operation carries it, by the diagonal rule
+        whatever :attr:`propagation` is; :func:`gapa.reference.monte_carlo_trace` gives the
+        same entries by sampling, to find where the diagonal rule loses correlations.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs, as for ``gm(x)``.
+
+        Returns
+        -------
+        dict of str to Moments
+            The moments of every tensor output, in the order the calls finish; a module called
+            again gets ``"name#1"``, ...; the whole model is ``""``.
+
+        Raises
+        ------
+        GAPAError
+            The errors of :meth:`__call__`.
+        """
         outputs: list[tuple[str, torch.Tensor]] = []
         _, tracker = self._forward(x, outputs)
         traced: dict[str, Moments] = {}
@@ -785,7 +1127,25 @@ class GAPA:
         return traced
 
     def pre_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The pre-activation (rows, units) at every GAPA call site for inputs ``x``."""
+        """Return the pre-activation at every GAPA call site for inputs ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs shaped like the training inputs.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Per call site, the (rows, units) query rows, as the fit caches them.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        InputError
+            Inputs of another shape, dtype or device than the fit's.
+        """
         self._require_fitted("read pre-activations")
         self._check_input(x)
         seen: dict[str, list[torch.Tensor]] = {}
@@ -794,8 +1154,10 @@ class GAPA:
         return {key: torch.cat(chunks) for key, chunks in seen.items()}
 
     def _check_input(self, x, shape: tuple[int, ...] | bool | None = True) -> None:
-        """Refuse inputs that are not a tensor of the model's dtype and device, or (``shape``:
-        True for the fitted inputs' shape, a tuple, or None to skip) of another shape."""
+        """Refuse inputs that are not a tensor of the model's dtype and device, or of another shape.
+
+        ``shape``: True for the fitted inputs' shape, a tuple, or None to skip the shape check.
+        """
         if not isinstance(x, torch.Tensor):
             raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
         expected = self._input_shape if shape is True else shape or None
@@ -814,8 +1176,10 @@ class GAPA:
 
     @staticmethod
     def _check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
-        """NonFiniteError naming the first bad rows; ``offset`` is the number of the first row
-        of ``x`` in the whole data (for batches)."""
+        """Raise a NonFiniteError naming the first rows of ``x`` with NaN or Inf.
+
+        ``offset`` is the number of the first row of ``x`` in the whole data (for batches).
+        """
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             bad = ~torch.isfinite(x)
             rows = (bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0] + offset).tolist()
@@ -834,8 +1198,36 @@ class GAPA:
 
         Minimises the validation Gaussian NLL of ``N(mean, scale * var + noise)``; the mean is
         never changed. With ``lengthscale_factors``, every call site's lengthscales are also
-        multiplied by the factor with the best validation NLL (one pass over ``x`` per factor; no
-        refit, since a common factor keeps the neighbours); ``None`` keeps them as fitted.
+        multiplied by the factor with the best validation NLL (one pass over ``x`` per factor;
+        no refit, since a common factor keeps the neighbours). A new factor drops the
+        classification calibration.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Validation inputs, all in one forward pass (per lengthscale factor).
+        y : torch.Tensor
+            Validation targets, shaped like the model's output on ``x``.
+        lengthscale_factors : sequence of float or None, default LENGTHSCALE_FACTORS
+            The factors to choose from; ``None`` keeps the lengthscale factor in force.
+
+        Returns
+        -------
+        Calibration
+            The fitted scale, noise and validation NLL, also kept as :attr:`calibration`.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        ConfigurationError
+            A lengthscale factor that is not a positive finite number.
+        InputError
+            Targets of another shape than the output, or residuals that are all zero.
+        NonFiniteError
+            NaN or Inf in the targets.
+        GAPAError
+            The errors of :meth:`__call__` on ``x``.
         """
 
         def fit(out: Moments) -> tuple[Calibration, float]:
@@ -862,7 +1254,38 @@ class GAPA:
         The classification counterpart of :meth:`calibrate`: the scale of ``p(mean, c * var)``
         under ``method`` (:func:`gapa.predictive.classification.fit_variance_scale`) and, with
         ``lengthscale_factors``, the lengthscale factor with the best validation NLL. The
-        logits' mean is never changed; :meth:`classify` then uses the fitted scale.
+        logits' mean is never changed; :meth:`classify` then uses the fitted scale. A new
+        factor drops the regression calibration.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Validation inputs.
+        labels : torch.Tensor
+            Integer class indices, shaped like the logits without their class axis.
+        lengthscale_factors : sequence of float or None, default LENGTHSCALE_FACTORS
+            The factors to choose from; ``None`` keeps the lengthscale factor in force.
+        method : {"argmax_preserving", "probit"}, default "argmax_preserving"
+            The predictive the scale is fitted for (:class:`gapa.predictive.classification.Method`).
+        batch_size : int or None, default BATCH_SIZE
+            Rows per forward pass; ``None`` runs all rows at once.
+
+        Returns
+        -------
+        VarianceScaleFit
+            The fitted scale, its NLL and the plain softmax's, also kept as
+            :attr:`class_calibration`.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit.
+        ConfigurationError
+            A lengthscale factor that is not a positive finite number, or another ``method``.
+        InputError
+            Labels that are not integer class indices of the logits' batch shape.
+        GAPAError
+            The errors of :meth:`__call__` on ``x``.
         """
         def fit(out: Moments) -> tuple[VarianceScaleFit, float]:
             scale = fit_variance_scale(out.mean, out.var, labels, method=method)
@@ -874,16 +1297,22 @@ class GAPA:
         return result
 
     def _commit_factor(self, factor: float) -> None:
-        """Install the factor a calibration chose; the calibrations fitted at another factor
-        (of either kind) no longer hold and are dropped."""
+        """Install the factor a calibration chose.
+
+        The calibrations fitted at another factor (of either kind) no longer hold and are
+        dropped.
+        """
         if factor != self._factor:
             self._set_factor(factor)
             self._calibration = self._class_calibration = None
 
     def _fit_on_validation(self, x, fit, lengthscale_factors, batch_size):
-        """``fit(moments) -> (result, nll)`` for each lengthscale factor: the best result and
-        its factor (on ties the factor nearest 1; the factor in force without factors). The
-        sites are left at the factor in force, whatever happens: the caller commits."""
+        """Run ``fit(moments) -> (result, nll)`` at each lengthscale factor; return the best.
+
+        Returns the best result and its factor (on ties the factor nearest 1; the factor in
+        force without factors). The sites are left at the factor in force, whatever happens:
+        the caller commits.
+        """
         self._require_fitted("calibrate")
         if lengthscale_factors is not None:
             lengthscale_factors = _lengthscale_factors(lengthscale_factors, "lengthscale factors")
@@ -915,7 +1344,25 @@ class GAPA:
         return result, self._factor if factor is None else float(factor)
 
     def moments(self, x: torch.Tensor, batch_size: int | None = BATCH_SIZE) -> Moments:
-        """``self(x)`` in batches of ``batch_size`` rows (all at once for ``None``)."""
+        """Return ``gm(x)`` computed in batches of ``batch_size`` rows.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs, as for ``gm(x)``.
+        batch_size : int or None, default BATCH_SIZE
+            Rows per forward pass; ``None`` runs all rows at once.
+
+        Returns
+        -------
+        Moments
+            The moments of all rows, concatenated along the batch axis.
+
+        Raises
+        ------
+        GAPAError
+            The errors of :meth:`__call__`.
+        """
         if batch_size is None or len(x) <= batch_size:
             return self(x)
         return Moments.cat([self(xb) for xb in x.split(batch_size)])
@@ -924,12 +1371,38 @@ class GAPA:
         self, x: torch.Tensor, *, method: Method | str | None = None,
         ood_score: OODScore | str = OODScore.ENTROPY, batch_size: int | None = BATCH_SIZE,
     ) -> ClassPrediction:
-        """Class probabilities, the network's own predicted class (default method), predictive
-        entropy, logit variances and an OOD score (higher = more OOD) per input.
+        """Return class probabilities and per-input uncertainty for inputs ``x``.
 
-        Uses the scale and method fitted by :meth:`calibrate_classifier` (``method`` overrides
-        the latter), which it needs, as :meth:`predict` needs :meth:`calibrate`; ``gm(x)`` gives
-        the raw logit moments.
+        Per input: class probabilities, the network's own predicted class (default method),
+        predictive entropy, logit variances and an OOD score (higher = more OOD). Uses the
+        scale and method fitted by :meth:`calibrate_classifier`, which it needs, as
+        :meth:`predict` needs :meth:`calibrate`; ``gm(x)`` gives the raw logit moments.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs, as for ``gm(x)``.
+        method : Method or str or None, default None
+            Overrides the fitted method (:class:`gapa.predictive.classification.Method`).
+        ood_score : OODScore or str, default "entropy"
+            The quantity of ``ood_score`` (:class:`gapa.predictive.classification.OODScore`).
+        batch_size : int or None, default BATCH_SIZE
+            Rows per forward pass; ``None`` runs all rows at once.
+
+        Returns
+        -------
+        ClassPrediction
+            Probabilities, predicted class, entropy, logit variances and OOD score.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit, or before :meth:`calibrate_classifier`.
+        ConfigurationError
+            An unknown ``method`` or ``ood_score``.
+        GAPAError
+            The errors of :meth:`__call__`, and those of
+            :func:`gapa.predictive.classification.predict_classes` on the logit moments.
         """
         self._require_fitted("classify")
         fitted = self._class_calibration
@@ -947,8 +1420,29 @@ class GAPA:
 
     def predict(self, x: torch.Tensor, *,
                 batch_size: int | None = BATCH_SIZE) -> torch.distributions.Normal:
-        """Calibrated regression predictive ``N(mean, scale * var + noise)``, in batches of
-        ``batch_size`` rows; needs :meth:`calibrate`."""
+        """Return the calibrated regression predictive ``N(mean, scale * var + noise)``.
+
+        Needs :meth:`calibrate`; ``gm(x)`` gives the raw moments.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Inputs, as for ``gm(x)``.
+        batch_size : int or None, default BATCH_SIZE
+            Rows per forward pass; ``None`` runs all rows at once.
+
+        Returns
+        -------
+        torch.distributions.Normal
+            Mean ``gm(x).mean`` and standard deviation ``sqrt(scale * var + noise)``.
+
+        Raises
+        ------
+        NotFittedError
+            Before a fit, or before :meth:`calibrate`.
+        GAPAError
+            The errors of :meth:`__call__`.
+        """
         self._require_fitted("predict")
         if self._calibration is None:
             raise NotFittedError(
@@ -961,8 +1455,11 @@ class GAPA:
 
 @dataclass
 class _Seen:
-    """What the training inputs of a fit showed: their shape (without the batch axis), their
-    number, and the modules in training mode that proved deterministic on them."""
+    """What the training inputs of a fit showed.
+
+    Their shape (without the batch axis), their number, and the modules in training mode that
+    proved deterministic on them.
+    """
 
     shape: tuple[int, ...] | None = None
     inputs: int = 0
@@ -970,20 +1467,26 @@ class _Seen:
 
 
 def _weights_stamp(model: nn.Module) -> tuple:
-    """Identity, storage and version counter of every parameter and buffer: a write through
-    torch (an optimiser step, ``load_state_dict``, an in-place edit under no_grad), a replaced
-    tensor or ``p.data = ...`` changes it. An in-place write through ``p.data`` does not (it
-    bypasses the version counter): only :meth:`GAPA.save`, which hashes the weights, sees it."""
+    """Return the identity, storage and version counter of every parameter and buffer.
+
+    A write through torch (an optimiser step, ``load_state_dict``, an in-place edit under
+    no_grad), a replaced tensor or ``p.data = ...`` changes it. An in-place write through
+    ``p.data`` does not (it bypasses the version counter): only :meth:`GAPA.save`, which hashes
+    the weights, sees it.
+    """
     with untracked():
         return tuple((id(t), t.data_ptr(), version(t))
                      for t in (*model.parameters(), *model.buffers()))
 
 
 def _check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
-    """Refuse a model whose forward pass is random or changes its own buffers (dropout or
-    BatchNorm left in training mode): GAPA's mean must be the network's one fixed function.
-    Only models with a module in training mode are run twice; their buffers are restored.
-    Returns the names of the modules in training mode, now shown to be deterministic."""
+    """Refuse a model whose forward pass is random or changes its own buffers.
+
+    Dropout or BatchNorm left in training mode would: GAPA's mean must be the network's one
+    fixed function. Only models with a module in training mode are run twice; their buffers
+    are restored. Returns the names of the modules in training mode, now shown to be
+    deterministic.
+    """
     if not any(m.training for m in model.modules()):
         return frozenset()
     buffers = {k: b.clone() for k, b in model.named_buffers()}
@@ -1012,8 +1515,10 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
 
 
 def _lengthscale_factors(values: Iterable, what: str) -> list[float]:
-    """Positive finite numbers (Python, numpy or one-element tensors) as floats, or a
-    ConfigurationError naming the bad ones."""
+    """Return positive finite numbers (Python, numpy or one-element tensors) as floats.
+
+    Raises a ConfigurationError naming the bad ones.
+    """
     try:
         values = list(values)
     except TypeError:
@@ -1031,8 +1536,10 @@ def _lengthscale_factors(values: Iterable, what: str) -> list[float]:
 
 
 def _require_calls(keys: list[str], layers: list[str]) -> None:
-    """A prediction pass in which no GAPA layer ran in the calling thread would report zero
-    variance: refuse it."""
+    """Refuse a prediction pass in which no GAPA layer ran in the calling thread.
+
+    It would report zero variance.
+    """
     if not keys:
         raise UnsupportedOperationError(
             f"none of the GAPA layers {layers} ran in this thread during the forward pass. A "
@@ -1047,9 +1554,11 @@ def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
 
 
 def _size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
-    """How many inputs ``data`` holds and a batch of them, without consuming it: a Tensor, a
-    Dataset, or a DataLoader over a sized dataset (counted through its sampler, so a subset
-    counts as such)."""
+    """Return how many inputs ``data`` holds and a batch of them, without consuming it.
+
+    ``data``: a Tensor, a Dataset, or a DataLoader over a sized dataset (counted through its
+    sampler, so a subset counts as such).
+    """
     if isinstance(data, torch.Tensor):
         return len(data), data[:batch_size]
     if isinstance(data, DataLoader):

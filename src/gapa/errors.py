@@ -48,9 +48,11 @@ class MissingDependencyError(GAPAError, ImportError):
 
 
 class ModelModeError(GAPAError, RuntimeError):
-    """The model is not deterministic (dropout or BatchNorm left in training mode): two
-    identical forward passes differed or changed its buffers, or a module was put back in
-    training mode after the fit."""
+    """The model is not deterministic (dropout or BatchNorm left in training mode).
+
+    Two identical forward passes differed or changed its buffers, or a module was put back in
+    training mode after the fit.
+    """
 
 
 class StateFileError(GAPAError, OSError):
@@ -82,8 +84,10 @@ class StoreMismatchError(StateFileError):
 
 
 class CorruptStoreError(CorruptStateError):
-    """A shard or the manifest of an activation store fails its size, shape, dtype or hash
-    check, or points outside the store."""
+    """A shard or the manifest of an activation store fails its checks.
+
+    Its size, shape, dtype or hash differs from the recorded one, or it points outside the store.
+    """
 
 
 class StoreLockedError(StateFileError):
@@ -91,8 +95,11 @@ class StoreLockedError(StateFileError):
 
 
 class ModelChangedError(GAPAError, RuntimeError):
-    """The model's weights changed after GAPA was fitted: the cached activations no longer
-    describe the network, so its variances (and a saved state) would be wrong. Refit."""
+    """The model's weights changed after GAPA was fitted: refit.
+
+    The cached activations no longer describe the network, so its variances (and a saved state)
+    would be wrong.
+    """
 
 
 class MemoryBudgetError(GAPAError, MemoryError):
@@ -100,7 +107,22 @@ class MemoryBudgetError(GAPAError, MemoryError):
 
 
 def parse_enum(kind, value, name: str):
-    """``kind(value)``, or a ConfigurationError that names ``name`` and lists the options."""
+    """Return ``kind(value)``: an option given as its enum member or as its value.
+
+    Parameters
+    ----------
+    kind : type[Enum]
+        The option's enum.
+    value : object
+        The option as given.
+    name : str
+        The option's name, for the message.
+
+    Raises
+    ------
+    ConfigurationError
+        When ``value`` is not one of ``kind``'s; the message names ``name`` and lists them.
+    """
     try:
         return kind(value)
     except ValueError:

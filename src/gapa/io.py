@@ -1,4 +1,7 @@
-"""Atomic file writes: write aside, then rename, so an interrupted write leaves no half file."""
+"""Atomic file writes: write aside, then rename, so an interrupted write leaves no half file.
+
+Also the raw bytes of a tensor, for hashing.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +16,21 @@ import torch
 
 
 def raw_bytes(t: torch.Tensor) -> np.ndarray:
-    """A tensor's bytes as a flat uint8 array on the CPU, for hashing (through uint8, so every
-    dtype works, bfloat16 included, which numpy lacks)."""
+    """Return a tensor's bytes as a flat uint8 array on the CPU, for hashing.
+
+    The bytes are read through uint8, so every dtype works, bfloat16 included, which numpy
+    lacks.
+    """
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is
-    removed and ``path`` is left as it was."""
+    """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.
+
+    On an error the temporary file is removed and ``path`` is left as it was. The file gets the
+    permissions the umask allows, and it and the rename are synced to disk.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

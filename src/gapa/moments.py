@@ -20,12 +20,14 @@ class Moments:
 
     @property
     def std(self) -> torch.Tensor:
+        """The standard deviation, ``sqrt(var)``."""
         return self.var.sqrt()
 
     @staticmethod
     def cat(parts: list[Moments]) -> Moments:
-        """The moments of consecutive batches as one (along the batch axis)."""
+        """Join the moments of consecutive batches into one (along the batch axis)."""
         return Moments(torch.cat([p.mean for p in parts]), torch.cat([p.var for p in parts]))
 
     def to(self, *args, **kwargs) -> Moments:
+        """Return both tensors moved or cast as :meth:`torch.Tensor.to` with these arguments."""
         return Moments(self.mean.to(*args, **kwargs), self.var.to(*args, **kwargs))

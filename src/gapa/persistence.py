@@ -64,8 +64,22 @@ class FormatWarning(UserWarning):
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, str]:
-    """SHA-256 digests of the model's architecture (module names and types, parameter and buffer
-    names, shapes, dtypes) and of its weights (every parameter's and buffer's bytes)."""
+    """Return SHA-256 digests of the model's architecture and of its weights.
+
+    The architecture is module names and types, parameter and buffer names, shapes and dtypes;
+    the weights are every parameter's and buffer's bytes.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+
+    Returns
+    -------
+    dict of str to str
+        ``"class"`` (the model's class name), ``"architecture"`` and ``"weights"`` (hex
+        digests).
+    """
     arch = hashlib.sha256()
     weights = hashlib.sha256()
     for name, module in model.named_modules():
@@ -80,9 +94,30 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 
 def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
-    """Write ``gm``'s fitted state to ``path`` atomically (aside, then renamed): an interrupted
-    save leaves the previous file as it was. The file records the model's fingerprint of the
-    fit; :class:`gapa.ModelChangedError` when the weights changed since, and nothing is written."""
+    """Write ``gm``'s fitted state to ``path`` atomically (aside, then renamed).
+
+    An interrupted save leaves the previous file as it was. The file records the model's
+    fingerprint of the fit.
+
+    Parameters
+    ----------
+    gm : GAPA
+        A fitted GAPA.
+    path : str or os.PathLike
+        The file to write.
+
+    Returns
+    -------
+    Path
+        ``path`` as a :class:`pathlib.Path`.
+
+    Raises
+    ------
+    NotFittedError
+        When ``gm`` is not fitted.
+    ModelChangedError
+        When the model's weights changed since the fit; nothing is written.
+    """
     state = gm.state_dict()
     path = Path(path)
     now = model_fingerprint(gm.model)
@@ -133,14 +168,46 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
 
 def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
                map_location: str | torch.device | None = None) -> GAPA:
-    """A fitted :class:`gapa.GAPA` around ``model`` from :func:`save_state`'s file.
+    """Load a fitted :class:`gapa.GAPA` around ``model`` from :func:`save_state`'s file.
 
-    Raises :class:`gapa.errors.CorruptStateError` (truncated, not a GAPA file, checksum, or
-    impossible contents: every value is validated), :class:`gapa.errors.FormatVersionError` (a newer
-    or unknown format), :class:`gapa.errors.ArchitectureMismatchError` or
-    :class:`gapa.errors.WeightsMismatchError` (another model); an older format loads with a
-    :class:`FormatWarning`. ``map_location`` moves the state's tensors (default: the device of
-    the model's parameters).
+    Every value of the file is validated before it is used.
+
+    Parameters
+    ----------
+    cls : type of GAPA
+        The class to build.
+    path : str or os.PathLike
+        The file.
+    model : nn.Module
+        The network the state was fitted on.
+    map_location : str or torch.device or None, default None
+        The device for the state's tensors; ``None`` takes the device of the model's
+        parameters.
+
+    Returns
+    -------
+    GAPA
+        The fitted GAPA.
+
+    Raises
+    ------
+    StateFileError
+        When there is no readable file at ``path``.
+    CorruptStateError
+        A truncated file, not a GAPA file, a failed checksum, or impossible contents.
+    FormatVersionError
+        A newer or unknown format.
+    ArchitectureMismatchError
+        When the state was fitted on a model with other modules or parameter shapes.
+    WeightsMismatchError
+        When the state was fitted on the same architecture with other weights.
+    MissingDependencyError
+        When the saved search index needs faiss and faiss is not installed.
+
+    Warns
+    -----
+    FormatWarning
+        When the file is in an older format (it loads; saving it again upgrades it).
     """
     path = Path(path)
     metadata, tensors = _read(path)
@@ -174,8 +241,11 @@ class _Invalid(Exception):
 
 @contextlib.contextmanager
 def _rebuilding(path: Path, where: str):
-    """Any failure while rebuilding ``where`` from the file becomes a CorruptStateError naming
-    the file, the place and the problem (a missing optional back end stays what it is)."""
+    """Turn any failure while rebuilding ``where`` from the file into a CorruptStateError.
+
+    The error names the file, the place and the problem; a missing optional back end stays what
+    it is.
+    """
     try:
         yield
     except (StateFileError, MissingDependencyError):
@@ -189,7 +259,7 @@ def _rebuilding(path: Path, where: str):
 
 def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
            tensors: dict[str, torch.Tensor], device) -> GAPA:
-    """The GAPA the checked metadata and tensors describe; every value is validated first."""
+    """Build the GAPA the checked metadata and tensors describe; every value is validated first."""
     with _rebuilding(path, "the metadata"):
         gm = cls(model, **_current_options(metadata["options"]))
         factor = _number(metadata["lengthscale_factor"], "lengthscale_factor", 0, strict=True)
@@ -225,7 +295,10 @@ _QUERIES = {"positions": "per_position", "inputs": "per_input"}
 
 
 def _current_options(options: dict) -> dict:
-    """The saved constructor options under today's names (formats 1 and 2 used older ones)."""
+    """Return the saved constructor options under today's names.
+
+    Formats 1 and 2 used older ones.
+    """
     if not isinstance(options, dict):
         raise _Invalid(f"the options are a {type(options).__name__}, not a mapping")
     current = {_RENAMED.get(k, k): v for k, v in options.items()}
@@ -241,7 +314,7 @@ def _current_options(options: dict) -> dict:
 
 def _site(gm: GAPA, key: str, meta: dict, tensors: dict[str, torch.Tensor], factor: float,
           device) -> GPSite:
-    """One call site from its metadata and tensors, each checked against the others."""
+    """Rebuild one call site from its metadata and tensors, each checked against the others."""
     layer = key.split("#")[0]
     if layer not in gm.layers:
         raise _Invalid(f"its layer {layer!r} is not one of the saved GAPA layers {gm.layers} of "
@@ -327,8 +400,10 @@ def _is_int(value) -> bool:
 
 
 def _number(value, name: str, minimum: float | None = None, *, strict: bool = False) -> float:
-    """``value`` as a float; _Invalid unless it is a finite real number >= (``strict``: >)
-    ``minimum``."""
+    """Return ``value`` as a float.
+
+    Raises _Invalid unless it is a finite real number >= (``strict``: >) ``minimum``.
+    """
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok and minimum is not None:
         ok = value > minimum if strict else value >= minimum
@@ -378,7 +453,7 @@ def _check_model(path: Path, saved, model: nn.Module) -> None:
 
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
-    """SHA-256 over the metadata (canonical JSON, without the checksum) and every tensor."""
+    """Return the SHA-256 of the metadata (canonical JSON, no checksum) and every tensor."""
     h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
@@ -388,6 +463,18 @@ def _checksum(tensors: dict[str, torch.Tensor], metadata: dict) -> str:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Return the device of the model's first parameter.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+
+    Returns
+    -------
+    torch.device
+        The device, or the CPU for a model without parameters.
+    """
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 

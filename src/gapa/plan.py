@@ -37,7 +37,16 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 
 
 def parse_bytes(value: int | float | str) -> int:
-    """``4294967296``, ``"4GiB"``, ``"512 MB"``, ``"1.5e9"`` -> bytes (at least one, finite)."""
+    """Return a memory size in bytes: ``4294967296``, ``"4GiB"``, ``"512 MB"``, ``"1.5e9"``.
+
+    Units are case-insensitive: ``k``/``kb``, ``m``/``mb``, ``g``/``gb``, ``t``/``tb`` are powers
+    of 1000, ``kib``, ``mib``, ``gib``, ``tib`` powers of 1024.
+
+    Raises
+    ------
+    ConfigurationError
+        For text that is not a size, or a size that is not finite or is under one byte.
+    """
     if isinstance(value, int | float) and not isinstance(value, bool):
         size = value
     else:
@@ -81,7 +90,25 @@ class Plan:
     disk_bytes: int
 
     def check(self, budget: int | float | str) -> Plan:
-        """Raise :class:`gapa.errors.MemoryBudgetError` when the fit needs more than ``budget``."""
+        """Refuse a plan whose fit needs more resident memory than ``budget``.
+
+        Parameters
+        ----------
+        budget : int, float or str
+            A size, as :func:`parse_bytes` reads it.
+
+        Returns
+        -------
+        Plan
+            The plan itself, when it fits.
+
+        Raises
+        ------
+        MemoryBudgetError
+            The fit's peak memory exceeds the budget; the message shows the plan.
+        ConfigurationError
+            ``budget`` is not a size.
+        """
         limit = parse_bytes(budget)
         if self.peak_bytes > limit:
             hint = ("" if self.on_disk else "; fit(..., store=DIR) keeps the cache on disk")
@@ -91,6 +118,7 @@ class Plan:
         return self
 
     def __str__(self) -> str:
+        """Return the plan as a table, one row per call site, and the fit's peak and disk use."""
         where = f"on disk ({self.store_dtype})" if self.on_disk else "in memory"
         head = ["site", "width", "cache rows", "cache", "conditioning rows", "search", "index",
                 "multiply-adds / query"]
@@ -112,9 +140,33 @@ def plan_fit(
     n_train: int, sites: dict[str, tuple[int, int]], config: GPConfig, *, on_disk: bool = False,
     store_dtype: str = "float32", compute_dtype: str = "float32",
 ) -> Plan:
-    """The plan for ``n_train`` inputs; ``sites`` maps each call site to ``(width, queries per
-    input)`` (1 for an MLP or ``queries="per_input"``, H x W for a feature map's positions).
-    Raises :class:`gapa.ConfigurationError` for values no fit could have."""
+    """Estimate the cost of fitting on ``n_train`` inputs.
+
+    Parameters
+    ----------
+    n_train : int
+        Training inputs.
+    sites : dict of str to (int, int)
+        Each call site's ``(width, queries per input)``: 1 query for an MLP or
+        ``queries="per_input"``, H x W for a feature map's positions.
+    config : GPConfig
+        The options of the fit.
+    on_disk : bool
+        Whether the cache streams to an activation store on disk.
+    store_dtype : {"float32", "float16"}
+        The store's dtype on disk.
+    compute_dtype : str
+        The model's dtype (a key of :data:`FLOAT_BYTES`).
+
+    Returns
+    -------
+    Plan
+
+    Raises
+    ------
+    ConfigurationError
+        For values no fit could have, such as more neighbours than conditioning rows.
+    """
     _check_plan_arguments(n_train, sites, config, store_dtype, compute_dtype)
     item = FLOAT_BYTES[compute_dtype]
     plans = []
@@ -196,7 +248,7 @@ def _peak(sites: list[SitePlan], config: GPConfig, on_disk: bool, item: int) -> 
 
 
 def _index(rows: int, width: int, config: GPConfig) -> tuple[str, int]:
-    """The back end at this size and its memory."""
+    """Return the back end at this size and its memory."""
     if config.conditioning is Conditioning.EXACT:
         return "exact conditioning", rows * rows * width * 8  # d Gram factors of N x N
     backend = config.search

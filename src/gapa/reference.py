@@ -18,12 +18,34 @@ from .propagation.engine import thread_hooks
 def monte_carlo_moments(
     gm: GAPA, x: torch.Tensor, n_samples: int, *, generator: torch.Generator
 ) -> Moments:
-    """Output moments when every GAPA activation is *sampled* from its GP marginal.
+    """Return the output moments when every GAPA activation is *sampled* from its GP marginal.
 
     Each of the ``n_samples`` passes draws ``h = phi(z) + sqrt(v(z)) * eps`` independently per
     unit at every GAPA call site, ``z`` being that pass's own (already perturbed) pre-activation,
     and runs the rest of the network unchanged. The closed form of ``gm(x)`` must agree with these
     moments when variances are small (it is first order in them).
+
+    Parameters
+    ----------
+    gm : GAPA
+        A fitted GAPA.
+    x : torch.Tensor
+        Inputs; each row is repeated ``n_samples`` times in one forward pass.
+    n_samples : int
+        Samples per input.
+    generator : torch.Generator
+        Source of ``eps``, on torch's default device (normally the CPU); the noise is moved to
+        the activations' device.
+
+    Returns
+    -------
+    Moments
+        The sample mean and variance of the model's output, per input.
+
+    Raises
+    ------
+    NotFittedError
+        When ``gm`` is not fitted.
     """
     return monte_carlo_trace(gm, x, n_samples, generator=generator)[""]
 
@@ -31,7 +53,30 @@ def monte_carlo_moments(
 def monte_carlo_trace(
     gm: GAPA, x: torch.Tensor, n_samples: int, *, generator: torch.Generator
 ) -> dict[str, Moments]:
-    """:func:`monte_carlo_moments` for every module's output, keyed as :meth:`GAPA.trace`."""
+    """Return :func:`monte_carlo_moments` for every module's output, keyed as :meth:`GAPA.trace`.
+
+    Parameters
+    ----------
+    gm : GAPA
+        A fitted GAPA.
+    x : torch.Tensor
+        Inputs; each row is repeated ``n_samples`` times in one forward pass.
+    n_samples : int
+        Samples per input.
+    generator : torch.Generator
+        Source of the noise, as for :func:`monte_carlo_moments`.
+
+    Returns
+    -------
+    dict of str to Moments
+        The sample moments of every tensor output with the batch axis, in the order the calls
+        finish; the whole model is ``""``.
+
+    Raises
+    ------
+    NotFittedError
+        When ``gm`` is not fitted.
+    """
     if not gm.is_fitted:
         raise NotFittedError("cannot sample: this GAPA is not fitted; call gm.fit(train_inputs)")
     reps = x.repeat_interleave(n_samples, dim=0) if x.shape[0] else x
@@ -77,10 +122,33 @@ def monte_carlo_propagate(
     fn, mean: torch.Tensor, var: torch.Tensor, n_samples: int, *, generator: torch.Generator,
     chunk: int = 1,
 ) -> Moments:
-    """Moments of ``fn(x)`` for ``x ~ N(mean, diag(var))`` from ``n_samples`` draws: the slow
-    reference of :func:`gapa.propagate` (exact for linear ``fn``, first order in ``var``
-    otherwise). ``chunk`` draws are stacked along dim 0 into one call of ``fn``, so ``chunk > 1``
-    needs an ``fn`` whose rows along dim 0 are independent (a batch); ``chunk=1`` suits any."""
+    """Return the moments of ``fn(x)`` for ``x ~ N(mean, diag(var))`` from ``n_samples`` draws.
+
+    The slow reference of :func:`gapa.propagate` (exact for linear ``fn``, first order in
+    ``var`` otherwise).
+
+    Parameters
+    ----------
+    fn : callable
+        The function, taking and returning tensors with a batch axis first.
+    mean : torch.Tensor
+        The input's mean.
+    var : torch.Tensor
+        The input's variance, of ``mean``'s shape.
+    n_samples : int
+        Draws.
+    generator : torch.Generator
+        Source of the draws, on torch's default device (normally the CPU); the noise is moved
+        to ``mean``'s device.
+    chunk : int, default 1
+        Draws stacked along dim 0 into one call of ``fn``; ``chunk > 1`` needs an ``fn`` whose
+        rows along dim 0 are independent (a batch), ``chunk=1`` suits any.
+
+    Returns
+    -------
+    Moments
+        The sample mean and variance of ``fn(x)``.
+    """
     draws = []
     with torch.no_grad():
         for start in range(0, n_samples, chunk):

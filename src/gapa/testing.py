@@ -45,21 +45,49 @@ def assert_rule_exact(
     rules: Mapping[Callable | type | str, Callable] | None = None,
     seed: int = 0,
 ) -> Tensor | tuple[Tensor | None, ...]:
-    """Propagate ``N(args[0], diag(var))`` through ``func_or_module(*args)`` as
+    """Assert that the tracked variance of ``func_or_module(*args)`` is the Jacobian reference.
+
+    Propagates ``N(args[0], diag(var))`` through ``func_or_module(*args)`` as
     :func:`gapa.propagate` does (the same tracker, module rules and per-call ``rules``), and
-    assert that the output variance is the Jacobian reference ``sum_j J_ij^2 v_j``.
+    asserts that the output variance is ``sum_j J_ij^2 v_j``. Tuple outputs (``split``, pools
+    with ``return_indices``) are compared output by output; a floating output without a
+    variance counts as zero variance. Also asserts that the tracked outputs equal the plain
+    call's bit for bit. ``func_or_module`` must not modify its inputs (clone first).
 
-    ``var`` is ``args[0]``'s variance (random in ``[0.5, 1.5)``, drawn in float64 from ``seed``,
-    when not given), or one entry per argument (None for a deterministic one) to make several
-    arguments uncertain. Tuple outputs (``split``, pools with ``return_indices``) are compared
-    output by output; a floating output without a variance counts as zero variance. Also
-    asserts that the tracked outputs equal the plain call's bit for bit. ``rtol`` defaults to
-    1e-10 in float64 (1e-4 in float32, 1e-2 in half precision); ``atol`` to ``rtol`` times the
-    largest reference entry. ``func_or_module`` must not modify its inputs (clone first).
+    Parameters
+    ----------
+    func_or_module : callable or nn.Module
+        The operation or module under test.
+    *args : Any
+        Its arguments, the uncertain one first.
+    var : torch.Tensor or sequence of (torch.Tensor or None) or None, default None
+        ``args[0]``'s variance (random in ``[0.5, 1.5)``, drawn in float64 from ``seed``, when
+        not given), or one entry per argument (None for a deterministic one) to make several
+        arguments uncertain.
+    rtol : float or None, default None
+        Relative tolerance; ``None``: 1e-10 in float64, 1e-4 in float32, 1e-2 in half
+        precision.
+    atol : float or None, default None
+        Absolute tolerance; ``None``: ``rtol`` times the largest reference entry.
+    rules : Mapping or None, default None
+        Rules for this call only, as for :func:`gapa.propagate`.
+    seed : int, default 0
+        Seed of the random default ``var``.
 
-    Returns the tracked variance of the output (a tuple for tuple outputs). Raises
-    ``AssertionError`` naming the operation, the largest absolute and relative differences and
-    where they are.
+    Returns
+    -------
+    torch.Tensor or None or tuple
+        The tracked variance of the output (a tuple for tuple outputs; None where an output
+        carries none).
+
+    Raises
+    ------
+    AssertionError
+        Naming the operation, the largest absolute and relative differences and where they
+        are; also when the tracked outputs differ from the plain call's.
+    InputError
+        When no argument is uncertain, a variance does not fit its argument, or the operation
+        returns no floating tensor.
     """
     variances = _variances(args, var, seed)
     name = _name(func_or_module)
@@ -91,8 +119,28 @@ def assert_rule_exact(
 def jacobian_variance(
     func_or_module: Callable | nn.Module, *args: Any, var: Tensor | Sequence[Tensor | None]
 ) -> Tensor | tuple[Tensor | None, ...]:
-    """The reference of :func:`assert_rule_exact`: ``sum_j J_ij^2 v_j`` for each floating
-    output of ``func_or_module(*args)`` (None for the others), ``var`` as there."""
+    """Return the reference of :func:`assert_rule_exact`, ``sum_j J_ij^2 v_j``.
+
+    Parameters
+    ----------
+    func_or_module : callable or nn.Module
+        The operation or module.
+    *args : Any
+        Its arguments, the uncertain one first.
+    var : torch.Tensor or sequence of (torch.Tensor or None)
+        As for :func:`assert_rule_exact`.
+
+    Returns
+    -------
+    torch.Tensor or None or tuple
+        The reference variance of each floating output of ``func_or_module(*args)`` (None for
+        the others); a tuple for several outputs.
+
+    Raises
+    ------
+    InputError
+        When no argument is uncertain or a variance does not fit its argument.
+    """
     variances = _variances(args, var, 0)
     with torch.no_grad():
         outs = _as_tuple(func_or_module(*args))
@@ -103,8 +151,10 @@ def jacobian_variance(
 
 @contextlib.contextmanager
 def rules_restored() -> Iterator[None]:
-    """Undo, on exit, every rule registered or overridden inside (``RULES``, ``MODULE_RULES``,
-    ``MODULE_RULES_BY_NAME``): for tests that register rules."""
+    """Undo, on exit, every rule registered or overridden inside; for tests that register rules.
+
+    The registries restored are ``RULES``, ``MODULE_RULES`` and ``MODULE_RULES_BY_NAME``.
+    """
     saved = [(registry, dict(registry)) for registry in (RULES, MODULE_RULES,
                                                          MODULE_RULES_BY_NAME)]
     try:

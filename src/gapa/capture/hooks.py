@@ -1,5 +1,7 @@
-"""Hooks on the GAPA layers of a network: each call's pre-activation and output, keyed by call
-site, in the calling thread only."""
+"""Hooks on the GAPA layers of a network.
+
+They see each call's pre-activation and output, keyed by call site, in the calling thread only.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from ..propagation.engine import thread_hooks
 
 
 def site_key(layer: str, call: int) -> str:
-    """Name of the ``call``-th call (0-based) of module ``layer`` in one forward pass."""
+    """Return the key of the ``call``-th call (0-based) of module ``layer`` in a forward pass.
+
+    The first call's key is ``layer`` itself, a later one's ``layer#call``.
+    """
     return layer if call == 0 else f"{layer}#{call}"
 
 
@@ -23,11 +28,24 @@ def call_sites(
     on_call: Callable[[str, torch.Tensor], None],
     on_output: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> Iterator[None]:
-    """Hooks on the modules ``layers`` of ``model``: ``on_call(key, pre_activation)`` before
-    each call (the key counts calls within one forward pass, see :func:`site_key`) and
-    ``on_output(key, output)`` after it, whose return value, when not None, replaces the
-    module's output. The hooks act only in this thread: other threads' forward passes of the
-    same model never reach them."""
+    """Install hooks on the modules ``layers`` of ``model`` while the ``with`` block runs.
+
+    The hooks act only in this thread: other threads' forward passes of the same model never
+    reach them.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; its call counts restart at each of its forward passes.
+    layers : Sequence[str]
+        Names of the submodules to hook.
+    on_call : Callable[[str, Tensor], None]
+        Called before each call with its key (which counts calls within one forward pass, see
+        :func:`site_key`) and the module's first positional argument, the pre-activation.
+    on_output : Callable[[str, Tensor], Tensor | None], optional
+        Called after each call with its key and the module's output; a return value other than
+        None replaces the output.
+    """
     counts: dict[str, int] = {}
     with thread_hooks() as add:
         add(model, lambda mod, args: counts.clear(), pre=True)

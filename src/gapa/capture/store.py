@@ -54,9 +54,27 @@ _HASH_BLOCK = 1 << 20
 
 
 class StoredRows:
-    """One call site's cached rows (N x d) across the shards of a store, read on demand in the
-    dtype and on the device the model computed them in. Each shard file is checked against its
-    manifest entry (size, header, SHA-256) the first time it is read, then trusted."""
+    """One call site's cached rows (N x d) across the shards of a store, read on demand.
+
+    Rows come back in the dtype and on the device the model computed them in. Each shard file
+    is checked against its manifest entry (size, header, SHA-256) the first time it is read,
+    then trusted.
+
+    Parameters
+    ----------
+    root : Path
+        The store's directory.
+    shards : list of dict
+        The site's manifest entries, one per shard, in order.
+    width : int
+        The site's units (``d``).
+    file_dtype : str
+        The dtype the store keeps rows in (a key of :data:`STORE_DTYPES`).
+    dtype : torch.dtype
+        The dtype rows are returned in.
+    device : torch.device
+        The device rows are returned on.
+    """
 
     def __init__(self, root: Path, shards: list[dict], width: int, file_dtype: str,
                  dtype: torch.dtype, device: torch.device):
@@ -68,17 +86,20 @@ class StoredRows:
 
     @property
     def paths(self) -> list[Path]:
+        """The shard files, in order."""
         return [self.root / s["file"] for s in self.shards]
 
     def __len__(self) -> int:
+        """Return the number of rows, N."""
         return int(self.offsets[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The shape ``(N, d)`` of the rows."""
         return len(self), self.width
 
     def _path(self, shard: int) -> Path:
-        """The shard's file, verified once per object (hashing is a full read of the file)."""
+        """Return the shard's file, verified once per object (hashing reads the whole file)."""
         spec = self.shards[shard]
         if spec["file"] in self._verified:
             return self.root / spec["file"]
@@ -98,12 +119,34 @@ class StoredRows:
         return torch.from_numpy(part).to(device=self.device, dtype=self.dtype)
 
     def chunks(self) -> Iterator[torch.Tensor]:
-        """The rows, one shard at a time, in order."""
+        """Yield the rows, one shard at a time, in order.
+
+        Raises
+        ------
+        CorruptStoreError
+            A shard fails its manifest check or cannot be read.
+        """
         for shard in range(len(self.shards)):
             yield self._read(shard)
 
     def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows at the given indices (a 1-D integer tensor), in that order."""
+        """Return the rows at the given indices, in that order.
+
+        Parameters
+        ----------
+        idx : Tensor
+            Row numbers (any shape, read flattened; integer).
+
+        Returns
+        -------
+        Tensor
+            The rows (len(idx) x d), in the rows' dtype and on their device.
+
+        Raises
+        ------
+        CorruptStoreError
+            A shard read fails its manifest check or cannot be read.
+        """
         idx = torch.as_tensor(idx).reshape(-1).cpu().numpy()
         out = torch.empty(len(idx), self.width, dtype=self.dtype, device=self.device)
         shard_of = np.searchsorted(self.offsets, idx, side="right") - 1
@@ -116,7 +159,13 @@ class StoredRows:
         return out
 
     def materialize(self) -> torch.Tensor:
-        """All rows in one tensor (the whole cache in memory)."""
+        """Return all rows in one tensor (the whole cache in memory).
+
+        Raises
+        ------
+        CorruptStoreError
+            A shard fails its manifest check or cannot be read.
+        """
         return torch.cat(list(self.chunks())) if self.shards else torch.empty(
             0, self.width, dtype=self.dtype, device=self.device)
 
@@ -125,6 +174,20 @@ class ActivationStore:
     """A directory of per-site shards (``.npy``) and a JSON manifest of the finished ones.
 
     :meth:`open` takes the store's lock; :meth:`close` (or leaving a ``with`` block) releases it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store's directory (created by :meth:`open`).
+    dtype : {"float32", "float16"}
+        The dtype rows are kept in on disk.
+    shard_rows : int, optional
+        Rows per shard; None sizes shards by :data:`SHARD_BYTES` (see :meth:`rows_per_shard`).
+
+    Raises
+    ------
+    ConfigurationError
+        For an unknown ``dtype``, or a ``shard_rows`` that is not a positive integer.
     """
 
     def __init__(self, path: str | os.PathLike, dtype: str = "float32",
@@ -140,17 +203,42 @@ class ActivationStore:
         self._lock: dict | None = None  # the lock file's contents while this object holds it
 
     def __enter__(self) -> ActivationStore:
+        """Return the store itself; the lock is taken by :meth:`open`."""
         return self
 
     def __exit__(self, *exc) -> None:
+        """Release the lock (:meth:`close`); an exception passes on."""
         self.close()
 
     # --- writing ------------------------------------------------------------------------------
 
     def open(self, signature: dict) -> list[dict]:
-        """Lock the store and start or resume a capture for ``signature`` (model fingerprint,
-        layers, queries): returns the finished shards, or raises StoreMismatchError when the
-        store on disk was written for something else. On any error the lock is released."""
+        """Lock the store and start or resume a capture for ``signature``.
+
+        Temporary files of interrupted writes are removed. On any error the lock is released.
+
+        Parameters
+        ----------
+        signature : dict
+            What the capture is of (model fingerprint, layers, queries), JSON-safe. A store
+            already on disk must have been written for the same signature and dtype.
+
+        Returns
+        -------
+        list of dict
+            The manifest entries of the shards already finished (none for a new store).
+
+        Raises
+        ------
+        StoreLockedError
+            Another live capture holds the store's lock, or its lock file names no owner.
+        StoreMismatchError
+            The store on disk was written for another signature or dtype, or in another format.
+        CorruptStoreError
+            The manifest is unreadable or malformed.
+        StateFileError
+            The lock file cannot be created.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire()
         try:
@@ -178,8 +266,11 @@ class ActivationStore:
         return list(self.manifest["shards"])
 
     def close(self) -> None:
-        """Release the lock if this object holds it (idempotent). A lock file that is no
-        longer this object's (deleted and taken by another capture) is left alone."""
+        """Release the lock if this object holds it (idempotent).
+
+        A lock file that is no longer this object's (deleted and taken by another capture) is
+        left alone.
+        """
         token, self._lock = self._lock, None
         if token is None:
             return
@@ -239,14 +330,34 @@ class ActivationStore:
                                f"by {why}")
 
     def rows_per_shard(self, total_width: int) -> int:
-        """Rows per shard for call sites of ``total_width`` units together: ``shard_rows`` if
-        given, else :data:`SHARD_BYTES` worth of float32 rows."""
+        """Return the rows per shard for call sites of ``total_width`` units together.
+
+        That is ``shard_rows`` if given, else :data:`SHARD_BYTES` worth of float32 rows (at
+        least one).
+        """
         return self.shard_rows or max(1, SHARD_BYTES // (4 * total_width))
 
     def write_shard(self, rows: dict[str, torch.Tensor], *, batches: int, inputs: int,
                     digest: str) -> None:
-        """Append one shard: every site's rows, then the manifest entry that makes it count
-        (with the size and SHA-256 of the bytes written, which every read checks)."""
+        """Append one shard: every site's rows, then the manifest entry that makes it count.
+
+        The entry records the size and SHA-256 of the bytes written, which every read checks.
+
+        Parameters
+        ----------
+        rows : dict of str to Tensor
+            Each call site's rows (n x d) in this shard.
+        batches, inputs : int
+            How many batches and inputs the rows were captured from.
+        digest : str
+            The digest of those inputs (:class:`Shard`), checked when a capture resumes.
+
+        Raises
+        ------
+        NonFiniteError
+            A value's magnitude exceeds the largest the store's dtype holds (infinities
+            included): the cast would store it as inf.
+        """
         index = len(self.manifest["shards"])
         entry = {"batches": batches, "inputs": inputs, "digest": digest, "sites": {}}
         for key, value in rows.items():
@@ -270,7 +381,13 @@ class ActivationStore:
         self._save_manifest()
 
     def finish(self, input_shape: tuple[int, ...]) -> None:
-        """Mark the capture complete (the lock stays held until :meth:`close`)."""
+        """Mark the capture complete (the lock stays held until :meth:`close`).
+
+        Parameters
+        ----------
+        input_shape : tuple of int
+            The shape of one training input (without the batch axis), kept in the manifest.
+        """
         self.manifest["complete"] = True
         self.manifest["input_shape"] = list(input_shape)
         self._save_manifest()
@@ -279,6 +396,7 @@ class ActivationStore:
 
     @property
     def complete(self) -> bool:
+        """Whether the capture was marked complete (:meth:`finish`)."""
         return bool(self.manifest.get("complete"))
 
     @property
@@ -289,16 +407,30 @@ class ActivationStore:
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of one training input that :meth:`finish` recorded, else None."""
         shape = self.manifest.get("input_shape")
         return None if shape is None else tuple(shape)
 
     def rows(self, key: str, device: torch.device | str = "cpu") -> StoredRows:
-        """One site's rows, read back in the dtype the model computed them in, on ``device``."""
+        """Return one call site's rows, read on demand.
+
+        Parameters
+        ----------
+        key : str
+            The call site (one of :attr:`keys`).
+        device : torch.device or str
+            Where the rows are returned; their dtype is the one the model computed them in.
+
+        Returns
+        -------
+        StoredRows
+        """
         shards = [s["sites"][key] for s in self.manifest["shards"] if key in s["sites"]]
         return StoredRows(self.path, shards, shards[0]["width"], self.manifest["dtype"],
                           getattr(torch, shards[0]["dtype"]), torch.device(device))
 
     def n_rows(self, key: str) -> int:
+        """Return how many rows the finished shards hold for call site ``key``."""
         return sum(s["sites"][key]["rows"] for s in self.manifest["shards"] if key in s["sites"])
 
     def _load_manifest(self) -> dict:
@@ -318,8 +450,10 @@ class ActivationStore:
 
 
 class _HashingWriter:
-    """A write-only file wrapper that counts and hashes what passes through it (np.save writes
-    through ``write`` when given an object that is not a real file)."""
+    """A write-only file wrapper that counts and hashes what passes through it.
+
+    ``np.save`` writes through ``write`` when given an object that is not a real file.
+    """
 
     def __init__(self, f):
         self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
@@ -331,8 +465,32 @@ class _HashingWriter:
 
 
 def verify_shard(root: Path, spec: dict, file_dtype: str) -> Path:
-    """The path of the shard ``spec`` names in the store ``root``, after checking that it is a
-    file of the store with the recorded size, npy shape and dtype, and SHA-256."""
+    """Check the shard file ``spec`` names in the store ``root`` and return its path.
+
+    The file must be a regular file of the store with the recorded size, ``.npy`` shape and
+    dtype, and SHA-256.
+
+    Parameters
+    ----------
+    root : Path
+        The store's directory.
+    spec : dict
+        The shard's manifest entry for one site (``file``, ``rows``, ``width``, ``bytes``,
+        ``sha256``).
+    file_dtype : str
+        The store's dtype (a key of :data:`STORE_DTYPES`).
+
+    Returns
+    -------
+    Path
+        The shard's file.
+
+    Raises
+    ------
+    CorruptStoreError
+        The name is not a plain file name, or the file resolves outside the store, is missing
+        or unreadable, or differs from its manifest entry.
+    """
     name = spec["file"]
     _check_file_name(name, root / MANIFEST)
     path = root / name
@@ -378,7 +536,7 @@ def verify_shard(root: Path, spec: dict, file_dtype: str) -> Path:
 
 
 def _check_file_name(name, manifest: Path) -> None:
-    """A shard must be a plain file name in the store: no separators, no ``..``, no drive."""
+    """Refuse a shard name that is not a plain file name: no separators, ``..`` or drive."""
     if (not isinstance(name, str) or name in ("", ".", "..")
             or any(c in name for c in "/\\:\0")):
         raise CorruptStoreError(f"the activation-store manifest {manifest} names the shard file "
@@ -448,7 +606,10 @@ def _check_manifest(manifest, path: Path) -> None:
 
 
 def _read_lock(lock: Path) -> dict | None:
-    """The lock file's owner (``pid``, ``host``), or None if there is no lock file."""
+    """Return the lock file's owner (``pid``, ``host``), or None if there is no lock file.
+
+    A lock file that cannot be read, or names no owner, raises :class:`StoreLockedError`.
+    """
     try:
         text = lock.read_text()
     except FileNotFoundError:
@@ -468,7 +629,7 @@ def _read_lock(lock: Path) -> dict | None:
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host (assumed so where that cannot be checked)."""
+    """Return whether process ``pid`` exists on this host (True where that can't be checked)."""
     if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
         return True
     try:
@@ -481,15 +642,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _file_key(key: str) -> str:
-    """A call-site key as a file name: its safe characters and a digest of the whole key (module
-    paths have dots, repeated calls ``#``, and two keys may differ only in those)."""
+    """Return a call-site key as a file name: its safe characters and a digest of the key.
+
+    Module paths have dots and repeated calls ``#``, and two keys may differ only in those.
+    """
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
 class Shard:
-    """The inputs of one store shard: how many batches and rows, and a digest of their bytes
-    (what tells a resumed capture that the data did not change, whatever its batch size)."""
+    """The inputs of one store shard: how many batches and rows, and a digest of their bytes.
+
+    The digest tells a resumed capture that the data did not change, whatever its batch size.
+    """
 
     def __init__(self):
         self.digest = hashlib.blake2b(digest_size=16)
@@ -497,11 +662,28 @@ class Shard:
         self.inputs = 0
 
     def add(self, x: torch.Tensor) -> None:
+        """Count the batch ``x`` and add its bytes to the digest."""
         self.digest.update(raw_bytes(x))
         self.batches += 1
         self.inputs += x.shape[0]
 
     def check(self, entry: dict, index: int, store: ActivationStore) -> None:
+        """Refuse a resumed shard whose inputs differ from those that wrote it.
+
+        Parameters
+        ----------
+        entry : dict
+            The shard's manifest entry.
+        index : int
+            The shard's position in the store (for the message).
+        store : ActivationStore
+            The store (for the message).
+
+        Raises
+        ------
+        StoreMismatchError
+            The digest or the number of inputs differs: the data or its order changed.
+        """
         if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
             raise StoreMismatchError(
                 f"the inputs of shard {index} differ from those that wrote it to {store.path} "

@@ -1,1 +1,1 @@
-"""gapa.gp."""
+"""The GPs of the GAPA layers: kernels, neighbour search, inducing points, conditioning."""

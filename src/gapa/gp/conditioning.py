@@ -33,7 +33,24 @@ def _correlation(u: torch.Tensor, v: torch.Tensor, lengthscale: torch.Tensor) ->
 def nearest_variance(
     z: torch.Tensor, x: torch.Tensor, r: torch.Tensor, hp: Hyperparameters
 ) -> torch.Tensor:
-    """Posterior variance given one neighbour: ``z`` (B, d), ``x`` (B, d), ``r`` (B,)."""
+    """Return the posterior variance per unit given one neighbour per query.
+
+    Parameters
+    ----------
+    z : Tensor
+        Queries (B, d).
+    x : Tensor
+        Each query's cached row (B, d).
+    r : Tensor
+        Relative noise of those rows (B,).
+    hp : Hyperparameters
+        The site's kernel.
+
+    Returns
+    -------
+    Tensor
+        Variances (B, d), clamped into ``[VARIANCE_FLOOR * a, a]`` (:func:`clamp_variance`).
+    """
     # In place on one fresh (B, d) buffer: at test-set sizes each extra temporary costs as much
     # as an elementwise pass of the network itself. Variances are not differentiated.
     with torch.no_grad():
@@ -46,10 +63,30 @@ def nearest_variance(
 def local_variance(
     z: torch.Tensor, neighbours: torch.Tensor, r: torch.Tensor, hp: Hyperparameters
 ) -> torch.Tensor:
-    """Posterior variance per unit given each query's own neighbours.
+    """Return the posterior variance per unit given each query's own neighbours.
 
-    ``z`` (B, d) queries, ``neighbours`` (B, K, d) their K cached rows, ``r`` (B, K) relative
-    noise of those rows. Each unit is conditioned on its own K scalar values.
+    Each unit is conditioned on its own K scalar values; K = 1 is :func:`nearest_variance`.
+
+    Parameters
+    ----------
+    z : Tensor
+        Queries (B, d).
+    neighbours : Tensor
+        Their K cached rows (B, K, d).
+    r : Tensor
+        Relative noise of those rows (B, K).
+    hp : Hyperparameters
+        The site's kernel.
+
+    Returns
+    -------
+    Tensor
+        Variances (B, d), clamped into ``[VARIANCE_FLOOR * a, a]``.
+
+    Raises
+    ------
+    NumericalError
+        A K x K Gram matrix cannot be factorised even with the largest jitter.
     """
     b, k, d = neighbours.shape
     if k == 1:
@@ -72,6 +109,22 @@ class ExactConditioner:
     """Exact GP conditioning of every unit on all rows: the slow reference.
 
     Factorises the d Gram matrices once; each query then costs O(d N^2).
+
+    Parameters
+    ----------
+    x : Tensor
+        The conditioning rows (N x d).
+    r : Tensor
+        Their relative noise (N,).
+    hp : Hyperparameters
+        The site's kernel.
+
+    Raises
+    ------
+    CacheTooLargeError
+        More than :data:`EXACT_MAX_ROWS` rows.
+    NumericalError
+        A Gram matrix cannot be factorised even with the largest jitter.
     """
 
     def __init__(self, x: torch.Tensor, r: torch.Tensor, hp: Hyperparameters):
@@ -89,6 +142,7 @@ class ExactConditioner:
         self.chol = safe_cholesky(gram)  # (d, N, N)
 
     def variance(self, z: torch.Tensor) -> torch.Tensor:
+        """Return the posterior variance (B, d) per unit at the queries ``z`` (B, d)."""
         b, d = z.shape
         out = torch.empty_like(z)
         n = self.x.shape[0]

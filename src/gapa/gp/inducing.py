@@ -26,12 +26,38 @@ def kmeans_inducing(
     points, m: int, *, seed: int, iters: int = 10, points_per_centroid: int = 64,
     transform: Transform = _identity,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means centroids (M, d') of ``transform(points)`` (``points`` N x d) and cluster sizes
-    (M,) over all N rows; the centroids are in the transformed space.
+    """Return k-means centroids of ``transform(points)`` and their cluster sizes.
 
     faiss k-means is trained on at most ``points_per_centroid * M`` sampled rows; every row is
     then assigned to its nearest centroid to count how many training rows each one stands for.
     Empty clusters are dropped, so fewer than M centroids may come back.
+
+    Parameters
+    ----------
+    points : Tensor or StoredRows
+        The cache (N x d), in memory or on disk.
+    m : int
+        The number of clusters, M.
+    seed : int
+        Seeds the sample and faiss.
+    iters : int
+        k-means iterations.
+    points_per_centroid : int
+        Training rows per centroid, at most.
+    transform : callable
+        Maps rows into the space nearness is measured in.
+
+    Returns
+    -------
+    centroids : Tensor
+        (M', d') centroids in the transformed space, M' <= M, in the sample's dtype and device.
+    counts : Tensor
+        (M',) how many of the N rows each centroid stands for (all positive).
+
+    Raises
+    ------
+    MissingDependencyError
+        faiss is not installed.
     """
     faiss = import_faiss()
     if isinstance(points, torch.Tensor):
@@ -57,8 +83,31 @@ def kmeans_inducing(
 def random_inducing(
     points, m: int, *, seed: int, transform: Transform = _identity
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M rows of ``points`` drawn without replacement (as they are, untransformed), each
-    standing for the rows nearest to it in the transformed space."""
+    """Return M rows of ``points`` drawn without replacement, and the rows each stands for.
+
+    Parameters
+    ----------
+    points : Tensor or StoredRows
+        The cache (N x d), in memory or on disk.
+    m : int
+        How many rows to draw, M.
+    seed : int
+        Seeds the draw.
+    transform : callable
+        Maps rows into the space nearness is measured in.
+
+    Returns
+    -------
+    rows : Tensor
+        (M, d) the chosen rows as they are (untransformed).
+    counts : Tensor
+        (M,) how many of the N rows are nearest to each in the transformed space, at least 1.
+
+    Raises
+    ------
+    MissingDependencyError
+        faiss is not installed.
+    """
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(points), generator=gen)[:m]
     if isinstance(points, torch.Tensor):

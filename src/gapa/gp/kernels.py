@@ -28,6 +28,8 @@ STATS_CHUNK_ROWS = 1 << 16
 MIN_LENGTHSCALE = 1e-6
 #: The settings a ``hyperparameters=`` override may give, per layer or call site.
 OVERRIDABLE = ("lengthscale", "amplitude", "noise_ratio")
+
+
 class AmplitudeRule(str, Enum):
     """The label-free prior variance ``a_j`` of each unit (see :func:`estimate_hyperparameters`)."""
 
@@ -48,6 +50,7 @@ class Hyperparameters:
     noise: float  #: observation noise of one cached row, relative to the amplitude
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Return a copy with the lengthscale and amplitude on ``device`` in ``dtype``."""
         return replace(
             self,
             lengthscale=self.lengthscale.to(device=device, dtype=dtype),
@@ -68,8 +71,24 @@ class ColumnStats:
 def pairwise_difference_quantile(
     x: torch.Tensor, q: float, n_pairs: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-column ``q``-quantile of the non-zero ``|x_i - x_j|`` over ``n_pairs`` random pairs
-    ``i != j`` (0 for a column without distinct values)."""
+    """Return the per-column ``q``-quantile of the non-zero ``|x_i - x_j|`` over random pairs.
+
+    Parameters
+    ----------
+    x : Tensor
+        Rows (N x d), N >= 2.
+    q : float
+        The quantile, in (0, 1].
+    n_pairs : int
+        How many random pairs ``i != j`` to draw.
+    generator : torch.Generator
+        Draws the pairs.
+
+    Returns
+    -------
+    Tensor
+        (d,) in ``x``'s dtype; 0 for a column without distinct values.
+    """
     n = len(x)
     i = torch.randint(n, (n_pairs,), generator=generator)
     j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n
@@ -91,16 +110,45 @@ def estimate_hyperparameters(
     n_pairs: int = LENGTHSCALE_PAIRS,
     stats: ColumnStats | None = None,
 ) -> Hyperparameters:
-    """Hyperparameters from the cached pre-activations ``pre`` (N x d) of one call site.
+    """Estimate the kernel hyperparameters of one call site from its cached pre-activations.
 
     ``lengthscale``: the ``lengthscale_quantile`` of pairwise distances between a unit's cached
-    pre-activations, so that a typical neighbour is "close" on the kernel's scale.
+    pre-activations, so that a typical neighbour is "close" on the kernel's scale (floored at
+    :data:`MIN_LENGTHSCALE` times the larger of 1 and the unit's standard deviation).
     ``amplitude``: ``"variance"`` uses Var(phi(X_j)), the spread the activation actually takes
     over the data; ``"unit"`` uses 1; ``"max1"`` (default) uses max(1, Var(phi(X_j))): a unit
-    whose activation barely moves on the training data is still allowed to move off it (on
-    flights, with the validation-chosen lengthscale, it beat ``"variance"`` in 5 of 6
-    seed/split cases: benchmarks/RESULTS.md). ``stats``: :func:`column_stats` of ``pre``, when
-    the caller has them already (one pass over a store fewer).
+    whose activation barely moves on the training data is still allowed to move off it.
+    A single cached row gives lengthscale 1 and activation variance 0.
+
+    Parameters
+    ----------
+    pre : Tensor or StoredRows
+        The cached pre-activations (N x d).
+    activation : callable
+        The site's activation ``phi``.
+    lengthscale_quantile : float
+        In (0, 1].
+    amplitude_rule : AmplitudeRule or str
+        See :class:`AmplitudeRule`.
+    noise : float
+        Observation noise of one cached row, relative to the amplitude; finite and > 0.
+    generator : torch.Generator
+        Draws the pairs of rows.
+    n_pairs : int
+        Pairs of rows whose differences set the lengthscale.
+    stats : ColumnStats, optional
+        :func:`column_stats` of ``pre``, when the caller has them already (one pass over a
+        store fewer).
+
+    Returns
+    -------
+    Hyperparameters
+
+    Raises
+    ------
+    ConfigurationError
+        For a quantile outside (0, 1], an unknown ``amplitude_rule``, or a ``noise`` that is
+        not a finite number > 0.
     """
     check_quantile(lengthscale_quantile)
     amplitude_rule = parse_enum(AmplitudeRule, amplitude_rule, "amplitude_rule")
@@ -123,9 +171,12 @@ def estimate_hyperparameters(
 
 
 def column_stats(pre, activation) -> ColumnStats:
-    """Per-unit range and standard deviation of ``pre`` (N >= 2 rows) and variance of
-    ``activation(pre)``, from float64 sums over chunks (of a tensor, or the shards of a
-    :class:`gapa.capture.store.StoredRows`), so no full-size temporary is made."""
+    """Return the per-unit range and spread of ``pre`` (N >= 2 rows) and of its activation.
+
+    The standard deviation of ``pre`` and the variance of ``activation(pre)`` come from float64
+    sums over chunks (of a tensor, or the shards of a :class:`gapa.capture.store.StoredRows`),
+    so no full-size temporary is made.
+    """
     chunks = pre.split(STATS_CHUNK_ROWS) if isinstance(pre, torch.Tensor) else pre.chunks()
     n = len(pre)
     sums = torch.zeros(4, pre.shape[1], dtype=torch.float64, device=pre.device)
@@ -146,7 +197,13 @@ def column_stats(pre, activation) -> ColumnStats:
 
 
 def check_positive(name: str, value) -> float:
-    """``value`` as a float; ConfigurationError unless it is a finite real number > 0."""
+    """Return ``value`` as a float.
+
+    Raises
+    ------
+    ConfigurationError
+        Naming ``name``, unless ``value`` is a finite real number > 0 (not a bool).
+    """
     if not _is_real(value) or not (math.isfinite(value) and value > 0):
         raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -157,15 +214,30 @@ def _is_real(value) -> bool:
 
 
 def check_quantile(q) -> None:
+    """Refuse a ``lengthscale_quantile`` outside (0, 1].
+
+    Raises
+    ------
+    ConfigurationError
+        Unless ``q`` is a real number (not a bool) in (0, 1].
+    """
     if not _is_real(q) or not 0.0 < q <= 1.0:
         raise ConfigurationError(f"lengthscale_quantile must lie in (0, 1], got {q!r}")
 
 
 def check_overrides(overrides: Mapping[str, Mapping]) -> None:
-    """Refuse a ``hyperparameters=`` mapping (layer or call site -> settings) that cannot be
-    right: an unknown setting, a value that is not a number or a vector of numbers, or one that
-    is not finite and positive. The number of units is unknown before the fit, so a per-unit
-    vector's length is checked by :func:`override`."""
+    """Refuse a ``hyperparameters=`` mapping (layer or call site -> settings) that can't be right.
+
+    The number of units is unknown before the fit, so a per-unit vector's length is checked
+    later, by :func:`override`.
+
+    Raises
+    ------
+    ConfigurationError
+        For anything but a mapping of mappings, an unknown setting (see :data:`OVERRIDABLE`),
+        a value that is not a number or a vector of numbers (``noise_ratio``: one number), or
+        one that is not finite and positive.
+    """
     if not isinstance(overrides, Mapping):
         raise ConfigurationError(
             f"hyperparameters must map layer names to settings, got {type(overrides).__name__}")
@@ -188,7 +260,7 @@ def _check_keys(values, layer) -> None:
 
 
 def _override_values(name: str, value, layer) -> torch.Tensor:
-    """A user's override as a float64 tensor (0-d, or 1-d per unit), checked finite and > 0."""
+    """Return a user's override as a float64 tensor (0-d, or 1-d per unit), checked > 0."""
     where = f"(layer {layer!r})"
     try:  # through numpy: a Python float stays float64 (torch would make it float32)
         t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
@@ -214,8 +286,31 @@ def _override_values(name: str, value, layer) -> torch.Tensor:
 
 
 def override(hp: Hyperparameters, values: Mapping, layer: str = "?") -> Hyperparameters:
-    """Replace fitted hyperparameters by user values (scalars or per-unit tensors) of ``layer``,
-    checked as :func:`check_overrides` does, and each against the layer's width and dtype."""
+    """Replace fitted hyperparameters by user values (scalars or per-unit tensors).
+
+    The values are checked as :func:`check_overrides` does, and each against the layer's width
+    and dtype; they are copied, never kept.
+
+    Parameters
+    ----------
+    hp : Hyperparameters
+        The fitted values.
+    values : Mapping
+        Settings of :data:`OVERRIDABLE` to values.
+    layer : str
+        The layer or call site, for the messages.
+
+    Returns
+    -------
+    Hyperparameters
+        ``hp`` with the given settings replaced.
+
+    Raises
+    ------
+    ConfigurationError
+        For what :func:`check_overrides` refuses, a per-unit vector of the wrong length, or a
+        value the layer's dtype cannot hold (overflow, or underflow to 0).
+    """
     _check_keys(values, layer)
     changes: dict = {}
     for name, value in values.items():

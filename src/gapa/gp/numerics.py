@@ -22,11 +22,31 @@ class JitterWarning(UserWarning):
 
 
 def safe_cholesky(a: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of a batch of symmetric PSD matrices.
+    """Return the lower Cholesky factor of a batch of symmetric PSD matrices.
 
     Entries that fail get jitter ``eps * mean(diag)`` added, with ``eps`` growing tenfold from
     :data:`JITTER_START` up to :data:`JITTER_MAX`, a warning at each step; only failing entries are
-    touched. Raises :class:`NumericalError` naming the final jitter when that is not enough.
+    touched.
+
+    Parameters
+    ----------
+    a : Tensor
+        Matrices (..., n, n).
+
+    Returns
+    -------
+    Tensor
+        Their lower Cholesky factors, same shape.
+
+    Warns
+    -----
+    JitterWarning
+        At each jitter step.
+
+    Raises
+    ------
+    NumericalError
+        Naming the final jitter, when that is not enough.
     """
     chol, info = torch.linalg.cholesky_ex(a)
     if not bool((info > 0).any()):

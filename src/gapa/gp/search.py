@@ -57,14 +57,41 @@ _APPROXIMATE = (SearchBackend.IVF, SearchBackend.HNSW)
 
 
 class NeighbourIndex:
-    """K-nearest-neighbour index over the rows of ``points`` (N x d): a torch tensor or a numpy
-    array (a read-only float16/float32 ``numpy.memmap`` works).
+    """K-nearest-neighbour index over the rows of ``points`` (N x d).
 
     ``k`` and ``recall_target`` only matter for the approximate back ends: recall@k is measured
-    on held-out rows and the search parameter raised until it reaches the target. ``gpu`` moves a
-    faiss index to the GPU (None: when GPU faiss is installed and the points are on CUDA).
-    ``space`` names the coordinates the points are in (JSON-safe; kept in :meth:`state`), so
-    whoever restores a saved index can tell one built on other coordinates and rebuild it.
+    on held-out rows and the search parameter raised until it reaches the target (with a
+    :class:`RuntimeWarning` when the largest setting falls short).
+
+    Parameters
+    ----------
+    points : Tensor or numpy.ndarray
+        The rows, floating point; a read-only float16/float32 ``numpy.memmap`` works.
+    backend : SearchBackend or str
+        See :class:`SearchBackend`; ``auto`` is resolved here by the number of rows.
+    k : int
+        The neighbours the approximate back ends are tuned for.
+    recall_target : float
+        In (0, 1].
+    seed : int
+        Seeds the held-out sample and the IVF training.
+    gpu : bool, optional
+        Move a faiss index to the GPU; None does so when GPU faiss is installed and the points
+        are on CUDA (never for HNSW).
+    space : str, optional
+        Names the coordinates the points are in (JSON-safe; kept in :meth:`state`), so whoever
+        restores a saved index can tell one built on other coordinates and rebuild it.
+
+    Raises
+    ------
+    ConfigurationError
+        For an unknown back end, a ``k`` that is not a positive integer (or, for the
+        approximate back ends, exceeds N), a ``recall_target`` outside (0, 1], or ``gpu=True``
+        with HNSW.
+    InputError
+        For ``points`` that are not a 2-D floating tensor or array.
+    MissingDependencyError
+        A faiss back end without faiss, or ``gpu=True`` without GPU faiss.
     """
 
     def __init__(
@@ -215,10 +242,11 @@ class NeighbourIndex:
     # ------------------------------------------------------------------------------------ use
 
     def __len__(self) -> int:
+        """Return the number of indexed rows, N."""
         return self.points.shape[0]
 
     def describe(self) -> str:
-        """One line: the back end, its parameters and the recall it measured."""
+        """Return one line: the back end, its parameters and the recall it measured."""
         if self.backend not in _APPROXIMATE:
             return f"{self.backend.value} (exact)"
         params = ", ".join(f"{k} {v}" for k, v in self.params.items())
@@ -227,7 +255,29 @@ class NeighbourIndex:
                 f"on {self.recall_queries} {where} rows)")
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices (B, k) of the k nearest rows to each query, nearest first."""
+        """Return the indices of the k nearest rows to each query, nearest first.
+
+        An approximate search that finds fewer than k rows for a query searches it exactly.
+
+        Parameters
+        ----------
+        queries : Tensor
+            (B, d) points in the index's coordinates.
+        k : int
+            In [1, N].
+
+        Returns
+        -------
+        Tensor
+            (B, k) row numbers (int64) on the queries' device.
+
+        Raises
+        ------
+        ConfigurationError
+            For ``k`` outside [1, N].
+        InputError
+            For queries not of shape (B, d).
+        """
         if not 1 <= k <= len(self):
             raise ConfigurationError(f"k must lie in [1, {len(self)}], got {k}")
         if queries.dim() != 2 or queries.shape[1] != self.dim:
@@ -252,7 +302,7 @@ class NeighbourIndex:
         return out
 
     def _map_ids(self, idx: np.ndarray) -> np.ndarray:
-        """faiss ids -> row numbers (-1, 'not found', stays -1)."""
+        """Map faiss ids to row numbers (-1, 'not found', stays -1)."""
         if self._ids is None:
             return idx
         return np.where(idx >= 0, self._ids[idx], -1)
@@ -260,9 +310,12 @@ class NeighbourIndex:
     # ---------------------------------------------------------------------------- persistence
 
     def state(self) -> dict:
-        """What :meth:`from_state` needs to rebuild this index without retraining. Arrays sit
-        only under ``index_bytes`` (uint8, the faiss index) and ``ids`` (int64); every other
-        value is JSON-safe. Exact back ends store no index: they are rebuilt from the points."""
+        """Return what :meth:`from_state` needs to rebuild this index without retraining.
+
+        Arrays sit only under ``index_bytes`` (uint8, the faiss index) and ``ids`` (int64); every
+        other value is JSON-safe. Exact back ends store no index: they are rebuilt from the
+        points.
+        """
         state = {
             "backend": self.backend.value, "params": dict(self.params), "recall": self.recall,
             "k": self.k, "recall_target": self.recall_target, "seed": self.seed,
@@ -282,8 +335,31 @@ class NeighbourIndex:
 
     @classmethod
     def from_state(cls, points, state: dict, *, gpu: bool | None = None) -> NeighbourIndex:
-        """The index :meth:`state` describes, over the same ``points``; an approximate index is
-        deserialized, not retrained, so it returns the same neighbours as the original."""
+        """Rebuild the index :meth:`state` describes, over the same ``points``.
+
+        An approximate index is deserialized, not retrained, so it returns the same neighbours
+        as the original; an exact one is built anew.
+
+        Parameters
+        ----------
+        points
+            The rows the index was built on.
+        state : dict
+            From :meth:`state`.
+        gpu : bool, optional
+            As for the constructor.
+
+        Returns
+        -------
+        NeighbourIndex
+
+        Raises
+        ------
+        InputError
+            The saved index covers another number of rows or dimensions than ``points``.
+        ConfigurationError, MissingDependencyError
+            As for the constructor.
+        """
         common = {"k": int(state["k"]), "recall_target": float(state["recall_target"]),
                   "seed": int(state["seed"]), "gpu": gpu}
         backend = parse_enum(SearchBackend, state["backend"], "search backend")
@@ -310,27 +386,30 @@ class NeighbourIndex:
 
 
 def as_faiss(t: torch.Tensor) -> np.ndarray:
-    """A tensor as faiss takes it: float32, CPU, C-contiguous numpy."""
+    """Return a tensor as faiss takes it: float32, CPU, C-contiguous numpy."""
     return t.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 def _rows_f32(points, rows: np.ndarray) -> np.ndarray:
-    """The given rows of ``points`` as a C-contiguous float32 numpy array (what faiss takes)."""
+    """Return the given rows of ``points`` as a C-contiguous float32 numpy array (for faiss)."""
     if isinstance(points, torch.Tensor):
         return as_faiss(points[torch.from_numpy(rows)])
     return np.ascontiguousarray(points[rows], dtype=np.float32)
 
 
 def _chunks(points, rows: np.ndarray):
-    """(row numbers, float32 rows) in chunks of at most ``ADD_CHUNK_ROWS``."""
+    """Yield (row numbers, float32 rows) in chunks of at most ``ADD_CHUNK_ROWS``."""
     for s in range(0, len(rows), ADD_CHUNK_ROWS):
         part = rows[s : s + ADD_CHUNK_ROWS]
         yield part, _rows_f32(points, part)
 
 
 def _exact_knn(faiss, points, rows: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
-    """Row numbers (B, k) of the exact k nearest among ``rows``, one chunk of rows at a time
-    (a flat index over the whole cache would be a second full float32 copy)."""
+    """Return the row numbers (B, k) of the exact k nearest among ``rows``.
+
+    It searches one chunk of rows at a time: a flat index over the whole cache would be a
+    second full float32 copy.
+    """
     best_d = np.full((len(q), 0), np.inf, dtype=np.float32)
     best_i = np.empty((len(q), 0), dtype=np.int64)
     # faiss computes batched flat distances as |x|^2 - 2 x.y + |y|^2, which cancels when the
@@ -360,8 +439,10 @@ def _flat_search(faiss, x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def _wants_gpu(faiss, gpu: bool | None, points, backend: SearchBackend) -> bool:
-    """Whether to move the faiss index to the GPU; every faiss GPU call is guarded with
-    ``hasattr`` because faiss-cpu lacks them."""
+    """Decide whether to move the faiss index to the GPU.
+
+    Every faiss GPU call is guarded with ``hasattr`` because faiss-cpu lacks them.
+    """
     available = (hasattr(faiss, "get_num_gpus") and hasattr(faiss, "index_cpu_to_all_gpus")
                  and faiss.get_num_gpus() > 0)
     if gpu is None:
@@ -379,6 +460,13 @@ def _wants_gpu(faiss, gpu: bool | None, points, backend: SearchBackend) -> bool:
 
 
 def import_faiss():
+    """Import and return the ``faiss`` module.
+
+    Raises
+    ------
+    MissingDependencyError
+        faiss is not installed.
+    """
     try:
         import faiss
     except ImportError as exc:

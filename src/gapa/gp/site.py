@@ -54,7 +54,13 @@ class Inducing(str, Enum):
 
 @dataclass(frozen=True)
 class GPConfig:
-    """Options shared by every GAPA call site (see :class:`gapa.GAPA` for their meaning)."""
+    """Options shared by every GAPA call site (see :class:`gapa.GAPA` for their meaning).
+
+    Raises
+    ------
+    ConfigurationError
+        For an option that cannot be right (see :meth:`__post_init__`).
+    """
 
     k: int = 1
     m: int | None = 512
@@ -68,8 +74,18 @@ class GPConfig:
     seed: int = 0
 
     def __post_init__(self):
-        """Refuse options that cannot be right (never repair them); enum options may be given
-        as their strings."""
+        """Refuse options that cannot be right (never repair them).
+
+        Enum options may be given as their strings; they are stored as members.
+
+        Raises
+        ------
+        ConfigurationError
+            For a ``k`` or ``m`` that is not a positive integer (``m`` may be None), an unknown
+            enum option, a ``noise_by_count`` that is not a bool, a ``lengthscale_quantile``
+            outside (0, 1], a ``noise_ratio`` that is not finite and > 0, or a negative
+            ``seed``.
+        """
         if not _is_int(self.k) or self.k < 1:
             raise ConfigurationError(f"k must be a positive integer, got {self.k!r}")
         if self.m is not None and (not _is_int(self.m) or self.m < 1):
@@ -93,16 +109,25 @@ def _is_int(value) -> bool:
 
 
 def constant_units(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Which units (bool, (d,)) are constant over rows whose per-unit range is ``lo``..``hi``:
-    equal, or within :data:`CONSTANT_EPS` machine epsilons of their magnitude (rounding)."""
+    """Return which units are constant over rows whose per-unit range is ``lo``..``hi``.
+
+    A unit is constant when its bounds are equal, or within :data:`CONSTANT_EPS` machine
+    epsilons of their magnitude (rounding).
+
+    Returns
+    -------
+    Tensor
+        (d,) bool.
+    """
     eps = torch.finfo(lo.dtype).eps
     return (hi - lo) <= CONSTANT_EPS * eps * torch.maximum(lo.abs(), hi.abs())
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """The coordinates neighbours are searched (and inducing points chosen) in:
-    ``(z[:, keep] - centre) / scale``.
+    """The coordinates neighbours are searched (and inducing points chosen) in.
+
+    A pre-activation ``z`` maps to ``(z[:, keep] - centre) / scale``.
 
     The nearest rows are those with the largest product kernel, i.e. the smallest sum of
     ``(z_j - x_j)^2 / l_j^2``. A unit constant over the rows adds the same amount to every
@@ -120,6 +145,7 @@ class SearchSpace:
 
     @classmethod
     def of(cls, lo: torch.Tensor, hi: torch.Tensor, lengthscale: torch.Tensor) -> SearchSpace:
+        """Build the space of rows with per-unit range ``lo``..``hi`` and these lengthscales."""
         origin = lo / 2 + hi / 2  # halves first: no overflow
         varies = ~constant_units(lo, hi)
         if bool(varies.all()):
@@ -129,20 +155,24 @@ class SearchSpace:
 
     @classmethod
     def over(cls, rows: torch.Tensor, lengthscale: torch.Tensor) -> SearchSpace:
+        """Build the space of ``rows`` (N x d) with these lengthscales."""
         return cls.of(rows.amin(0), rows.amax(0), lengthscale)
 
     @property
     def dim(self) -> int:
+        """The number of units that vary, d' (0: every row is the same point)."""
         return len(self.scale)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        """Pre-activations (B, d) in this space (B, d')."""
+        """Map pre-activations (B, d) into this space (B, d')."""
         kept = z if self.keep is None else z[:, self.keep]
         return (kept - self.centre).div_(self.scale)
 
     def lift(self, points: torch.Tensor) -> torch.Tensor:
-        """Points of this space (B, d') back as pre-activations (B, d); constant units get
-        their value."""
+        """Map points of this space (B, d') back to pre-activations (B, d).
+
+        Constant units get their value.
+        """
         if self.keep is None:
             return points * self.scale + self.centre
         out = self.origin.expand(len(points), -1).clone()
@@ -172,9 +202,42 @@ class GPSite:
         config: GPConfig,
         overrides: dict | None = None,
     ) -> GPSite:
-        """The site of call ``key`` fitted on its cached pre-activations ``pre``: label-free
-        hyperparameters (with ``overrides``) and the conditioning set (the cache, or ``m``
-        inducing points)."""
+        """Fit the site of call ``key`` on its cached pre-activations ``pre``.
+
+        That is, estimate label-free hyperparameters (with ``overrides``) and choose the
+        conditioning set: the cache, or ``m`` inducing points.
+
+        Parameters
+        ----------
+        key : str
+            The call site (see :func:`gapa.capture.hooks.site_key`).
+        pre : Tensor or StoredRows
+            The cached pre-activations (N x d).
+        activation : callable
+            The site's activation module.
+        config : GPConfig
+            The options.
+        overrides : dict, optional
+            User hyperparameters for this site (see :func:`gapa.gp.kernels.override`).
+
+        Returns
+        -------
+        GPSite
+
+        Raises
+        ------
+        EmptyDataError
+            Nothing was cached.
+        NonFiniteError
+            The cache (a tensor) holds NaN or Inf.
+        ConfigurationError
+            For overrides that cannot be right, more neighbours than conditioning rows, or
+            hyperparameters the rows' dtype cannot hold.
+        CacheTooLargeError
+            Exact conditioning on more than :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows.
+        MissingDependencyError
+            Inducing points are chosen without faiss installed.
+        """
         n = len(pre)
         if n == 0:
             raise EmptyDataError(f"no activations were cached at {key!r}: the training set is empty")
@@ -218,10 +281,31 @@ class GPSite:
         hyperparameters: Hyperparameters, cache_size: int, lengthscale_factor: float = 1.0,
         index_state: dict | None = None,
     ) -> GPSite:
-        """A site from saved state (:mod:`gapa.persistence`): the conditioning rows, their
-        counts and the fitted hyperparameters, with no cache and no refit; ``index_state``
-        (from :meth:`gapa.gp.search.NeighbourIndex.state`) restores the index without retraining
-        when it was built on this search space (:data:`SEARCH_SPACE`), else it is rebuilt."""
+        """Rebuild a site from saved state (:mod:`gapa.persistence`), with no cache and no refit.
+
+        Parameters
+        ----------
+        key : str
+            The call site.
+        config : GPConfig
+            The options.
+        rows, counts : Tensor
+            The conditioning rows and how many cached rows each stands for.
+        hyperparameters : Hyperparameters
+            The fitted values, before any lengthscale factor.
+        cache_size : int
+            Rows of the cache the site was fitted on.
+        lengthscale_factor : float
+            Applied as by :meth:`rescale_lengthscale`.
+        index_state : dict, optional
+            From :meth:`gapa.gp.search.NeighbourIndex.state`: restores the index without
+            retraining when it was built on this search space (:data:`SEARCH_SPACE`); else the
+            index is rebuilt.
+
+        Returns
+        -------
+        GPSite
+        """
         if index_state is not None and index_state.get("space") != SEARCH_SPACE:
             index_state = None
         site = cls(key, config, rows, counts, hyperparameters, cache_size, index_state)
@@ -231,10 +315,38 @@ class GPSite:
 
     def __init__(self, key: str, config: GPConfig, rows: torch.Tensor, counts: torch.Tensor,
                  hp: Hyperparameters, cache_size: int, index_state: dict | None = None):
-        """A site conditioned on ``rows`` (each standing for ``counts`` cached rows) with the
-        hyperparameters ``hp``; builds (or, from ``index_state``, restores) its index. Fitted
-        and restored sites go through here with the same values, so a saved site finds the
-        same neighbours to the last tie."""
+        """Condition a site on ``rows`` (each standing for ``counts`` cached rows).
+
+        Builds (or, from ``index_state``, restores) its index. Fitted and restored sites go
+        through here with the same values, so a saved site finds the same neighbours to the
+        last tie.
+
+        Parameters
+        ----------
+        key : str
+            The call site.
+        config : GPConfig
+            The options.
+        rows : Tensor
+            The conditioning rows (pre-activations, M x d).
+        counts : Tensor
+            (M,) cached rows each stands for; with ``noise_by_count`` a row's noise is
+            ``hp.noise / count``.
+        hp : Hyperparameters
+            The kernel.
+        cache_size : int
+            Rows of the cache the site was fitted on.
+        index_state : dict, optional
+            A saved index over these rows, from :meth:`gapa.gp.search.NeighbourIndex.state`.
+
+        Raises
+        ------
+        ConfigurationError
+            For hyperparameters the rows' dtype cannot hold, or more neighbours ``k`` than
+            conditioning rows.
+        CacheTooLargeError
+            Exact conditioning on more than :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows.
+        """
         self.key = key
         self.config = config
         self.cache_size = cache_size
@@ -273,10 +385,13 @@ class GPSite:
                     if index_state is None else NeighbourIndex.from_state(points, index_state))
 
     def _check_representable(self) -> None:
-        """Hyperparameters that overflow, or a lengthscale or amplitude that vanishes, in the
-        rows' dtype would give NaN variances: refuse them, naming the site (user values are
-        checked before, so this catches only what the dtype cannot hold). A row's noise may
-        underflow to 0 (half precision, large counts): Cholesky jitter covers that."""
+        """Refuse hyperparameters the rows' dtype cannot hold, naming the site.
+
+        Hyperparameters that overflow, or a lengthscale or amplitude that vanishes, in the
+        rows' dtype would give NaN variances (user values are checked before, so this catches
+        only what the dtype cannot hold). A row's noise may underflow to 0 (half precision,
+        large counts): Cholesky jitter covers that.
+        """
         hp = self.hyperparameters
         for name, value, zero_ok in (("lengthscale", hp.lengthscale, False),
                                      ("amplitude", hp.amplitude, False),
@@ -294,8 +409,10 @@ class GPSite:
         return self._search_scale
 
     def describe(self) -> str:
-        """One line: cache size, conditioning set, width and how neighbours are found (with the
-        recall an approximate index measured at fit time)."""
+        """Return one line: cache size, conditioning set, width and how neighbours are found.
+
+        An approximate index adds the recall it measured at fit time.
+        """
         if self._exact is not None:
             how = "exact conditioning"
         elif self._index is None:
@@ -309,8 +426,10 @@ class GPSite:
 
     @property
     def index(self):
-        """The neighbour index, over :attr:`search_space` (``None`` for exact conditioning,
-        and where no unit varies over the rows)."""
+        """The neighbour index, over :attr:`search_space`.
+
+        ``None`` for exact conditioning, and where no unit varies over the rows.
+        """
         return self._index
 
     @property
@@ -319,8 +438,16 @@ class GPSite:
         return self._space
 
     def rescale_lengthscale(self, factor: float) -> None:
-        """Set every lengthscale to ``factor`` times its fitted value. Neighbour ranks do not
-        change, so the index is kept; a validation search over ``factor`` needs no refit."""
+        """Set every lengthscale to ``factor`` times its fitted value.
+
+        Neighbour ranks do not change, so the index is kept; a validation search over
+        ``factor`` needs no refit.
+
+        Raises
+        ------
+        ConfigurationError
+            For a ``factor`` that is not positive.
+        """
         if not factor > 0:
             raise ConfigurationError(f"lengthscale factor must be positive, got {factor}")
         self.hyperparameters = replace(self.hyperparameters, lengthscale=self._search_scale * factor)
@@ -333,22 +460,40 @@ class GPSite:
         return len(self.rows)
 
     def nearest_distance(self, z: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance (B,) from each query to its nearest conditioning row over every
-        unit, each divided by its lengthscale: the kernel's own distance. The nearest row is
-        found in the search space; a unit constant over the rows adds the same to every row's
-        distance, so leaving it out of the search changes no choice."""
+        """Return the kernel's distance (B,) from each query ``z`` (B, d) to its nearest row.
+
+        The distance is Euclidean over every unit, each divided by its lengthscale. The nearest
+        conditioning row is found in the search space; a unit constant over the rows adds the
+        same to every row's distance, so leaving it out of the search changes no choice.
+        """
         nearest = self.rows[self._neighbours(z, 1)[:, 0]]
         return ((z - nearest) / self.hyperparameters.lengthscale).norm(dim=1)
 
     def _neighbours(self, z: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices (B, k) of the k rows nearest to pre-activations ``z`` (B, d)."""
+        """Return the indices (B, k) of the k rows nearest to pre-activations ``z`` (B, d)."""
         if self._finder is None:  # no unit varies: every row is as near, take the first k
             return torch.arange(k, device=z.device).expand(len(z), k)
         return self._finder.search(self._space(z), k)
 
     def variance(self, z: torch.Tensor) -> torch.Tensor:
-        """Posterior variance of the activation at pre-activations ``z`` (..., d), same shape;
-        every leading position is one query."""
+        """Return the posterior variance of the activation at pre-activations ``z``.
+
+        Parameters
+        ----------
+        z : Tensor
+            (..., d); every leading position is one query.
+
+        Returns
+        -------
+        Tensor
+            The variances, shaped like ``z``.
+
+        Raises
+        ------
+        InputError
+            For a last dimension other than the site's width, or a dtype or device other than
+            the fit's.
+        """
         if z.dim() != 2 and z.shape[-1:] == (self.width,):
             return self.variance(z.reshape(-1, self.width)).reshape(z.shape)
         if z.shape[-1] != self.width:

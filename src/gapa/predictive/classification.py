@@ -70,7 +70,7 @@ class OODScore(str, Enum):
     """The per-input out-of-distribution score; for all of them higher = more likely OOD."""
 
     ENTROPY = "entropy"
-    """Predictive entropy of ``probs`` in nats (the score of the published benchmarks)."""
+    """Predictive entropy of ``probs`` in nats (the default)."""
     TOTAL_VARIANCE = "total_variance"
     """Sum of the logit variances over classes."""
     PREDICTED_VARIANCE = "predicted_variance"
@@ -103,7 +103,9 @@ class ClassPrediction:
     ood_score: torch.Tensor
     """Higher = more likely out-of-distribution."""
     ood_score_kind: OODScore
+    """Which quantity ``ood_score`` is."""
     method: Method
+    """How ``probs`` were computed."""
     concentration: torch.Tensor | None = None
     """Dirichlet parameters, ``(..., C)``, for the Laplace bridge; ``None`` otherwise."""
 
@@ -113,7 +115,9 @@ class LaplaceBridge:
     """Dirichlet ``Dir(concentration)`` over the class probabilities, and its mean ``probs``."""
 
     concentration: torch.Tensor
+    """Dirichlet parameters ``alpha``, ``(..., C)``."""
     probs: torch.Tensor
+    """The Dirichlet's mean, ``(..., C)``."""
 
     @property
     def precision(self) -> torch.Tensor:
@@ -129,9 +133,13 @@ class VarianceScaleFit:
     """
 
     scale: float
+    """The factor ``c`` of the logit variance (0 when the plain softmax is best)."""
     nll: float
+    """Mean validation NLL at ``scale``."""
     map_nll: float
+    """Mean validation NLL of ``softmax(mean)`` (``scale = 0``)."""
     method: Method
+    """The predictive the scale was fitted for."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +147,9 @@ class TemperatureFit:
     """``softmax(logits / temperature)`` fitted on validation NLL (mean per input, nats)."""
 
     temperature: float
+    """``T > 0``, dividing the logits."""
     nll: float
+    """Mean validation NLL at ``temperature``."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -152,7 +162,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def _check_logits(name: str, t: object) -> torch.Tensor:
-    """A finite real floating tensor of shape ``(..., C)`` with ``C >= 2``."""
+    """Return ``t``, checked to be a finite real floating tensor ``(..., C)`` with ``C >= 2``."""
     t = _check_tensor(name, t)
     if not t.is_floating_point():
         raise InputError(f"{name} must be a real floating tensor, got {t.dtype}")
@@ -167,7 +177,10 @@ def _check_logits(name: str, t: object) -> torch.Tensor:
 
 
 def _check_moments(mean: object, var: object) -> None:
-    """Same shape ``(..., C)`` with ``C >= 2``, same floating dtype and device, finite, var >= 0."""
+    """Check that ``mean`` and ``var`` are finite logit moments, ``var >= 0``.
+
+    Both of one shape ``(..., C)`` with ``C >= 2``, one floating dtype and one device.
+    """
     _check_tensor("mean", mean)
     _check_tensor("var", var)
     if mean.shape != var.shape:
@@ -248,6 +261,26 @@ def probit(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     the predicted class (a confident-but-uncertain winner is shrunk below a certain runner-up),
     and, unlike the softmax and the Monte-Carlo predictive, it depends on the logits' arbitrary
     common offset. ``var = 0`` gives ``softmax(mean)`` bit for bit.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Logit means, ``(..., C)``.
+    var : torch.Tensor
+        Logit variances, of ``mean``'s shape, dtype and device.
+
+    Returns
+    -------
+    torch.Tensor
+        Class probabilities, ``(..., C)``.
+
+    Raises
+    ------
+    InputError
+        When ``mean`` and ``var`` are not real floating tensors of one shape ``(..., C)``
+        with ``C >= 2``, dtype and device, or ``var`` has negative entries.
+    NonFiniteError
+        NaN or Inf in ``mean`` or ``var``.
     """
     _check_moments(mean, var)
     return _probit(mean, var)
@@ -276,6 +309,26 @@ def probit_argmax_preserving(mean: torch.Tensor, var: torch.Tensor) -> torch.Ten
     predictive entropy a non-decreasing function of the total logit variance for a fixed mean,
     so the two OOD scores agree in direction. ``var = 0`` gives ``softmax(mean)`` except where
     the guard above applies.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Logit means, ``(..., C)``.
+    var : torch.Tensor
+        Logit variances, of ``mean``'s shape, dtype and device.
+
+    Returns
+    -------
+    torch.Tensor
+        Class probabilities, ``(..., C)``, with ``argmax`` that of ``mean``.
+
+    Raises
+    ------
+    InputError
+        When ``mean`` and ``var`` are not real floating tensors of one shape ``(..., C)``
+        with ``C >= 2``, dtype and device, or ``var`` has negative entries.
+    NonFiniteError
+        NaN or Inf in ``mean`` or ``var``.
     """
     _check_moments(mean, var)
     return _argmax_preserving(mean, var)
@@ -294,13 +347,42 @@ def monte_carlo(
     *,
     max_elements: int = _MC_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    """Reference predictive ``E[softmax(f)]``, ``f ~ N(mean, diag(var))``, by Monte Carlo.
+    """Return the reference predictive ``E[softmax(f)]``, ``f ~ N(mean, diag(var))``, by sampling.
 
     Samples are drawn from ``generator`` (on ``mean``'s device); without one, a fresh generator
     seeded with 0 is used, so the result is deterministic and global RNG state is never touched.
     At most ``max_elements`` sampled logits are held at once; the sum is kept in float64 and the
     result returned in ``mean``'s dtype. The standard error of each probability is at most
     ``0.5 / sqrt(n_samples)``.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Logit means, ``(..., C)``.
+    var : torch.Tensor
+        Logit variances, of ``mean``'s shape, dtype and device.
+    n_samples : int, default 1000
+        Logit samples per input.
+    generator : torch.Generator or None, default None
+        Source of the samples, on ``mean``'s device type.
+    max_elements : int, default 2**22
+        Most sampled logits held at once.
+
+    Returns
+    -------
+    torch.Tensor
+        Class probabilities, ``(..., C)``, in ``mean``'s dtype.
+
+    Raises
+    ------
+    InputError
+        When ``mean`` and ``var`` are not real floating tensors of one shape ``(..., C)``
+        with ``C >= 2``, dtype and device, ``var`` has negative entries, or ``generator`` is
+        not a ``torch.Generator`` on ``mean``'s device type.
+    NonFiniteError
+        NaN or Inf in ``mean`` or ``var``.
+    ConfigurationError
+        When ``n_samples`` or ``max_elements`` is not a positive int.
     """
     _check_moments(mean, var)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
@@ -362,6 +444,28 @@ def laplace_bridge(
     ``probs`` unchanged: the bridge carries its uncertainty in the precision ``sum_k alpha_k``.
     Every ``var`` must be > 0 (``var = 0`` is an infinite concentration). ``probs`` is computed
     in log space, so it stays finite even where ``alpha`` overflows to ``inf``.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Logit means, ``(..., C)``.
+    var : torch.Tensor
+        Logit variances, of ``mean``'s shape, dtype and device, all > 0.
+    correct : bool, default False
+        Apply the zero-sum correction first.
+
+    Returns
+    -------
+    LaplaceBridge
+        The Dirichlet's ``concentration`` and its mean ``probs``.
+
+    Raises
+    ------
+    InputError
+        When ``mean`` and ``var`` are not real floating tensors of one shape ``(..., C)``
+        with ``C >= 2``, dtype and device, or ``var`` has an entry <= 0.
+    NonFiniteError
+        NaN or Inf in ``mean`` or ``var``.
     """
     _check_moments(mean, var)
     return _laplace_bridge(mean, var, correct)
@@ -411,6 +515,38 @@ def predict_classes(
     method keeps the network's predicted class; the default OOD score is the predictive entropy
     (higher = more likely OOD). With ``"laplace_bridge"`` the probabilities, hence the entropy, do
     not change when all variances are scaled alike; its ``concentration`` carries that instead.
+
+    Parameters
+    ----------
+    moments : Moments
+        Logit moments, ``mean`` and ``var`` shaped ``(..., C)``.
+    method : Method or str, default "argmax_preserving"
+        How to turn the moments into probabilities (:class:`Method`).
+    ood_score : OODScore or str, default "entropy"
+        The quantity of ``ood_score`` (:class:`OODScore`).
+    variance_scale : float, default 1.0
+        Multiplies ``var`` before the probabilities are computed; finite and >= 0.
+    n_samples : int, default 1000
+        Samples of ``method="monte_carlo"``.
+    generator : torch.Generator or None, default None
+        Source of the samples of ``method="monte_carlo"`` (see :func:`monte_carlo`).
+
+    Returns
+    -------
+    ClassPrediction
+        Probabilities, predicted class, entropy, raw logit variances and the OOD score.
+
+    Raises
+    ------
+    InputError
+        When ``moments`` is not a :class:`gapa.Moments` or its tensors are not valid logit
+        moments (as for :func:`probit`); for ``"laplace_bridge"`` also a variance of 0, for
+        ``"monte_carlo"`` a bad ``generator`` (see :func:`monte_carlo`).
+    NonFiniteError
+        NaN or Inf in the moments, or ``variance_scale * var`` overflows.
+    ConfigurationError
+        An unknown ``method`` or ``ood_score``, a negative or non-finite ``variance_scale``, or
+        (``"monte_carlo"``) an ``n_samples`` that is not a positive int.
     """
     if not isinstance(moments, Moments):
         raise InputError(f"moments must be a gapa.Moments, got {type(moments).__name__}")
@@ -489,6 +625,34 @@ def fit_variance_scale(
 
     ``method`` is ``"argmax_preserving"`` or ``"probit"``: Monte Carlo is noisy in ``c`` and
     the Laplace-bridge mean does not depend on ``c`` at all.
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        Validation logit means, ``(..., C)``.
+    var : torch.Tensor
+        Their variances, of ``mean``'s shape, dtype and device.
+    labels : torch.Tensor
+        Integer class indices in ``[0, C)``, of the batch shape ``...``.
+    method : {"argmax_preserving", "probit"}, default "argmax_preserving"
+        The predictive the scale is fitted for.
+    bounds : tuple of float, default (1e-6, 1e6)
+        ``(lo, hi)`` with ``0 < lo < hi < inf``, in units of ``1 / mean(var)``.
+
+    Returns
+    -------
+    VarianceScaleFit
+        The scale, its NLL and the plain softmax's NLL.
+
+    Raises
+    ------
+    InputError
+        Moments as for :func:`probit`, or labels that are not integer class indices of the
+        batch shape on the logits' device, or empty.
+    NonFiniteError
+        NaN or Inf in ``mean`` or ``var``.
+    ConfigurationError
+        Another ``method``, or ``bounds`` out of order.
     """
     _check_moments(mean, var)
     method = parse_enum(Method, method, "method")
@@ -521,9 +685,33 @@ def fit_variance_scale(
 def fit_temperature(
     logits: torch.Tensor, labels: torch.Tensor, *, bounds: tuple[float, float] = (1e-2, 1e2)
 ) -> TemperatureFit:
-    """Temperature scaling (the baseline): ``T > 0`` minimising the NLL of ``softmax(logits/T)``.
+    """Fit the temperature ``T > 0`` minimising the NLL of ``softmax(logits/T)`` (the baseline).
 
     Log-space grid then bounded Brent over ``T`` in ``bounds``; in float64.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        Validation logits, ``(..., C)``.
+    labels : torch.Tensor
+        Integer class indices in ``[0, C)``, of the batch shape ``...``.
+    bounds : tuple of float, default (1e-2, 1e2)
+        ``(lo, hi)`` with ``0 < lo < hi < inf``.
+
+    Returns
+    -------
+    TemperatureFit
+        The temperature and its NLL.
+
+    Raises
+    ------
+    InputError
+        Logits that are not a real floating ``(..., C)`` tensor with ``C >= 2``, or labels that
+        are not integer class indices of the batch shape on the logits' device, or empty.
+    NonFiniteError
+        NaN or Inf in ``logits``.
+    ConfigurationError
+        ``bounds`` out of order.
     """
     _check_logits("logits", logits)
     labels = _check_labels(labels, logits)

@@ -1,5 +1,8 @@
-"""Post-hoc calibration: fit ``scale`` and ``noise`` so that ``N(mean, scale*var + noise)`` has the
-smallest validation Gaussian NLL. The mean is never changed."""
+"""Post-hoc regression calibration of the predictive ``N(mean, scale*var + noise)``.
+
+``scale`` and ``noise`` are fitted so that the predictive has the smallest validation Gaussian
+NLL. The mean is never changed.
+"""
 
 from __future__ import annotations
 
@@ -33,11 +36,32 @@ class Calibration:
     """Fitted predictive ``N(mean, scale*var + noise)``; ``nll`` is the mean validation NLL."""
 
     scale: float
+    """Multiplies GAPA's variance (0 when the noise-only fit is best)."""
     noise: float
+    """The output noise variance added."""
     nll: float
+    """Mean validation Gaussian NLL of the fitted predictive."""
 
     def predictive_var(self, var: torch.Tensor) -> torch.Tensor:
-        """``scale*var + noise``, in ``var``'s dtype and device."""
+        """Return the predictive variance ``scale*var + noise``, in ``var``'s dtype and device.
+
+        Parameters
+        ----------
+        var : torch.Tensor
+            GAPA's epistemic variance.
+
+        Returns
+        -------
+        torch.Tensor
+            ``scale*var + noise``.
+
+        Raises
+        ------
+        InputError
+            When ``var`` is not a tensor or has negative entries.
+        NonFiniteError
+            When ``var`` has NaN or Inf entries.
+        """
         if not isinstance(var, torch.Tensor):
             raise InputError(f"var must be a torch.Tensor, got {type(var).__name__}")
         if not bool(torch.isfinite(var).all()):
@@ -47,7 +71,27 @@ class Calibration:
         return self.scale * var + self.noise
 
     def predictive_std(self, var: torch.Tensor) -> torch.Tensor:
-        """``sqrt(scale*var + noise)``, in ``var``'s dtype and device."""
+        """Return the predictive standard deviation ``sqrt(scale*var + noise)``.
+
+        In ``var``'s dtype and device.
+
+        Parameters
+        ----------
+        var : torch.Tensor
+            GAPA's epistemic variance.
+
+        Returns
+        -------
+        torch.Tensor
+            ``sqrt(scale*var + noise)``.
+
+        Raises
+        ------
+        InputError
+            When ``var`` is not a tensor or has negative entries.
+        NonFiniteError
+            When ``var`` has NaN or Inf entries.
+        """
         return self.predictive_var(var).sqrt()
 
 
@@ -71,8 +115,26 @@ def argmin_log(
     f: Callable[[float], float], lo: float, hi: float, *, points: int = _GRID,
     xatol: float = _XATOL,
 ) -> tuple[float, float]:
-    """Minimise ``f`` over ``[lo, hi]`` (both > 0): a log-space grid of ``points``, then
-    bounded Brent between the best point's neighbours (``xatol`` in log space)."""
+    """Minimise ``f`` over ``[lo, hi]`` (both > 0) in log space.
+
+    A log-space grid of ``points``, then bounded Brent between the best point's neighbours.
+
+    Parameters
+    ----------
+    f : callable
+        A function of one positive float.
+    lo, hi : float
+        The interval, ``0 < lo < hi``.
+    points : int, default 17
+        Points of the grid.
+    xatol : float, default 1e-7
+        Brent's tolerance, in log space.
+
+    Returns
+    -------
+    tuple of float
+        ``(x, f(x))`` at the best point found.
+    """
     grid = np.linspace(math.log(lo), math.log(hi), points)
     vals = [f(math.exp(t)) for t in grid]
     i = int(np.argmin(vals))
@@ -87,25 +149,30 @@ def argmin_log(
 
 
 def _noise_bounds(r2: np.ndarray, mse: float) -> tuple[float, float]:
-    """Search interval for the noise. The NLL increases in noise beyond max(r2), so the optimum
-    lies below the top; the bottom stays > 0 on purpose, so predictive_std is positive even where
-    a test var is 0."""
+    """Return the search interval for the noise.
+
+    The NLL increases in noise beyond max(r2), so the optimum lies below the top; the bottom
+    stays > 0 on purpose, so predictive_std is positive even where a test var is 0.
+    """
     return 1e-6 * mse, max(10.0 * mse, float(r2.max()))
 
 
 def _argmin_1d(
     f: Callable[[float, bool], tuple[float, float, tuple[float, ...]]], a: float, b: float
 ) -> tuple[float, tuple[float, ...]]:
-    """Global minimum over ``[a, b]`` of a C1 profile ``f(u, with_value) -> (derivative, value,
-    point)``. The value (``nan`` unless asked for) costs a log per row, the bulk of the time, so
-    it is computed only at the candidates.
+    """Return the global minimum over ``[a, b]`` of a C1 profile, and its point.
+
+    The profile is ``f(u, with_value) -> (derivative, value, point)``. The value (``nan`` unless
+    asked for) costs a log per row, the bulk of the time, so it is computed only at the
+    candidates.
 
     The NLL profiles are not convex in general (e.g. groups of rows in different variance regimes
     give several basins), so the derivative is first scanned on a grid of step ``_SCAN_STEP``.
     Candidates are both ends and a root of ``f'`` (brentq) in each grid interval where ``f'`` goes
     from - to +; if there are more than ``_REFINE`` such intervals, only the lowest, by the
     value integrated from ``f'`` (trapezoid rule), are refined. Returns the best value and its
-    ``point``."""
+    ``point``.
+    """
     grid = np.linspace(a, b, max(math.ceil((b - a) / _SCAN_STEP), 2) + 1)
     ders = np.array([f(u, False)[0] for u in grid])
     brackets = np.flatnonzero((ders[:-1] < 0.0) & (ders[1:] >= 0.0))
@@ -121,7 +188,7 @@ def _argmin_1d(
 
 
 def _fit_noise(r2: np.ndarray, v: np.ndarray, mse: float) -> tuple[float, float]:
-    """Best noise for the fixed scale 1 (``t = v + noise``); returns ``(noise, nll)``."""
+    """Return the best noise for the fixed scale 1 (``t = v + noise``) as ``(noise, nll)``."""
     n_lo, n_hi = _noise_bounds(r2, mse)
     q, rq = np.empty_like(v), np.empty_like(v)
 
@@ -140,13 +207,14 @@ def _fit_noise(r2: np.ndarray, v: np.ndarray, mse: float) -> tuple[float, float]
 
 
 def _fit_both(r2: np.ndarray, v: np.ndarray, mse: float) -> tuple[float, float, float]:
-    """Best ``(scale, noise, nll)`` over the same box as the nested reference search, exactly
-    reduced to one dimension.
+    """Return the best ``(scale, noise, nll)`` over the box of the nested reference search.
 
-    With ``rho = scale/noise``, ``t_i = noise*(1 + rho*v_i)`` and the NLL is
+    The search is exactly reduced to one dimension. With ``rho = scale/noise``,
+    ``t_i = noise*(1 + rho*v_i)`` and the NLL is
     ``0.5*(log 2pi + log noise + mean log(1 + rho*v) + A/noise)`` with ``A = mean(r2/(1 + rho*v))``:
     unimodal in noise, so for a fixed ``rho`` the best noise in the box is ``A`` clipped to the
-    box's slice at that ``rho``. Only the profile over ``log rho`` needs a (global) search."""
+    box's slice at that ``rho``. Only the profile over ``log rho`` needs a (global) search.
+    """
     s0 = mse / float(v.mean())
     s_lo, s_hi = 1e-6 * s0, 1e6 * s0
     n_lo, n_hi = _noise_bounds(r2, mse)
@@ -176,13 +244,16 @@ def _fit_both(r2: np.ndarray, v: np.ndarray, mse: float) -> tuple[float, float, 
 
 
 def _fit_noise_nested(r2: np.ndarray, v: np.ndarray, mse: float) -> tuple[float, float]:
-    """Reference for :func:`_fit_noise`: log grid then bounded Brent."""
+    """Fit the noise by a log grid then bounded Brent (the reference for :func:`_fit_noise`)."""
     return argmin_log(lambda n: _nll(r2, v + n), *_noise_bounds(r2, mse))
 
 
 def _fit_both_nested(r2: np.ndarray, v: np.ndarray, mse: float) -> tuple[float, float, float]:
-    """Reference for :func:`_fit_both`: a bounded search over scale, each step with an inner one
-    over noise (about a thousand NLL evaluations over all rows)."""
+    """Fit scale and noise by nested 1-D searches (the reference for :func:`_fit_both`).
+
+    A bounded search over scale, each step with an inner one over noise (about a thousand NLL
+    evaluations over all rows).
+    """
     s0 = mse / float(v.mean())
     cache: dict[float, tuple[float, float]] = {}
 
@@ -204,7 +275,7 @@ def _fit(
     fit_noise: Callable[[np.ndarray, np.ndarray, float], tuple[float, float]],
     fit_both: Callable[[np.ndarray, np.ndarray, float], tuple[float, float, float]],
 ) -> Calibration:
-    """Input checks and the special cases shared by the fast fit and its slow reference."""
+    """Check the inputs and fit, with the special cases shared by the fast fit and its reference."""
     shapes = {"mean": mean, "var": var, "y": y}
     for name, t in shapes.items():
         if not isinstance(t, torch.Tensor):
@@ -251,11 +322,37 @@ def fit_scale_and_noise(
 
     For each ratio ``scale/noise`` the best noise has a closed form, so only a 1-D profile over
     that ratio is searched: a fine log grid, then a root of its derivative. If every ``var`` is
-    zero, ``scale = 0`` and ``noise = mean((y - mean)**2)`` exactly. With ``fit_scale=False`` the
-    scale stays 1 and only the noise is fitted. Otherwise the scale lies in
-    ``[1e-6, 1e6] * mse/mean(var)``, the noise is kept at least ``1e-6 * mean((y - mean)**2)``
-    (so predictive std is always positive), and the noise-only fit (``scale = 0``) is returned
-    when it is better. One scalar scale and noise are shared by all elements (all outputs).
+    zero, ``noise = mean((y - mean)**2)`` exactly and ``scale = 0`` (1 with
+    ``fit_scale=False``). With ``fit_scale=False`` the scale stays 1 and only the noise is
+    fitted. Otherwise the scale lies in ``[1e-6, 1e6] * mse/mean(var)``, the noise is kept at
+    least ``1e-6 * mean((y - mean)**2)`` (so predictive std is always positive), and the
+    noise-only fit (``scale = 0``) is returned when it is better. One scalar scale and noise are
+    shared by all elements (all outputs).
+
+    Parameters
+    ----------
+    mean : torch.Tensor
+        The predicted means on the validation data.
+    var : torch.Tensor
+        GAPA's variances there, of ``mean``'s shape, non-negative.
+    y : torch.Tensor
+        The validation targets, of ``mean``'s shape (no broadcasting).
+    fit_scale : bool, default True
+        Fit the scale; False keeps it at 1 and fits only the noise.
+
+    Returns
+    -------
+    Calibration
+        The fitted scale, noise and mean validation NLL.
+
+    Raises
+    ------
+    InputError
+        When an input is not a real tensor, the shapes differ, the inputs are empty, ``var``
+        has negative entries, or every residual ``y - mean`` is zero (the noise is not
+        identifiable).
+    NonFiniteError
+        NaN or Inf in an input.
     """
     return _fit(mean, var, y, fit_scale, _fit_noise, _fit_both)
 
@@ -263,5 +360,8 @@ def fit_scale_and_noise(
 def _fit_scale_and_noise_reference(
     mean: torch.Tensor, var: torch.Tensor, y: torch.Tensor, *, fit_scale: bool = True
 ) -> Calibration:
-    """The former nested 1-D searches (~20x slower), kept so tests can check the fast fit."""
+    """Fit as :func:`fit_scale_and_noise` does, by the former nested 1-D searches (~20x slower).
+
+    Kept so tests can check the fast fit.
+    """
     return _fit(mean, var, y, fit_scale, _fit_noise_nested, _fit_both_nested)

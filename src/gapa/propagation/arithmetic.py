@@ -1,5 +1,8 @@
-"""Sums, differences, products and quotients; two uncertain operands are treated as independent
-(exact for independent terms, an approximation when they share an upstream cause)."""
+"""Sums, differences, products and quotients.
+
+Two uncertain operands are treated as independent (exact for independent terms, an
+approximation when they share an upstream cause).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ def _operands(args, kwargs) -> tuple[Any, Any]:
 
 
 def square(x: Any) -> Any:
+    """Return ``x`` squared, for a tensor or a number."""
     return x.square() if isinstance(x, Tensor) else x * x
 
 

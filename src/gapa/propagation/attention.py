@@ -26,7 +26,23 @@ def product_var(
     product: Callable[[Tensor, Tensor], Tensor], a: Tensor, va: Tensor | None, b: Tensor,
     vb: Tensor | None,
 ) -> Tensor:
-    """Variance of the bilinear ``product(a, b)`` for independent operands (None: constant)."""
+    """Return the variance of the bilinear ``product(a, b)`` for independent operands.
+
+    Parameters
+    ----------
+    product : callable
+        The bilinear map, e.g. ``torch.matmul``.
+    a, b : Tensor
+        The operands' means.
+    va, vb : Tensor or None
+        Their variances; None for a constant operand.
+
+    Returns
+    -------
+    Tensor or None
+        ``product(va, b^2) + product(a^2, vb) + product(va, vb)``, without the terms of a
+        constant operand; None when both are constant.
+    """
     var = None
     if va is not None:
         var = product(va, b.square())
@@ -67,8 +83,11 @@ def _addmm(tr: VarianceTracker, func, args, kwargs):
 
 
 def _einsum_reduce(sub: str, keep: set[str]) -> str:
-    """The subscripts of ``sub`` to keep: letters shared with the other operand or the output,
-    each once (a repeated letter takes the diagonal)."""
+    """Return the subscripts of ``sub`` to keep.
+
+    Those are the letters shared with the other operand or the output, each once (a repeated
+    letter takes the diagonal), after any ellipsis.
+    """
     reduced = "..." if "..." in sub else ""
     for ch in sub.replace("...", ""):
         if ch in keep and ch not in reduced:
@@ -128,14 +147,34 @@ def _softmax_dim(args, kwargs, x: Tensor) -> int:
 
 
 def softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
-    """Exact first-order diagonal of softmax at output ``p``."""
+    """Return the exact first-order diagonal variance of softmax at output ``p``.
+
+    Parameters
+    ----------
+    p : Tensor
+        The softmax output.
+    v : Tensor
+        The input's variance.
+    dim : int
+        The softmax dim.
+    """
     p2 = p.square()
     off = ((p2 * v).sum(dim, keepdim=True) - p2 * v).clamp_min(0.0)
     return p2 * ((1.0 - p).square() * v + off)
 
 
 def log_softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
-    """Exact first-order diagonal of log-softmax, ``p`` the softmax."""
+    """Return the exact first-order diagonal variance of log-softmax.
+
+    Parameters
+    ----------
+    p : Tensor
+        The softmax output (not the log-softmax).
+    v : Tensor
+        The input's variance.
+    dim : int
+        The softmax dim.
+    """
     p2 = p.square()
     off = ((p2 * v).sum(dim, keepdim=True) - p2 * v).clamp_min(0.0)
     return (1.0 - p).square() * v + off
@@ -162,8 +201,10 @@ def _log_softmax(tr: VarianceTracker, func, args, kwargs):
 
 @rule(F.scaled_dot_product_attention)
 def _sdpa(tr: VarianceTracker, func, args, kwargs):
-    """First order in queries, keys and values through the explicit decomposition
-    ``softmax(Q K^T * scale + mask) V``; the output itself is the real (fused) function's.
+    """First order in queries, keys and values, through the explicit decomposition.
+
+    The decomposition is ``softmax(Q K^T * scale + mask) V``; the output itself is the real
+    (fused) function's.
 
     The two products use the independent-operand rule (Q with K, the attention weights with V).
     """

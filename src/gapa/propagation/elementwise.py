@@ -1,5 +1,7 @@
-"""Elementwise nonlinearities by the delta method, ``var_out = phi'(mu)^2 var_in``, and dropout
-in eval mode (the identity)."""
+"""Elementwise nonlinearities by the delta method, and dropout in eval mode (the identity).
+
+The delta method gives ``var_out = phi'(mu)^2 var_in``.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ rule(*aliases("sigmoid"))(_from_output(lambda y: y * (1.0 - y)))
 
 
 def slope(func: Callable, mu: Tensor, *rest, **kwargs) -> Tensor:
-    """``func'(mu)`` of an elementwise ``func`` by autograd (the gradient of the sum), taken on a
-    copy so that in-place variants still see their input afterwards."""
+    """Return ``func'(mu)`` of an elementwise ``func`` by autograd (the gradient of the sum).
+
+    It is taken on a copy, so that in-place variants still see their input afterwards;
+    ``rest`` and ``kwargs`` are passed on to ``func``.
+    """
     with torch.enable_grad():
         leaf = mu.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(func(leaf.clone(), *rest, **kwargs).sum(), leaf)

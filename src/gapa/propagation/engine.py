@@ -1,11 +1,12 @@
-"""The propagation engine: a ``TorchFunctionMode`` that carries a variance beside every uncertain
-tensor of one unmodified forward pass.
+"""The propagation engine: a variance beside every uncertain tensor of one forward pass.
 
-Every torch function the network calls runs exactly as it would without the tracker (so the mean
-is the frozen network's output, bit for bit). When an input of a call carries a variance, the
-operation's rule computes the variance of its output: ``diag(J diag(var_in) J^T)`` with ``J`` the
-Jacobian at the mean, units treated as independent. An operation with an uncertain input and no
-rule raises :class:`~gapa.errors.UnsupportedOperationError`: variance is never dropped silently.
+A ``TorchFunctionMode`` (:class:`VarianceTracker`) carries the variances through one unmodified
+forward pass. Every torch function the network calls runs exactly as it would without the
+tracker (so the mean is the frozen network's output, bit for bit). When an input of a call
+carries a variance, the operation's rule computes the variance of its output:
+``diag(J diag(var_in) J^T)`` with ``J`` the Jacobian at the mean, units treated as independent.
+An operation with an uncertain input and no rule raises
+:class:`~gapa.errors.UnsupportedOperationError`: variance is never dropped silently.
 
 Two registries hold the rules:
 
@@ -49,21 +50,43 @@ from ..errors import ConfigurationError, InputError, UnsupportedOperationError
 from ..moments import Moments
 
 Tensor = torch.Tensor
+#: A function rule: ``rule(tracker, func, args, kwargs) -> (output, output variance or None)``.
 Rule = Callable[["VarianceTracker", Callable, tuple, dict], tuple[Any, Tensor | None]]
+#: A module rule: ``rule(tracker, module, args, output) -> output variance``.
 ModuleRule = Callable[["VarianceTracker", nn.Module, tuple, Any], Tensor]
+#: Registered function rules by torch function (see :func:`rule`).
 RULES: dict[Callable, Rule] = {}
+#: Registered module rules by module class (see :func:`module_rule`).
 MODULE_RULES: dict[type, ModuleRule] = {}
 #: Module rules matched by class name, for classes of optional libraries (``transformers``).
 MODULE_RULES_BY_NAME: dict[str, ModuleRule] = {}
 
 
 def rule(*funcs: Callable, override: bool = False) -> Callable[[Rule], Rule]:
-    """Register a variance rule for one or several torch functions (aliases, methods; see
-    :func:`aliases`).
+    """Register a variance rule for one or several torch functions; use as a decorator.
 
     A rule is called as ``rule(tracker, func, args, kwargs)`` when at least one argument is
-    uncertain, and returns ``(func(*args, **kwargs), variance_of_the_output)``. A function that
-    already has a rule raises :class:`~gapa.errors.ConfigurationError` unless ``override=True``.
+    uncertain, and returns ``(func(*args, **kwargs), variance_of_the_output)``. See
+    :mod:`gapa.propagation` for a worked example.
+
+    Parameters
+    ----------
+    *funcs : callable
+        The torch functions the rule is for: every spelling of the operation (aliases,
+        methods; see :func:`aliases`).
+    override : bool, default False
+        Replace the rules these functions already have.
+
+    Returns
+    -------
+    callable
+        The decorator; it registers the rule and returns it unchanged.
+
+    Raises
+    ------
+    ConfigurationError
+        Raised by the decorator when a function already has another rule and ``override`` is
+        False.
     """
 
     def register(fn: Rule) -> Rule:
@@ -76,10 +99,29 @@ def rule(*funcs: Callable, override: bool = False) -> Callable[[Rule], Rule]:
 
 
 def module_rule(*classes: type | str, override: bool = False) -> Callable[[ModuleRule], ModuleRule]:
-    """Register a whole-module variance rule, called as ``rule(tracker, module, args, output)``
-    after the module ran; it returns the variance of ``output``. Classes may be given by name
-    (for optional libraries). A class that already has a rule raises
-    :class:`~gapa.errors.ConfigurationError` unless ``override=True``."""
+    """Register a whole-module variance rule for one or several classes; use as a decorator.
+
+    The rule is called as ``rule(tracker, module, args, output)`` after the module ran, and
+    returns the variance of ``output``.
+
+    Parameters
+    ----------
+    *classes : type or str
+        Module classes, or class names (for classes of optional libraries).
+    override : bool, default False
+        Replace the rules these classes already have.
+
+    Returns
+    -------
+    callable
+        The decorator; it registers the rule and returns it unchanged.
+
+    Raises
+    ------
+    ConfigurationError
+        Raised by the decorator when a class already has another rule and ``override`` is
+        False.
+    """
 
     def register(fn: ModuleRule) -> ModuleRule:
         by_class = {c: fn for c in classes if not isinstance(c, str)}
@@ -118,11 +160,31 @@ def _rule_name(fn: Callable) -> str:
 
 
 def aliases(*names: str) -> tuple[Callable, ...]:
-    """The spellings of the torch operations ``names``: ``torch.X``, ``Tensor.X``, ``Tensor.X_``,
-    ``torch.X_``, ``F.X`` and ``F.X_``, those that exist, each once. Operators
-    (``Tensor.__add__``, ``__radd__``, ...) are never included: list them by hand.
+    """Return the spellings of the torch operations ``names``, for :func:`rule`.
 
-    >>> rule(*aliases("exp"))  # torch.exp, Tensor.exp, Tensor.exp_, torch.exp_   # doctest: +SKIP
+    ``torch.X``, ``Tensor.X``, ``Tensor.X_``, ``torch.X_``, ``F.X`` and ``F.X_``, those that
+    exist, each once. Operators (``Tensor.__add__``, ``__radd__``, ...) are never included:
+    list them by hand.
+
+    Parameters
+    ----------
+    *names : str
+        Operation names, such as ``"exp"``.
+
+    Returns
+    -------
+    tuple of callable
+        The spellings, in the order above, name after name.
+
+    Raises
+    ------
+    ConfigurationError
+        When no torch operation has one of the names.
+
+    Examples
+    --------
+    >>> [operation_name(f) for f in aliases("exp")]
+    ['torch.exp', 'Tensor.exp', 'Tensor.exp_', 'torch.exp_']
     """
     found: list[Callable] = []
     for name in names:
@@ -137,8 +199,20 @@ def aliases(*names: str) -> tuple[Callable, ...]:
 
 
 def find_module_rule(module: nn.Module, rules: Mapping | None = None) -> ModuleRule | None:
-    """The rule of ``module``'s class or its nearest base; ``rules`` (classes or class names)
-    take precedence over the registry."""
+    """Return the module rule of ``module``'s class or its nearest base.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The module.
+    rules : Mapping or None, default None
+        Module rules by class or class name; they take precedence over the registry.
+
+    Returns
+    -------
+    ModuleRule or None
+        The rule, or None when neither ``rules`` nor the registry has one.
+    """
     for by_class, by_name in ((rules or {}, rules or {}), (MODULE_RULES, MODULE_RULES_BY_NAME)):
         for cls in type(module).__mro__:
             fn = by_class.get(cls) or by_name.get(cls.__name__)
@@ -148,13 +222,45 @@ def find_module_rule(module: nn.Module, rules: Mapping | None = None) -> ModuleR
 
 
 def arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``index`` of a call, or its keyword ``name`` (``default`` when neither is
-    given): how a rule reads an argument that may come either way."""
+    """Return argument ``index`` of a call, or its keyword ``name``.
+
+    This is how a rule reads an argument that may come either way.
+
+    Parameters
+    ----------
+    args : tuple
+        The call's positional arguments.
+    kwargs : dict
+        The call's keyword arguments.
+    index : int
+        The argument's position.
+    name : str
+        The argument's keyword.
+    default : Any, default None
+        The value when the argument is given neither way.
+
+    Returns
+    -------
+    Any
+        The argument's value.
+    """
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
 def operation_name(func: Callable) -> str:
-    """``torch.add``, ``Tensor.add``, ``F.relu``: how users spell ``func`` where they can."""
+    """Return how users spell ``func``: ``torch.add``, ``Tensor.add``, ``F.relu``.
+
+    Parameters
+    ----------
+    func : callable
+        A torch function.
+
+    Returns
+    -------
+    str
+        ``"torch.X"``, ``"Tensor.X"`` or ``"F.X"`` where ``func`` is that attribute, else its
+        qualified name, name or ``repr``.
+    """
     name = getattr(func, "__name__", None)
     for owner, prefix in ((torch, "torch"), (Tensor, "Tensor"), (F, "F")):
         if name and getattr(owner, name, None) is func:
@@ -163,14 +269,33 @@ def operation_name(func: Callable) -> str:
 
 
 def untracked() -> contextlib.AbstractContextManager:
-    """Run torch code that no ``TorchFunctionMode`` sees: GAPA's own arithmetic (GP variances,
-    rules, bookkeeping) must never be tracked, also not by a second GAPA around this one."""
+    """Return a context manager that hides torch code from every ``TorchFunctionMode``.
+
+    GAPA's own arithmetic (GP variances, rules, bookkeeping) must never be tracked, also not by
+    a second GAPA around this one.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        Torch code run inside it is seen by no torch function mode.
+    """
     return torch._C.DisableTorchFunction()
 
 
 def version(t: Tensor) -> int | None:
-    """The version counter of ``t`` (bumped by every write into its storage); None for an
-    inference tensor, which has none and cannot be written outside inference mode."""
+    """Return the version counter of ``t``, bumped by every write into its storage.
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        Any tensor.
+
+    Returns
+    -------
+    int or None
+        The counter; None for an inference tensor, which has none and cannot be written
+        outside inference mode.
+    """
     with untracked():
         return None if t.is_inference() else t._version
 
@@ -178,11 +303,21 @@ def version(t: Tensor) -> int | None:
 class VarianceTracker(TorchFunctionMode):
     """Carries a variance beside every uncertain tensor of one forward pass.
 
-    ``rules`` maps torch functions to rules, and module classes (or class names) to module rules,
-    for this tracker only: they take precedence over the registries, which stay as they are.
     Rules read their inputs' variances with :meth:`var` (None: deterministic) or
     :meth:`var_or_zero`, and refuse what they cannot propagate with ``raise``
     :meth:`unsupported`.
+
+    Parameters
+    ----------
+    rules : Mapping or None, default None
+        Torch functions to rules, and module classes (or class names) to module rules, for
+        this tracker only: they take precedence over the registries, which stay as they are.
+
+    Raises
+    ------
+    ConfigurationError
+        When a rule is not callable, or a key is neither a torch function nor an
+        ``nn.Module`` class or class name.
     """
 
     def __init__(self, rules: Mapping[Callable | type | str, Callable] | None = None) -> None:
@@ -212,8 +347,10 @@ class VarianceTracker(TorchFunctionMode):
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Run GAPA's own torch code (GP variances inside hooks, module rules) without rules
-        and unseen by any other torch function mode."""
+        """Run GAPA's own torch code without rules and unseen by any other torch function mode.
+
+        For GP variances inside hooks and for module rules; a context manager.
+        """
         self._paused += 1
         try:
             with untracked():
@@ -222,8 +359,27 @@ class VarianceTracker(TorchFunctionMode):
             self._paused -= 1
 
     def var(self, t: Any) -> Tensor | None:
-        """The variance carried by ``t``, or None when ``t`` is deterministic. A view reads its
-        variance from its base when the base was written after the view's variance was set."""
+        """Return the variance carried by ``t``, or None when ``t`` is deterministic.
+
+        A view reads its variance from its base when the base was written after the view's
+        variance was set.
+
+        Parameters
+        ----------
+        t : Any
+            A tensor; any other object is deterministic.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The variance, or None.
+
+        Raises
+        ------
+        UnsupportedOperationError
+            When ``t`` (or its base) carrying a variance was written by an operation the
+            tracker did not see, or is a view the variance cannot follow.
+        """
         if not isinstance(t, Tensor) or not self._var:
             return None
         with untracked():
@@ -260,9 +416,23 @@ class VarianceTracker(TorchFunctionMode):
             "operations, or place the GAPA layer after this write.")
 
     def set_var(self, t: Tensor, var: Tensor) -> None:
-        """Attach ``var`` to ``t``, as a rule computed it from ``t``'s inputs (a view's from
-        its base's variance). A view of a deterministic base is a write into that base (its
-        other views see it)."""
+        """Attach ``var`` to ``t``, as a rule computed it from ``t``'s inputs.
+
+        A view's variance is computed from its base's. A view of a deterministic base is a
+        write into that base (its other views see it).
+
+        Parameters
+        ----------
+        t : torch.Tensor
+            The tensor.
+        var : torch.Tensor
+            Its variance.
+
+        Raises
+        ------
+        UnsupportedOperationError
+            When ``t``'s base carries a variance made stale by a write the tracker did not see.
+        """
         with untracked():
             base = t._base
             # a view whose elements overlap (an expand) cannot be written into its base; it
@@ -275,8 +445,17 @@ class VarianceTracker(TorchFunctionMode):
             self._var[id(t)] = (t, var, version(t))
 
     def assign(self, t: Tensor, var: Tensor) -> None:
-        """The values of ``t`` now carry ``var`` (a GP variance added, a module rule's result):
-        like a write, the base of a view and so every other view see it."""
+        """Make the values of ``t`` carry ``var`` (a GP variance added, a module rule's result).
+
+        Like a write: the base of a view, and so every other view, sees it.
+
+        Parameters
+        ----------
+        t : torch.Tensor
+            The tensor.
+        var : torch.Tensor
+            Its new variance.
+        """
         with untracked():
             if t._base is None or torch._debug_has_internal_overlap(t) == 1:
                 self._var[id(t)] = (t, var, version(t))
@@ -285,8 +464,21 @@ class VarianceTracker(TorchFunctionMode):
                 self._write(t, var, version(t))
 
     def writable(self, t: Tensor) -> Tensor:
-        """``t``'s variance (zeros when deterministic) for a write rule to update in place and
-        return as ``t``'s new variance: a copy, unless nothing but ``t``'s entry holds it."""
+        """Return ``t``'s variance for a write rule to update in place.
+
+        The rule returns it as ``t``'s new variance. It is zeros when ``t`` is deterministic,
+        and a copy unless nothing but ``t``'s entry holds it.
+
+        Parameters
+        ----------
+        t : torch.Tensor
+            The tensor the rule writes into.
+
+        Returns
+        -------
+        torch.Tensor
+            A variance the rule may modify in place.
+        """
         with untracked():
             entry = self._var.get(id(t))
             owned = self._own.pop(id(t), None)
@@ -299,8 +491,11 @@ class VarianceTracker(TorchFunctionMode):
             return self._fresh
 
     def _write(self, t: Tensor, var: Tensor | None, before: int | None) -> None:
-        """``t`` was just written and now carries ``var`` (None: deterministic values); its
-        base, whose variance is read as it was at version ``before``, gets the same region."""
+        """Record that ``t`` was just written and now carries ``var``.
+
+        ``var`` None means deterministic values. ``t``'s base, whose variance is read as it was
+        at version ``before``, gets the same region.
+        """
         with untracked():
             fresh, self._fresh = self._fresh, None
             if var is None:
@@ -330,11 +525,44 @@ class VarianceTracker(TorchFunctionMode):
                 self._own.pop(id(t), None)
 
     def var_or_zero(self, t: Any) -> Tensor | float:
-        """The variance carried by ``t``, or 0.0 when ``t`` is deterministic (or no tensor)."""
+        """Return the variance carried by ``t``, or 0.0 when ``t`` is deterministic.
+
+        Parameters
+        ----------
+        t : Any
+            A tensor; any other object is deterministic.
+
+        Returns
+        -------
+        torch.Tensor or float
+            The variance, or 0.0.
+
+        Raises
+        ------
+        UnsupportedOperationError
+            As for :meth:`var`.
+        """
         v = self.var(t)
         return 0.0 if v is None else v
 
     def any_uncertain(self, *objs: Any) -> bool:
+        """Return whether any tensor in ``objs`` carries a variance.
+
+        Parameters
+        ----------
+        *objs : Any
+            Objects to search; tuples, lists and dicts are searched inside.
+
+        Returns
+        -------
+        bool
+            True when at least one tensor among them carries a variance.
+
+        Raises
+        ------
+        UnsupportedOperationError
+            As for :meth:`var`.
+        """
         if not self._var:
             return False
         flat, _ = tree_flatten(objs)
@@ -342,10 +570,30 @@ class VarianceTracker(TorchFunctionMode):
             return any(isinstance(a, Tensor) and self._lookup(a) is not None for a in flat)
 
     def where(self) -> str:
+        """Return the running module, for error messages.
+
+        Returns
+        -------
+        str
+            The innermost running module's label, or ``"<top level>"``.
+        """
         return self.module_path[-1] if self.module_path else "<top level>"
 
     def unsupported(self, what: str) -> UnsupportedOperationError:
-        """The error for an uncertain input that ``what`` cannot propagate (``raise`` it)."""
+        """Return the error for an uncertain input that ``what`` cannot propagate.
+
+        The caller raises it: ``raise tracker.unsupported("operation X")``.
+
+        Parameters
+        ----------
+        what : str
+            The operation, as the message names it.
+
+        Returns
+        -------
+        UnsupportedOperationError
+            The error, naming ``what`` and the running module.
+        """
         return UnsupportedOperationError(
             f"{what} received an uncertain input in module {self.where()!r} and has no variance "
             "rule; GAPA will not drop the variance silently. Place the GAPA layer after this "
@@ -353,10 +601,48 @@ class VarianceTracker(TorchFunctionMode):
         )
 
     def rule_for(self, func: Callable) -> Rule | None:
-        """The rule this tracker applies to ``func``: its own, else the registered one."""
+        """Return the rule this tracker applies to ``func``: its own, else the registered one.
+
+        Parameters
+        ----------
+        func : callable
+            A torch function.
+
+        Returns
+        -------
+        Rule or None
+            The rule, or None when ``func`` has none.
+        """
         return self.rules.get(func) or RULES.get(func)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        """Run ``func`` and, when an argument is uncertain, its rule; attach the variance.
+
+        Torch calls this for every torch function of the tracked pass. A write (in place,
+        ``out=``, ``__setitem__``) updates the variance of the tensor written.
+
+        Parameters
+        ----------
+        func : callable
+            The torch function called.
+        types : tuple
+            The types of the call's tensor-like arguments (unused).
+        args : tuple, default ()
+            The positional arguments.
+        kwargs : dict or None, default None
+            The keyword arguments.
+
+        Returns
+        -------
+        Any
+            ``func(*args, **kwargs)``.
+
+        Raises
+        ------
+        UnsupportedOperationError
+            When ``func`` has no rule, receives an uncertain argument and returns a floating
+            tensor, or writes into a tensor its rule does not describe.
+        """
         kwargs = kwargs or {}
         if self._paused or not self._var or not self.any_uncertain(args, kwargs):
             return func(*args, **kwargs)
@@ -378,8 +664,11 @@ class VarianceTracker(TorchFunctionMode):
         return out
 
     def _follow_writes(self, func, args, out, var, written) -> None:
-        """Give each tensor ``func`` wrote the variance its rule computed: the returned tensor
-        of an in-place or ``out=`` call, or the first argument of ``__setitem__``."""
+        """Give each tensor ``func`` wrote the variance its rule computed.
+
+        Those are the returned tensor of an in-place or ``out=`` call, or the first argument of
+        ``__setitem__``.
+        """
         if func is Tensor.__setitem__:
             outs, variances = [args[0]], [var]
         elif isinstance(out, Tensor):
@@ -423,7 +712,7 @@ def _laid_like(var: Tensor, base: Tensor) -> Tensor:
 
 
 def _region(base_var: Tensor, base: Tensor, view: Tensor, tr: VarianceTracker) -> Tensor:
-    """The entries of ``base_var`` (shaped like ``base``) that ``view`` of ``base`` covers."""
+    """Return the entries of ``base_var`` (shaped like ``base``) that its view ``view`` covers."""
     with untracked():
         if view.dtype != base.dtype:
             raise tr.unsupported(f"a view of another dtype ({base.dtype} as {view.dtype})")
@@ -452,10 +741,17 @@ def _carries_value(out: Any) -> bool:
 
 @contextlib.contextmanager
 def thread_hooks() -> Iterator[Callable[..., None]]:
-    """Yield ``add(module, hook, pre=False, **options)``, which registers a forward (pre-)hook
-    that acts only in this thread; all are removed on exit. Module hooks are visible to every
-    thread that calls the module, so another thread's plain forward (or its own GAPA pass)
-    must find them inert."""
+    """Yield a function that registers forward (pre-)hooks acting only in this thread.
+
+    All are removed on exit. Module hooks are visible to every thread that calls the module, so
+    another thread's plain forward (or its own GAPA pass) must find them inert.
+
+    Yields
+    ------
+    callable
+        ``add(module, hook, *, pre=False, **options)``: registers ``hook`` as a forward hook
+        (a pre-hook with ``pre=True``) of ``module``, ``options`` passed to the registration.
+    """
     owner = threading.get_ident()
     handles = []
 
@@ -477,10 +773,31 @@ def thread_hooks() -> Iterator[Callable[..., None]]:
 def tracking(
     model: nn.Module, tracker: VarianceTracker, outputs: list[tuple[str, Any]] | None = None
 ) -> Iterator[VarianceTracker]:
-    """Run ``model``'s forward passes under ``tracker``: keep ``tracker.module_path`` at the
-    running module (for error messages) and apply the module rules. With ``outputs``, append
-    ``(module name, output)`` for every module call, in the order the calls finish. Only this
-    thread's calls are tracked."""
+    """Run ``model``'s forward passes under ``tracker``, in this thread only.
+
+    Keeps ``tracker.module_path`` at the running module (for error messages) and applies the
+    module rules.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    tracker : VarianceTracker
+        The tracker to enter.
+    outputs : list or None, default None
+        When given, ``(module name, output)`` is appended for every module call, in the order
+        the calls finish.
+
+    Yields
+    ------
+    VarianceTracker
+        ``tracker``, entered.
+
+    Raises
+    ------
+    UnsupportedOperationError
+        When a module with a module rule is called with an uncertain keyword argument.
+    """
     with thread_hooks() as add:
         for name, module in model.named_modules():
             label = f"{name} ({type(module).__name__})" if name else type(module).__name__
@@ -528,12 +845,38 @@ def propagate(
     model: nn.Module, mean: Tensor, var: Tensor,
     rules: Mapping[Callable | type | str, Callable] | None = None,
 ) -> Moments:
-    """Push an input with diagonal Gaussian uncertainty ``N(mean, diag(var))`` through ``model``
-    in one pass. ``.mean`` is ``model(mean)`` bit for bit; ``.var`` is the first-order diagonal
-    output variance (exact for linear maps).
+    """Push an input with diagonal Gaussian uncertainty ``N(mean, diag(var))`` through ``model``.
 
-    ``rules`` maps torch functions to rules (and module classes to module rules) for this call
-    only, taking precedence over the registered ones (see :class:`VarianceTracker`)."""
+    One pass, under ``torch.no_grad``. The output's mean is ``model(mean)`` bit for bit; its
+    variance is the first-order diagonal output variance (exact for linear maps).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    mean : torch.Tensor
+        The input's mean, a floating tensor.
+    var : torch.Tensor
+        The input's variance: finite, non-negative, of ``mean``'s shape, dtype and device.
+    rules : Mapping or None, default None
+        Torch functions to rules (and module classes to module rules) for this call only,
+        taking precedence over the registered ones (see :class:`VarianceTracker`).
+
+    Returns
+    -------
+    Moments
+        The output's mean and variance (zeros where the output does not depend on the input).
+
+    Raises
+    ------
+    InputError
+        When ``mean`` or ``var`` is not a tensor, ``mean`` is not floating, they differ in
+        shape, dtype or device, or ``var`` is negative or not finite.
+    ConfigurationError
+        When ``rules`` is malformed (see :class:`VarianceTracker`).
+    UnsupportedOperationError
+        When an operation without a variance rule receives an uncertain input.
+    """
     if not isinstance(mean, Tensor) or not isinstance(var, Tensor):
         raise InputError(
             f"mean and var must be tensors, got {type(mean).__name__} and {type(var).__name__}"
@@ -559,7 +902,13 @@ def propagate(
 
 
 def supported_operations() -> Iterator[str]:
-    """Names of the operations and modules with a variance rule."""
+    """Yield the names of the operations and modules with a registered variance rule.
+
+    Yields
+    ------
+    str
+        Operation names (as :func:`operation_name` spells them), then module class names.
+    """
     for f in RULES:
         yield operation_name(f)
     for c in MODULE_RULES:

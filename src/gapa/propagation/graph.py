@@ -36,6 +36,7 @@ class GraphWatch(TorchFunctionMode):
         self._state: dict[int, tuple[Tensor, str | None]] = {}
 
     def watch(self, t: Tensor) -> None:
+        """Follow ``t``: the tensors computed from it are marked from now on."""
         with untracked():
             self._state[id(t)] = (t, None)
 
@@ -44,6 +45,11 @@ class GraphWatch(TorchFunctionMode):
         return entry if entry is not None and entry[0] is t else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        """Run ``func`` and mark its floating outputs that depend on watched tensors.
+
+        Each is marked with the first operation that cut its gradient path: one an input
+        inherits, or ``func`` itself when the output does not require grad.
+        """
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self._state or func in CONSTANTS:
@@ -64,7 +70,15 @@ class GraphWatch(TorchFunctionMode):
         return out
 
     def check(self, y: Tensor) -> None:
-        """Raise when the output ``y`` lost (part of) its gradient path to the watched tensors."""
+        """Refuse an output ``y`` that lost (part of) its gradient path to the watched tensors.
+
+        An output that does not depend on them (and requires grad) passes.
+
+        Raises
+        ------
+        UnsupportedOperationError
+            Naming the operation that cut the path.
+        """
         entry = self._get(y)
         if entry is None and y.requires_grad:
             return  # the output does not depend on the GAPA layers: zero variance is right

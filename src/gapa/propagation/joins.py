@@ -1,6 +1,7 @@
-"""Joins, splits and index rearrangements: every output element is a copy of one input element
-(or of a fixed one), so the same operation applied to the variances is exact; deterministic
-pieces of a join contribute zero variance.
+"""Joins, splits and index rearrangements: the same operation on the variances (exact).
+
+Every output element is a copy of one input element (or of a fixed one), so the same operation
+applied to the variances is exact; deterministic pieces of a join contribute zero variance.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def _join(tr: VarianceTracker, func, args, kwargs):
     "roll", "repeat", "tile", "repeat_interleave", "index_select", "gather", "take_along_dim",
 ))
 def _rearrange(tr: VarianceTracker, func, args, kwargs):
-    """The same copy pattern applied to the variance of the (only floating) input; tuple
-    outputs (split, chunk, unbind) get a tuple of variances."""
+    """Apply the same copy pattern to the variance of the (only floating) input.
+
+    Tuple outputs (split, chunk, unbind) get a tuple of variances.
+    """
     var = tr.var(arg(args, kwargs, 0, "input"))
     if var is None:
         raise tr.unsupported(f"{func.__name__} with an uncertain argument other than its input")

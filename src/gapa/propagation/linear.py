@@ -1,5 +1,6 @@
-"""Linear maps: the output variance is the map applied to the variance with squared weights
-(exact: a linear map of independent units has ``diag(W diag(v) W^T) = (W * W) v``).
+"""Linear maps: the output variance is the map applied to the variance with squared weights.
+
+This is exact: a linear map of independent units has ``diag(W diag(v) W^T) = (W * W) v``.
 
 Covered: ``F.linear``, the convolutions and transposed convolutions (1-, 2- and 3-D), batch norm
 with running statistics, ``F.pad`` (every mode) and ``F.interpolate`` (every mode). A bias that
@@ -18,8 +19,11 @@ from .engine import Tensor, VarianceTracker, arg, rule
 
 
 def replaced(args: tuple, kwargs: dict, changes: dict[int, tuple[str, Any]]) -> tuple[tuple, dict]:
-    """``args, kwargs`` with the arguments ``{index: (name, value)}`` replaced (positionally when
-    given positionally, else by keyword); ``out=`` is dropped so the variance has its own tensor."""
+    """Return ``args, kwargs`` with the arguments ``{index: (name, value)}`` replaced.
+
+    An argument given positionally is replaced in place, else by keyword; ``out=`` is dropped
+    so the variance has its own tensor.
+    """
     args, kwargs = list(args), {k: v for k, v in kwargs.items() if k != "out"}
     for index, (name, value) in changes.items():
         if len(args) > index:
@@ -30,7 +34,7 @@ def replaced(args: tuple, kwargs: dict, changes: dict[int, tuple[str, Any]]) -> 
 
 
 def _bias_variance(tr: VarianceTracker, bias: Any, out: Tensor, spatial: int) -> Tensor | float:
-    """The variance of an uncertain bias broadcast over the output (0 for a fixed one)."""
+    """Return the variance of an uncertain bias broadcast over the output (0 for a fixed one)."""
     vb = tr.var(bias)
     return 0.0 if vb is None else vb.reshape(-1, *([1] * spatial)).expand_as(out)
 
@@ -49,8 +53,11 @@ def _linear(tr: VarianceTracker, func, args, kwargs):
 
 @rule(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 def _conv(tr: VarianceTracker, func, args, kwargs):
-    """The same convolution (stride, padding, dilation, groups, output padding) of the variance
-    with the squared kernel and no bias."""
+    """Apply the same convolution to the variance, with the squared kernel and no bias.
+
+    Stride, padding, dilation, groups and output padding are kept; an uncertain bias adds its
+    variance.
+    """
     x, weight = arg(args, kwargs, 0, "input"), arg(args, kwargs, 1, "weight")
     bias = arg(args, kwargs, 2, "bias")
     if tr.var(weight) is not None:
@@ -72,9 +79,12 @@ _BATCH_NORM = inspect.signature(F.batch_norm)
 
 @rule(F.batch_norm)
 def _batch_norm(tr: VarianceTracker, func, args, kwargs):
-    """Eval-mode batch norm is a per-channel affine map ``w (x - m) / sqrt(v + eps) + b``: the
-    variance scales by ``w^2 / (v + eps)`` (exact). With batch statistics (training mode, or no
-    running statistics) every output depends on the whole batch: refused."""
+    """Scale the variance by ``w^2 / (v + eps)`` per channel (eval-mode batch norm; exact).
+
+    Eval-mode batch norm is the per-channel affine map ``w (x - m) / sqrt(v + eps) + b``. With
+    batch statistics (training mode, or no running statistics) every output depends on the
+    whole batch: refused.
+    """
     p = _BATCH_NORM.bind(*args, **kwargs)
     p.apply_defaults()
     a = p.arguments
@@ -102,8 +112,11 @@ def _batch_norm(tr: VarianceTracker, func, args, kwargs):
 
 @rule(F.pad)
 def _pad(tr: VarianceTracker, func, args, kwargs):
-    """Constant padding adds fixed values (zero variance); reflect, replicate and circular
-    padding copy input elements, so the same padding of the variance is exact."""
+    """Pad the variance the same way; constant padding adds fixed values (zero variance).
+
+    Reflect, replicate and circular padding copy input elements, so the same padding of the
+    variance is exact.
+    """
     out = func(*args, **kwargs)
     vargs, vkwargs = replaced(args, kwargs, {0: ("input", tr.var(args[0]))})
     if arg(args, kwargs, 2, "mode", "constant") == "constant":
@@ -116,11 +129,14 @@ _INTERPOLATE = inspect.signature(F.interpolate)
 
 @rule(F.interpolate)
 def _interpolate(tr: VarianceTracker, func, args, kwargs):
-    """Nearest modes copy input elements: the same op on the variance. The other modes
-    (linear, bilinear, bicubic, trilinear, area, with or without antialias) are separable linear
-    maps ``x -> W_1 x W_2 ...`` along the spatial dims, so the variance goes through the squared
+    """Interpolate the variance exactly: nearest modes copy, the others are linear maps.
+
+    Nearest modes copy input elements: the same op on the variance. The other modes (linear,
+    bilinear, bicubic, trilinear, area, with or without antialias) are separable linear maps
+    ``x -> W_1 x W_2 ...`` along the spatial dims, so the variance goes through the squared
     per-dim matrices ``W_d * W_d`` (exact). ``W_d`` is read off by interpolating an identity
-    along dim ``d`` (the other dims of size 1, where every mode is the identity)."""
+    along dim ``d`` (see :func:`_interpolation_matrix`).
+    """
     out = func(*args, **kwargs)
     p = _INTERPOLATE.bind(*args, **kwargs)
     p.apply_defaults()
@@ -142,10 +158,13 @@ def _per_dim(value: Any, spatial: int) -> list | None:
 
 
 def _interpolation_matrix(func, a: dict, var: Tensor, d: int, spatial: int) -> Tensor:
-    """The transposed 1-D interpolation matrix of spatial dim ``d``: input index by output
-    index. Each spatial dim's weights depend only on its own sizes, scale and alignment; the
-    probe's other spatial dims have size 2 kept at 2 (where every mode is the identity; size 1
-    is avoided because antialiased modes mishandle it)."""
+    """Return the transposed 1-D interpolation matrix of spatial dim ``d``.
+
+    Rows are input indices, columns output indices. Each spatial dim's weights depend only on
+    its own sizes, scale and alignment; the probe's other spatial dims have size 2 kept at 2
+    (where every mode is the identity; size 1 is avoided because antialiased modes mishandle
+    it).
+    """
     n = var.shape[2 + d]
     line = [n, 1] + [1] * spatial
     line[2 + d] = n

@@ -21,13 +21,16 @@ from .engine import Tensor, VarianceTracker, aliases, arg, module_rule, rule
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
-    """Half-precision inputs are normalised in float32 by torch (and by transformers)."""
+    """Return the dtype to normalise in: at least float32, as torch and transformers do."""
     return torch.promote_types(t.dtype, torch.float32)
 
 
 def layer_norm_diag(x: Tensor, v: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-    """``diag(J diag(v) J^T)`` of ``(x - mean) / sqrt(var + eps)`` normalised over ``dims``
-    (no affine)."""
+    """Return ``diag(J diag(v) J^T)`` of layer norm over ``dims``, without its affine map.
+
+    The map is ``(x - mean) / sqrt(var + eps)``, ``J`` its Jacobian at ``x`` and ``v`` the
+    input's variance.
+    """
     n = math.prod(x.shape[d] for d in dims)
     centred = x - x.mean(dims, keepdim=True)
     sigma2 = centred.square().mean(dims, keepdim=True) + eps
@@ -41,7 +44,11 @@ def layer_norm_diag(x: Tensor, v: Tensor, dims: tuple[int, ...], eps: float) -> 
 
 
 def rms_norm_diag(x: Tensor, v: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
-    """``diag(J diag(v) J^T)`` of ``x / sqrt(mean(x^2) + eps)`` normalised over ``dims``."""
+    """Return ``diag(J diag(v) J^T)`` of RMS norm over ``dims``, without its gain.
+
+    The map is ``x / sqrt(mean(x^2) + eps)``, ``J`` its Jacobian at ``x`` and ``v`` the input's
+    variance.
+    """
     n = math.prod(x.shape[d] for d in dims)
     r2 = x.square().mean(dims, keepdim=True) + eps
     a2 = x.square() / r2
@@ -101,8 +108,10 @@ def _group_norm(tr: VarianceTracker, func, args, kwargs):
 
 @rule(*aliases("rms_norm"))
 def _rms_norm(tr: VarianceTracker, func, args, kwargs):
-    """Exact first-order diagonal of RMS norm; ``eps=None`` is the machine epsilon of the
-    computation dtype, as in torch."""
+    """Exact first-order diagonal of RMS norm.
+
+    ``eps=None`` is the machine epsilon of the computation dtype, as in torch.
+    """
     x = args[0]
     shape = arg(args, kwargs, 1, "normalized_shape")
     weight = arg(args, kwargs, 2, "weight")

@@ -1,7 +1,9 @@
-"""Pooling. Average pools are linear, ``out_i = sum_k x_k / D_i``: the variance is
-``sum_k v_k / D_i^2`` (exact), ``D_i`` the window's divisor. Max pools pass the arg-max element
-through (the Jacobian at the mean is one-hot): the output variance is that element's variance,
-first order (it ignores the chance that noise changes which element is the largest).
+"""Pooling: average pools exactly, max pools to first order.
+
+Average pools are linear, ``out_i = sum_k x_k / D_i``: the variance is ``sum_k v_k / D_i^2``
+(exact), ``D_i`` the window's divisor. Max pools pass the arg-max element through (the Jacobian
+at the mean is one-hot): the output variance is that element's variance, first order (it
+ignores the chance that noise changes which element is the largest).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ _AVG_SPATIAL = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 
 @rule(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 def _avg_pool(tr: VarianceTracker, func, args, kwargs):
-    """``pool(v) / D``, and ``D = n / pool(1)`` where ``n`` counts the real (not padded) inputs
-    of each window: this covers padding, ``count_include_pad``, ``ceil_mode`` windows that run
-    over the edge, and ``divisor_override``."""
+    """Pool the variance and divide it by ``D = n / pool(1)``.
+
+    ``n`` counts the real (not padded) inputs of each window: this covers padding,
+    ``count_include_pad``, ``ceil_mode`` windows that run over the edge, and
+    ``divisor_override``.
+    """
     x = arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     vargs, vkwargs = replaced(args, kwargs, {0: ("input", tr.var(x))})
@@ -34,8 +39,11 @@ def _avg_pool(tr: VarianceTracker, func, args, kwargs):
 
 
 def _real_inputs_per_window(func, ones: Tensor, args: tuple, kwargs: dict) -> Tensor:
-    """How many real inputs each window of the pool covers: the pool of ones as a sum
-    (``divisor_override=1``; ``avg_pool1d`` has none, so it runs as a 2-D pool of height 1)."""
+    """Count the real inputs each window of the pool covers: the pool of ones as a sum.
+
+    That is ``divisor_override=1``; ``avg_pool1d`` has none, so it runs as a 2-D pool of
+    height 1.
+    """
     if func is not F.avg_pool1d:
         sargs, skwargs = replaced(args, kwargs, {0: ("input", ones), 6: ("divisor_override", 1)})
         return func(*sargs, **skwargs)
@@ -63,8 +71,11 @@ _ADAPTIVE_AVG_SPATIAL = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
 
 @rule(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
 def _adaptive_avg_pool(tr: VarianceTracker, func, args, kwargs):
-    """Output ``i`` of each dim averages the bin ``[floor(i n / m), ceil((i + 1) n / m))``
-    (PyTorch's bins): ``pool(v) / D`` with ``D`` the product of the bin lengths."""
+    """Pool the variance and divide it by ``D``, the product of the bin lengths.
+
+    Output ``i`` of each dim averages the bin ``[floor(i n / m), ceil((i + 1) n / m))``
+    (PyTorch's bins).
+    """
     x = arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     vargs, vkwargs = replaced(args, kwargs, {0: ("input", tr.var(x))})
@@ -96,8 +107,10 @@ _MAX_SPATIAL.update({_WITH_INDICES[f]: s for f, s in list(_MAX_SPATIAL.items())}
 
 @rule(*_MAX_SPATIAL)
 def _max_pool(tr: VarianceTracker, func, args, kwargs):
-    """The variance of each window's arg-max element, gathered through the pool's indices
-    (first order; ``return_indices=True`` calls get ``(variance, None)``)."""
+    """Gather the variance of each window's arg-max element through the pool's indices.
+
+    First order; ``return_indices=True`` calls get ``(variance, None)``.
+    """
     x = arg(args, kwargs, 0, "input")
     out = func(*args, **kwargs)
     if isinstance(out, tuple):

@@ -1,5 +1,8 @@
-"""Sums and means (exact: linear maps whose outputs sum distinct inputs, so the variance of a sum
-is the sum of the variances and a mean over ``n`` entries divides it by ``n^2``)."""
+"""Sums and means (exact).
+
+They are linear maps whose outputs sum distinct inputs, so the variance of a sum is the sum of
+the variances and a mean over ``n`` entries divides it by ``n^2``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from .engine import VarianceTracker, aliases, rule
 
 @rule(*aliases("sum"))
 def _sum(tr: VarianceTracker, func, args, kwargs):
-    """The same sum (``dim``, ``keepdim``, ``dtype``) of the variance."""
+    """Apply the same sum (``dim``, ``keepdim``, ``dtype``) to the variance."""
     if "out" in kwargs:
         raise tr.unsupported("torch.sum with out=")
     return func(*args, **kwargs), func(tr.var(args[0]), *args[1:], **kwargs)
@@ -16,7 +19,7 @@ def _sum(tr: VarianceTracker, func, args, kwargs):
 
 @rule(*aliases("mean"))
 def _mean(tr: VarianceTracker, func, args, kwargs):
-    """The same mean of the variance divided by ``n``, the count of entries averaged."""
+    """Apply the same mean to the variance and divide it by ``n``, the entries averaged."""
     if "out" in kwargs:
         raise tr.unsupported("torch.mean with out=")
     x = args[0]

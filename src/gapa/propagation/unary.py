@@ -1,6 +1,8 @@
-"""Elementwise maths by the delta method (``var_out = f'(mu)^2 var_in``, first order), casts,
-and selections (``where``, ``masked_fill``, ``clamp``), which pick one operand's variance per
-entry (exact, away from the switching points).
+"""Elementwise maths by the delta method, casts, and selections.
+
+The delta method gives ``var_out = f'(mu)^2 var_in`` (first order). Selections (``where``,
+``masked_fill``, ``clamp``) pick one operand's variance per entry (exact, away from the
+switching points).
 
 The slope is taken from the input before ``func`` runs, so in-place variants (``x.pow_(2)``)
 see their input, not their result.
@@ -43,8 +45,10 @@ rule(*aliases("erf"))(_delta(lambda x: (2.0 / math.sqrt(math.pi)) * torch.exp(-x
 
 
 def _pow_var(tr: VarianceTracker, base: Any, exponent: Any) -> Tensor:
-    """First order in base and exponent (independent when both are uncertain):
-    ``(e b^(e-1))^2 Vb + (b^e ln b)^2 Ve``."""
+    """Return the variance of ``base ** exponent``, first order in both.
+
+    That is ``(e b^(e-1))^2 Vb + (b^e ln b)^2 Ve``, the two independent when both are uncertain.
+    """
     vb, ve = tr.var(base), tr.var(exponent)
     var: Tensor | float = 0.0
     if vb is not None:
@@ -84,8 +88,10 @@ def _select(cond: Tensor, va: Tensor | float, vb: Tensor | float, shape) -> Tens
 
 @rule(*aliases("clamp", "clip"))
 def _clamp(tr: VarianceTracker, func, args, kwargs):
-    """``min(max(x, lo), hi)``: each entry takes the variance of the operand it came from
-    (slope 1 inside ``[lo, hi]``, 0 outside for ``x``)."""
+    """Give each entry of ``min(max(x, lo), hi)`` the variance of the operand it came from.
+
+    For ``x`` that is slope 1 inside ``[lo, hi]`` and 0 outside.
+    """
     lo, hi = arg(args, kwargs, 1, "min"), arg(args, kwargs, 2, "max")
     return _clamp_var(tr, func, args, kwargs, lo, hi)
 
@@ -118,7 +124,7 @@ def _clamp_var(tr: VarianceTracker, func, args, kwargs, lo, hi):
 
 @rule(*aliases("where"))
 def _where(tr: VarianceTracker, func, args, kwargs):
-    """Each entry takes the variance of the branch it selects (exact)."""
+    """Give each entry the variance of the branch it selects (exact)."""
     if func is Tensor.where:  # x.where(condition, y) is torch.where(condition, x, y)
         cond, a, b = arg(args, kwargs, 1, "condition"), args[0], arg(args, kwargs, 2, "other")
     else:
@@ -130,7 +136,7 @@ def _where(tr: VarianceTracker, func, args, kwargs):
 
 @rule(*aliases("masked_fill"))
 def _masked_fill(tr: VarianceTracker, func, args, kwargs):
-    """Filled entries take the fill value's variance (0 for a number)."""
+    """Give filled entries the fill value's variance (0 for a number)."""
     x, mask = args[0], arg(args, kwargs, 1, "mask")
     value = arg(args, kwargs, 2, "value")
     var = _select(mask, tr.var_or_zero(value), tr.var_or_zero(x), x.shape)
@@ -142,7 +148,7 @@ def _masked_fill(tr: VarianceTracker, func, args, kwargs):
 
 @rule(Tensor.type_as, Tensor.type, Tensor.half, Tensor.bfloat16)
 def _cast(tr: VarianceTracker, func, args, kwargs):
-    """The same cast of the variance; ``x.type()`` with no dtype returns a string."""
+    """Apply the same cast to the variance; ``x.type()`` with no dtype returns a string."""
     out = func(*args, **kwargs)
     if not isinstance(out, Tensor):
         return out, None
@@ -152,5 +158,5 @@ def _cast(tr: VarianceTracker, func, args, kwargs):
 @rule(torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, Tensor.new_zeros,
       Tensor.new_ones, Tensor.new_full, Tensor.new_empty, Tensor.new_tensor)
 def _constant_like(tr: VarianceTracker, func, args, kwargs):
-    """A constant shaped like an uncertain tensor carries no variance."""
+    """Return the constant shaped like an uncertain tensor, with no variance."""
     return func(*args, **kwargs), None

@@ -1,5 +1,6 @@
-"""Writes into tensors: the written entries take the variance of the values written (0 for
-constants), the others keep theirs. The engine passes the result on to the written tensor's
+"""Writes into tensors: written entries take the written values' variance, the others keep theirs.
+
+Constants written have variance 0. The engine passes the result on to the written tensor's
 base, so every view of the same storage sees the write.
 
 Each rule reads the variances before the operation runs (an in-place write changes its
@@ -17,8 +18,11 @@ from .engine import Tensor, VarianceTracker, aliases, arg, rule
 
 
 def _target(tr: VarianceTracker, func, t: Tensor) -> Tensor:
-    """The variance of ``t`` to write into: for an in-place ``func`` the tracker's (updated in
-    place where it may be), for an out-of-place one a copy (``t`` keeps its own)."""
+    """Return the variance of ``t`` to write into.
+
+    For an in-place ``func`` it is the tracker's (updated in place where it may be), for an
+    out-of-place one a copy (``t`` keeps its own).
+    """
     if func is Tensor.__setitem__ or func.__name__.endswith("_"):
         return tr.writable(t)
     v = tr.var(t)
@@ -26,8 +30,10 @@ def _target(tr: VarianceTracker, func, t: Tensor) -> Tensor:
 
 
 def _source_var(tr: VarianceTracker, value: Any, like: Tensor) -> Tensor | float:
-    """The variance of written values: a tensor's own (zeros when deterministic), 0 for a
-    number."""
+    """Return the variance of written values, in ``like``'s dtype.
+
+    That is a tensor's own (zeros when deterministic), or 0 for a number.
+    """
     if not isinstance(value, Tensor):
         return 0.0
     v = tr.var(value)
@@ -55,7 +61,7 @@ def _copy(tr: VarianceTracker, func, args, kwargs):
 
 @rule(Tensor.fill_, Tensor.zero_, torch.fill_, torch.zero_)
 def _fill(tr: VarianceTracker, func, args, kwargs):
-    """Every entry takes the fill value's variance (0 for a number)."""
+    """Give every entry the fill value's variance (0 for a number)."""
     t, value = args[0], arg(args, kwargs, 1, "value")
     var = torch.zeros_like(t)
     if isinstance(value, Tensor) and tr.var(value) is not None:
@@ -65,8 +71,10 @@ def _fill(tr: VarianceTracker, func, args, kwargs):
 
 @rule(*aliases("index_put"))
 def _index_put(tr: VarianceTracker, func, args, kwargs):
-    """Put entries take the values' variances; with ``accumulate`` the variances add
-    (the accumulated values treated as independent)."""
+    """Give put entries the values' variances; with ``accumulate`` the variances add.
+
+    The accumulated values are treated as independent.
+    """
     t, indices = args[0], arg(args, kwargs, 1, "indices")
     values = arg(args, kwargs, 2, "values")
     accumulate = bool(arg(args, kwargs, 3, "accumulate", False))
@@ -94,13 +102,13 @@ def _scatter_like(tr: VarianceTracker, func, args, kwargs, *, adds: bool):
 
 @rule(*aliases("scatter"))
 def _scatter(tr: VarianceTracker, func, args, kwargs):
-    """Scattered entries take the source's variance (``reduce="add"``: added to theirs)."""
+    """Give scattered entries the source's variance (``reduce="add"``: add it to theirs)."""
     return _scatter_like(tr, func, args, kwargs, adds=False)
 
 
 @rule(*aliases("scatter_add"))
 def _scatter_add(tr: VarianceTracker, func, args, kwargs):
-    """The source's variances add to the entries they are added to."""
+    """Add the source's variances to the entries the source is added to."""
     return _scatter_like(tr, func, args, kwargs, adds=True)
 
 
