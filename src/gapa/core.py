@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from .adapters import output_tensor
-from .capture.hooks import call_sites
+from .capture.hooks import call_sites, require_calls
+from .capture.inputs import (
+    Seen,
+    check_deterministic,
+    check_finite,
+    check_input,
+    iterate_inputs,
+    size_and_example,
+    weights_stamp,
+)
 from .capture.store import ActivationStore, Shard
 from .errors import (
     ConfigurationError,
@@ -27,10 +33,8 @@ from .errors import (
     LayerError,
     ModelChangedError,
     ModelModeError,
-    NonFiniteError,
     NotFittedError,
     StoreMismatchError,
-    UnsupportedOperationError,
     parse_enum,
 )
 from .gp.kernels import check_overrides
@@ -48,10 +52,11 @@ from .predictive.classification import (
     predict_classes,
 )
 from .predictive.regression import Calibration, fit_scale_and_noise
+from .predictive.validation import parse_lengthscale_factors
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
-from .propagation.engine import untracked, version
-from .propagation.graph import GraphWatch
+from .propagation.engine import untracked
+from .propagation.jacobian import combine_jacobian, jacobian_parts
 
 #: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).
 ELEMENTWISE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
@@ -398,7 +403,7 @@ class GAPA:
 
     @lengthscale_factor.setter
     def lengthscale_factor(self, factor: float) -> None:
-        (factor,) = _lengthscale_factors([factor], "lengthscale_factor")
+        (factor,) = parse_lengthscale_factors([factor], "lengthscale_factor")
         self._require_fitted("set the lengthscale factor")
         self._commit_factor(factor)
 
@@ -563,7 +568,7 @@ class GAPA:
             raise InputError("a GAPA state dict needs at least one fitted GPSite in 'sites'")
         fingerprint = state.get("model") or model_fingerprint(self.model)
         self._sites, self._fingerprint = sites, dict(fingerprint)
-        self._stamp = _weights_stamp(self.model)
+        self._stamp = weights_stamp(self.model)
         self._input_shape = tuple(shape) if shape is not None else None
         self._fit_inputs, self._training_ok, self._factor = fit_inputs, training_ok, factor
         self._calibration, self._class_calibration = calibration, class_calibration
@@ -647,7 +652,7 @@ class GAPA:
         if memory_budget is not None:
             if data is None:
                 raise InputError("memory_budget needs the training data to plan the fit")
-            n_train, example = _size_and_example(data, batch_size)
+            n_train, example = size_and_example(data, batch_size)
             self.plan(n_train, example, on_disk=store is not None,
                       store_dtype=store_dtype).check(memory_budget)
         fingerprint = model_fingerprint(self.model)  # the weights the cache describes
@@ -674,7 +679,7 @@ class GAPA:
         self._sites = sites
         self._input_shape, self._fit_inputs = seen.shape, seen.inputs
         self._training_ok = seen.training
-        self._fingerprint, self._stamp = fingerprint, _weights_stamp(self.model)
+        self._fingerprint, self._stamp = fingerprint, weights_stamp(self.model)
         self._calibration = None
         self._class_calibration = None
         self._factor = 1.0  # of the fitted lengthscales; calibrate() may change it
@@ -742,7 +747,7 @@ class GAPA:
             self._check_input(example, shape=None)  # a refit may take inputs of another shape
             seen: dict[str, list[torch.Tensor]] = {}
             with torch.no_grad():
-                _check_deterministic(self.model, example)
+                check_deterministic(self.model, example)
                 with self._capture(seen):
                     self.model(example)
             if not seen:
@@ -755,7 +760,7 @@ class GAPA:
                         compute_dtype=str(dtype).removeprefix("torch."))
 
     def _training_batches(self, data, batch_size: int,
-                          progress: bool) -> tuple[Iterator[torch.Tensor], _Seen]:
+                          progress: bool) -> tuple[Iterator[torch.Tensor], Seen]:
         """Return the checked input batches of ``data`` and what they showed.
 
         Each batch is checked (finite, one shape, the model's dtype and device); what they
@@ -763,15 +768,15 @@ class GAPA:
         batch is read and the model checked for determinism now, before the caller starts
         capturing activations.
         """
-        batches = iter(tqdm(_iterate_inputs(data, batch_size), desc="gapa: caching activations",
+        batches = iter(tqdm(iterate_inputs(data, batch_size), desc="gapa: caching activations",
                             disable=not progress, leave=False))
         first = next(batches, None)
         if first is None or first.shape[0] == 0:
             raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
-        seen = _Seen(shape=tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None)
+        seen = Seen(shape=tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None)
         self._check_batch(first, 0, seen.shape)
         with torch.no_grad():
-            seen.training = _check_deterministic(self.model, first)
+            seen.training = check_deterministic(self.model, first)
 
         def checked() -> Iterator[torch.Tensor]:
             yield first
@@ -786,10 +791,10 @@ class GAPA:
 
     def _check_batch(self, x: torch.Tensor, offset: int, shape: tuple[int, ...] | None) -> None:
         self._check_input(x, shape)
-        self._check_finite(x, "training inputs", offset)
+        check_finite(x, "training inputs", offset)
 
     def _capture_to_store(self, data, store: ActivationStore, batch_size: int,
-                          progress: bool, fingerprint: dict) -> _Seen:
+                          progress: bool, fingerprint: dict) -> Seen:
         """Stream the cache into ``store`` shard by shard.
 
         Shards it already holds are checked against the inputs' digest and skipped without
@@ -801,7 +806,7 @@ class GAPA:
             if not store.complete:
                 raise InputError(f"the activation store {store.path} is not complete; pass the "
                                  "training data to finish the capture")
-            return _Seen(shape=store.input_shape,
+            return Seen(shape=store.input_shape,
                          inputs=sum(shard["inputs"] for shard in store.manifest["shards"]))
         cache: dict[str, list[torch.Tensor]] = {}
         shard = Shard()
@@ -841,7 +846,7 @@ class GAPA:
     def _write_shard(store: ActivationStore, cache: dict, shard: Shard) -> None:
         rows = {key: torch.cat(cache.pop(key)) for key in list(cache)}
         for key, value in rows.items():
-            GAPA._check_finite(value, f"the pre-activations cached at {key!r}", store.n_rows(key))
+            check_finite(value, f"the pre-activations cached at {key!r}", store.n_rows(key))
         store.write_shard(rows, batches=shard.batches, inputs=shard.inputs,
                           digest=shard.digest.hexdigest())
 
@@ -906,7 +911,7 @@ class GAPA:
         """
         self._require_fitted("predict")
         self._check_input(x)
-        self._check_finite(x, "inputs")
+        check_finite(x, "inputs")
         self._check_model()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):
             yield x.clone() if x.is_inference() else x
@@ -926,7 +931,7 @@ class GAPA:
                 f"the model has modules in training mode ({', '.join(new[-3:])}"
                 f"{' and others' if len(new) > 3 else ''}) that were not at fit; their outputs may be "
                 "random and their buffers would be updated: call model.eval() before predicting")
-        stamp = _weights_stamp(self.model)
+        stamp = weights_stamp(self.model)
         if stamp != self._stamp:
             if model_fingerprint(self.model) != self._fingerprint:
                 raise ModelChangedError(
@@ -987,81 +992,17 @@ class GAPA:
         return self._combine_jacobian(*self._jacobian_parts(x))
 
     def _jacobian_parts(self, x: torch.Tensor):
-        """Return everything of the Jacobian moments but the GP variance.
+        """Check ``x`` and the model, then run :func:`gapa.propagation.jacobian.jacobian_parts`.
 
-        That is the mean and, per GAPA call, its pre-activation and ``(d y_c / d h)^2`` for
-        every output unit ``c``; :meth:`_combine_jacobian` adds the GP variance. A lengthscale
-        search reuses them (the gradients do not depend on the kernel).
+        Grad is on and inference mode off for the forward and backward passes: callers may be
+        in no_grad or inference mode.
         """
-        leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        pending: dict[str, torch.Tensor] = {}
-        watch = GraphWatch()
-
-        def on_call(key: str, z: torch.Tensor) -> None:
-            with untracked():
-                pending[key] = z.detach()
-
-        def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
-            # gradients are taken with respect to the output itself, so that a later GAPA
-            # layer does not cut an earlier one's path; only an output outside the graph
-            # (frozen parameters) becomes a leaf, with the same values. The network gets a
-            # copy: a later in-place write into it does not change what is differentiated.
-            with untracked():
-                if out._base is not None:
-                    raise UnsupportedOperationError(
-                        f"the GAPA layer {key!r} wrote its output into a view of another tensor "
-                        "(an in-place activation on a slice): propagation='jacobian' cannot "
-                        "follow what the network reads through that tensor; use "
-                        "propagation='diagonal' or an out-of-place activation")
-                leaf = out if out.requires_grad else out.detach().requires_grad_(True)
-                passed = leaf.clone()
-                leaves.append((key, pending.pop(key), leaf))
-                written.append((key, leaf, version(leaf)))
-            watch.watch(leaf)
-            watch.watch(passed)
-            return passed
-
-        written: list[tuple[str, torch.Tensor, int | None]] = []
-        # grad on also for the backward passes: callers may be in no_grad or inference mode
         with self._predict_pass(x, grad=True) as x:
-            with call_sites(self.model, self.layers, on_call, on_output), watch:
-                y = output_tensor(self.model(x))
-            mean = y.detach()
-            _require_calls([key for key, _, _ in leaves], self.layers)
-            for key, leaf, seen in written:
-                if version(leaf) != seen:
-                    raise UnsupportedOperationError(
-                        f"the network wrote in place into the output of the GAPA layer {key!r} "
-                        "(through the tensor the activation was applied to): "
-                        "propagation='jacobian' would differentiate the written values; use "
-                        "propagation='diagonal'")
-            watch.check(y)
-            if not y.requires_grad:  # the output does not depend on the GAPA layers
-                return mean, []
-            rows = y.reshape(y.shape[0], -1)
-            inputs = [out for _, _, out in leaves]
-            squares = [[] for _ in leaves]
-            for c in range(rows.shape[1]):
-                grads = torch.autograd.grad(rows[:, c].sum(), inputs, retain_graph=True,
-                                            allow_unused=True)
-                for g, sq in zip(grads, squares, strict=True):
-                    sq.append(None if g is None else g.square())
-        return mean, [(key, z, sq) for (key, z, _), sq in zip(leaves, squares, strict=True)]
+            return jacobian_parts(self.model, self.layers, x)
 
     def _combine_jacobian(self, mean: torch.Tensor, parts) -> Moments:
-        """Combine the Jacobian parts with the GP variances at the current lengthscales.
-
-        The variance of output unit ``c`` is ``sum_j (d y_c / d h_j)^2 v_j``.
-        """
-        rows = mean.reshape(mean.shape[0], -1)
-        var = torch.zeros_like(rows)
-        with torch.no_grad(), untracked():
-            variances = [self.site_variance(key, z) for key, z, _ in parts]
-            for c in range(rows.shape[1]):
-                for (_, _, squares), v in zip(parts, variances, strict=True):
-                    if squares[c] is not None:
-                        var[:, c] += (squares[c] * v).reshape(v.shape[0], -1).sum(1)
-        return Moments(mean, var.reshape(mean.shape))
+        """Add the GP variances at the current lengthscales to the Jacobian parts."""
+        return combine_jacobian(mean, parts, self.site_variance)
 
     def _forward(
         self, x: torch.Tensor, outputs: list | None = None
@@ -1085,7 +1026,7 @@ class GAPA:
         with self._predict_pass(x) as x, tracking(self.model, tracker, outputs), \
                 call_sites(self.model, self.layers, on_call, on_output):
             mean = output_tensor(self.model(x))
-        _require_calls(ran, self.layers)
+        require_calls(ran, self.layers)
         return mean, tracker
 
     def trace(self, x: torch.Tensor) -> dict[str, Moments]:
@@ -1154,39 +1095,11 @@ class GAPA:
         return {key: torch.cat(chunks) for key, chunks in seen.items()}
 
     def _check_input(self, x, shape: tuple[int, ...] | bool | None = True) -> None:
-        """Refuse inputs that are not a tensor of the model's dtype and device, or of another shape.
+        """Refuse inputs unlike the fitted ones or unlike the model's dtype and device.
 
         ``shape``: True for the fitted inputs' shape, a tuple, or None to skip the shape check.
         """
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-        expected = self._input_shape if shape is True else shape or None
-        if expected is not None and (x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected):
-            raise InputError(
-                f"inputs of shape {tuple(x.shape)} do not match the training inputs, which were "
-                f"(batch, {', '.join(map(str, expected))}); check the feature count and rank"
-            )
-        param = next(self.model.parameters(), None)
-        if param is not None and x.is_floating_point() and (
-                x.dtype != param.dtype or x.device != param.device):
-            raise InputError(
-                f"inputs are {x.dtype} on {x.device} but the model's parameters are "
-                f"{param.dtype} on {param.device}; convert one of them"
-            )
-
-    @staticmethod
-    def _check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
-        """Raise a NonFiniteError naming the first rows of ``x`` with NaN or Inf.
-
-        ``offset`` is the number of the first row of ``x`` in the whole data (for batches).
-        """
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            bad = ~torch.isfinite(x)
-            rows = (bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0] + offset).tolist()
-            raise NonFiniteError(
-                f"{what} contain {int(bad.sum())} NaN/Inf values (first rows: {rows}); "
-                "GAPA does not repair inputs: remove or impute them first"
-            )
+        check_input(x, self.model, self._input_shape if shape is True else shape or None)
 
     # --- calibrated predictives (regression, classification) ------------------------------------------------------------------
 
@@ -1315,7 +1228,7 @@ class GAPA:
         """
         self._require_fitted("calibrate")
         if lengthscale_factors is not None:
-            lengthscale_factors = _lengthscale_factors(lengthscale_factors, "lengthscale factors")
+            lengthscale_factors = parse_lengthscale_factors(lengthscale_factors, "lengthscale factors")
         best = None
         # nearest to the label-free rule's own lengthscale first: only a strictly better
         # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
@@ -1453,141 +1366,8 @@ class GAPA:
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
 
 
-@dataclass
-class _Seen:
-    """What the training inputs of a fit showed.
-
-    Their shape (without the batch axis), their number, and the modules in training mode that
-    proved deterministic on them.
-    """
-
-    shape: tuple[int, ...] | None = None
-    inputs: int = 0
-    training: frozenset[str] = frozenset()
-
-
-def _weights_stamp(model: nn.Module) -> tuple:
-    """Return the identity, storage and version counter of every parameter and buffer.
-
-    A write through torch (an optimiser step, ``load_state_dict``, an in-place edit under
-    no_grad), a replaced tensor or ``p.data = ...`` changes it. An in-place write through
-    ``p.data`` does not (it bypasses the version counter): only :meth:`GAPA.save`, which hashes
-    the weights, sees it.
-    """
-    with untracked():
-        return tuple((id(t), t.data_ptr(), version(t))
-                     for t in (*model.parameters(), *model.buffers()))
-
-
-def _check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
-    """Refuse a model whose forward pass is random or changes its own buffers.
-
-    Dropout or BatchNorm left in training mode would: GAPA's mean must be the network's one
-    fixed function. Only models with a module in training mode are run twice; their buffers
-    are restored. Returns the names of the modules in training mode, now shown to be
-    deterministic.
-    """
-    if not any(m.training for m in model.modules()):
-        return frozenset()
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
-    training = sorted({type(m).__name__ for m in model.modules() if m.training})
-    try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            first = output_tensor(model(x))
-            second = output_tensor(model(x))
-    except Exception as exc:  # e.g. BatchNorm in training mode on a one-row batch
-        raise ModelModeError(
-            f"the model is in training mode ({', '.join(training)}) and its forward pass failed "
-            f"on the first training batch of shape {tuple(x.shape)} ({type(exc).__name__}: "
-            f"{exc}); call model.eval() before fitting GAPA") from exc
-    finally:
-        changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
-        for k, b in model.named_buffers():
-            b.copy_(buffers[k])
-    if changed or not torch.equal(first, second):
-        why = (f"its forward pass changed the buffers {changed[:3]}" if changed
-               else "two identical forward passes gave different outputs")
-        raise ModelModeError(
-            f"the model is in training mode ({', '.join(training)}) and {why}; call "
-            "model.eval() before fitting GAPA (dropout and BatchNorm must be frozen)"
-        )
-    return frozenset(name for name, m in model.named_modules() if m.training)
-
-
-def _lengthscale_factors(values: Iterable, what: str) -> list[float]:
-    """Return positive finite numbers (Python, numpy or one-element tensors) as floats.
-
-    Raises a ConfigurationError naming the bad ones.
-    """
-    try:
-        values = list(values)
-    except TypeError:
-        raise ConfigurationError(f"{what} must be a sequence of numbers, got "
-                                 f"{type(values).__name__}") from None
-    factors, bad = [], []
-    for v in values:
-        number = (isinstance(v, numbers.Real) and not isinstance(v, bool)) or (
-            isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point())
-        f = float(v) if number else math.nan
-        (factors if math.isfinite(f) and f > 0 else bad).append(f if number else v)
-    if bad:
-        raise ConfigurationError(f"{what} must be positive finite numbers, got {bad}")
-    return factors
-
-
-def _require_calls(keys: list[str], layers: list[str]) -> None:
-    """Refuse a prediction pass in which no GAPA layer ran in the calling thread.
-
-    It would report zero variance.
-    """
-    if not keys:
-        raise UnsupportedOperationError(
-            f"none of the GAPA layers {layers} ran in this thread during the forward pass. A "
-            "model that runs its modules on other threads (nn.DataParallel, a thread pool) is "
-            "not supported: GAPA follows only the calling thread's forward pass; run the "
-            "forward in one thread (on several GPUs: one model and one GAPA per device)")
-
-
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:
     var = tracker.var(out)
     return Moments(out, torch.zeros_like(out) if var is None else var)
 
 
-def _size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
-    """Return how many inputs ``data`` holds and a batch of them, without consuming it.
-
-    ``data``: a Tensor, a Dataset, or a DataLoader over a sized dataset (counted through its
-    sampler, so a subset counts as such).
-    """
-    if isinstance(data, torch.Tensor):
-        return len(data), data[:batch_size]
-    if isinstance(data, DataLoader):
-        batches_of_items = data.batch_sampler is None  # batch_size=None: every item is a batch
-        sized = data.sampler if batches_of_items else getattr(data.batch_sampler, "sampler",
-                                                               data.dataset)
-    else:
-        batches_of_items, sized = False, data if isinstance(data, Dataset) else None
-    if not hasattr(sized, "__len__"):
-        raise InputError(
-            "planning against a memory budget needs training data of known size: a Tensor, a "
-            f"Dataset or a DataLoader over one, not a {type(data).__name__}")
-    example = next(iter(_iterate_inputs(data, batch_size)))
-    return len(sized) * (len(example) if batches_of_items else 1), example
-
-
-def _iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:
-    if isinstance(data, torch.Tensor):
-        if data.dim() == 0:
-            raise InputError("training data is a scalar tensor; give a (rows, features) tensor")
-        yield from data.split(batch_size)
-        return
-    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
-        if isinstance(data, TensorDataset) and len(data) == 0:
-            return
-        data = DataLoader(data, batch_size=batch_size)
-    if not isinstance(data, DataLoader | Iterable):
-        raise InputError(
-            f"fit expects a Tensor, a TensorDataset or a DataLoader, got {type(data).__name__}"
-        )
-    for batch in data:
-        yield batch[0] if isinstance(batch, list | tuple) else batch

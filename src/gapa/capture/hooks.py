@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..errors import UnsupportedOperationError
 from ..propagation.engine import thread_hooks
 
 
@@ -65,3 +66,16 @@ def call_sites(
             add(module, pre, pre=True)
             add(module, post)
         yield
+
+
+def require_calls(keys: list[str], layers: list[str]) -> None:
+    """Refuse a prediction pass in which no GAPA layer ran in the calling thread.
+
+    It would report zero variance.
+    """
+    if not keys:
+        raise UnsupportedOperationError(
+            f"none of the GAPA layers {layers} ran in this thread during the forward pass. A "
+            "model that runs its modules on other threads (nn.DataParallel, a thread pool) is "
+            "not supported: GAPA follows only the calling thread's forward pass; run the "
+            "forward in one thread (on several GPUs: one model and one GAPA per device)")

@@ -1,0 +1,170 @@
+"""Checks of the inputs of a GAPA and of the model they run through.
+
+Shapes, dtypes, devices, finite values, a deterministic model, weights that have not changed:
+checked, never repaired.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from ..adapters import output_tensor
+from ..errors import InputError, ModelModeError, NonFiniteError
+from ..propagation.engine import untracked, version
+
+
+def check_input(x, model: nn.Module, shape: tuple[int, ...] | None) -> None:
+    """Refuse inputs that are not a tensor of the model's dtype and device, or not ``shape``.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        A batch of inputs.
+    model : torch.nn.Module
+        The network they go through (its first parameter gives the dtype and device).
+    shape : tuple of int or None
+        The shape of one input (without the batch axis); None skips the check.
+
+    Raises
+    ------
+    InputError
+        ``x`` is not a tensor, has another shape, or another floating dtype or device.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+    if shape is not None and (x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape):
+        raise InputError(
+            f"inputs of shape {tuple(x.shape)} do not match the training inputs, which were "
+            f"(batch, {', '.join(map(str, shape))}); check the feature count and rank"
+        )
+    param = next(model.parameters(), None)
+    if param is not None and x.is_floating_point() and (
+            x.dtype != param.dtype or x.device != param.device):
+        raise InputError(
+            f"inputs are {x.dtype} on {x.device} but the model's parameters are "
+            f"{param.dtype} on {param.device}; convert one of them"
+        )
+
+
+def check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
+    """Raise a NonFiniteError naming the first rows of ``x`` with NaN or Inf.
+
+    ``offset`` is the number of the first row of ``x`` in the whole data (for batches).
+    """
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        bad = ~torch.isfinite(x)
+        rows = (bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0] + offset).tolist()
+        raise NonFiniteError(
+            f"{what} contain {int(bad.sum())} NaN/Inf values (first rows: {rows}); "
+            "GAPA does not repair inputs: remove or impute them first"
+        )
+
+
+@dataclass
+class Seen:
+    """What the training inputs of a fit showed.
+
+    Their shape (without the batch axis), their number, and the modules in training mode that
+    proved deterministic on them.
+    """
+
+    shape: tuple[int, ...] | None = None
+    inputs: int = 0
+    training: frozenset[str] = frozenset()
+
+
+def weights_stamp(model: nn.Module) -> tuple:
+    """Return the identity, storage and version counter of every parameter and buffer.
+
+    A write through torch (an optimiser step, ``load_state_dict``, an in-place edit under
+    no_grad), a replaced tensor or ``p.data = ...`` changes it. An in-place write through
+    ``p.data`` does not (it bypasses the version counter): only :meth:`GAPA.save`, which hashes
+    the weights, sees it.
+    """
+    with untracked():
+        return tuple((id(t), t.data_ptr(), version(t))
+                     for t in (*model.parameters(), *model.buffers()))
+
+
+def check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
+    """Refuse a model whose forward pass is random or changes its own buffers.
+
+    Dropout or BatchNorm left in training mode would: GAPA's mean must be the network's one
+    fixed function. Only models with a module in training mode are run twice; their buffers
+    are restored. Returns the names of the modules in training mode, now shown to be
+    deterministic.
+    """
+    if not any(m.training for m in model.modules()):
+        return frozenset()
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    training = sorted({type(m).__name__ for m in model.modules() if m.training})
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            first = output_tensor(model(x))
+            second = output_tensor(model(x))
+    except Exception as exc:  # e.g. BatchNorm in training mode on a one-row batch
+        raise ModelModeError(
+            f"the model is in training mode ({', '.join(training)}) and its forward pass failed "
+            f"on the first training batch of shape {tuple(x.shape)} ({type(exc).__name__}: "
+            f"{exc}); call model.eval() before fitting GAPA") from exc
+    finally:
+        changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+    if changed or not torch.equal(first, second):
+        why = (f"its forward pass changed the buffers {changed[:3]}" if changed
+               else "two identical forward passes gave different outputs")
+        raise ModelModeError(
+            f"the model is in training mode ({', '.join(training)}) and {why}; call "
+            "model.eval() before fitting GAPA (dropout and BatchNorm must be frozen)"
+        )
+    return frozenset(name for name, m in model.named_modules() if m.training)
+
+
+def size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
+    """Return how many inputs ``data`` holds and a batch of them, without consuming it.
+
+    ``data``: a Tensor, a Dataset, or a DataLoader over a sized dataset (counted through its
+    sampler, so a subset counts as such).
+    """
+    if isinstance(data, torch.Tensor):
+        return len(data), data[:batch_size]
+    if isinstance(data, DataLoader):
+        batches_of_items = data.batch_sampler is None  # batch_size=None: every item is a batch
+        sized = data.sampler if batches_of_items else getattr(data.batch_sampler, "sampler",
+                                                               data.dataset)
+    else:
+        batches_of_items, sized = False, data if isinstance(data, Dataset) else None
+    if not hasattr(sized, "__len__"):
+        raise InputError(
+            "planning against a memory budget needs training data of known size: a Tensor, a "
+            f"Dataset or a DataLoader over one, not a {type(data).__name__}")
+    example = next(iter(iterate_inputs(data, batch_size)))
+    return len(sized) * (len(example) if batches_of_items else 1), example
+
+
+def iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:
+    """Yield the input batches of ``data``.
+
+    A Tensor, a Dataset, or a DataLoader of inputs or of ``(inputs, ...)`` tuples.
+    """
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0:
+            raise InputError("training data is a scalar tensor; give a (rows, features) tensor")
+        yield from data.split(batch_size)
+        return
+    if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        if isinstance(data, TensorDataset) and len(data) == 0:
+            return
+        data = DataLoader(data, batch_size=batch_size)
+    if not isinstance(data, DataLoader | Iterable):
+        raise InputError(
+            f"fit expects a Tensor, a TensorDataset or a DataLoader, got {type(data).__name__}"
+        )
+    for batch in data:
+        yield batch[0] if isinstance(batch, list | tuple) else batch
