@@ -25,7 +25,8 @@ from .capture.inputs import (
     size_and_example,
     weights_stamp,
 )
-from .capture.store import ActivationStore, Shard
+from .capture.store import ActivationStore
+from .capture.streaming import stream_to_store
 from .errors import (
     ConfigurationError,
     EmptyDataError,
@@ -34,7 +35,6 @@ from .errors import (
     ModelChangedError,
     ModelModeError,
     NotFittedError,
-    StoreMismatchError,
     parse_enum,
 )
 from .gp.kernels import check_overrides
@@ -808,47 +808,12 @@ class GAPA:
                                  "training data to finish the capture")
             return Seen(shape=store.input_shape,
                          inputs=sum(shard["inputs"] for shard in store.manifest["shards"]))
-        cache: dict[str, list[torch.Tensor]] = {}
-        shard = Shard()
-        done = 0  # shards of this pass over the data that are on disk
-        limit = None  # rows per shard, once the sites' widths are known
         batches, seen = self._training_batches(data, batch_size, progress)
+        cache: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._capture(cache):
-            for x in batches:
-                # rows of shards on disk already are only hashed; a batch that straddles the
-                # last one's end is split, so the batch size may differ from the first pass
-                while done < len(finished) and len(x):
-                    need = finished[done]["inputs"] - shard.inputs
-                    shard.add(x[:need])
-                    x = x[need:]
-                    if shard.inputs == finished[done]["inputs"]:
-                        shard.check(finished[done], done, store)
-                        shard, done = Shard(), done + 1
-                if not len(x):
-                    continue
-                shard.add(x)
-                self.model(x)
-                if limit is None:
-                    limit = store.rows_per_shard(sum(c[0].shape[1] for c in cache.values()))
-                if max(sum(len(c) for c in chunks) for chunks in cache.values()) >= limit:
-                    self._write_shard(store, cache, shard)
-                    shard, done = Shard(), done + 1
-        if done < len(finished):
-            raise StoreMismatchError(
-                f"the data ended inside shard {done} of {store.path}, which was written from "
-                "more batches: the data changed; resume with the same data or use a new store")
-        if shard.batches:
-            self._write_shard(store, cache, shard)
+            stream_to_store(self.model, batches, cache, store, finished)
         store.finish(seen.shape)
         return seen
-
-    @staticmethod
-    def _write_shard(store: ActivationStore, cache: dict, shard: Shard) -> None:
-        rows = {key: torch.cat(cache.pop(key)) for key in list(cache)}
-        for key, value in rows.items():
-            check_finite(value, f"the pre-activations cached at {key!r}", store.n_rows(key))
-        store.write_shard(rows, batches=shard.batches, inputs=shard.inputs,
-                          digest=shard.digest.hexdigest())
 
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
