@@ -1,1 +1,1 @@
-"""Capture of the GAPA layers' pre-activations: call-site hooks and the on-disk store."""
+"""Capture: hooks on the GAPA layers, checks of the inputs, and the on-disk activation store."""

@@ -1,1 +1,1 @@
-"""The GPs of the GAPA layers: kernels, neighbour search, inducing points, conditioning."""
+"""The Gaussian process of one call site: kernels, inducing points, conditioning, search."""

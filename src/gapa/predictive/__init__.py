@@ -1,1 +1,1 @@
-"""gapa.predictive."""
+"""Calibrated predictives: regression (noise and scale) and classification (probit, OOD)."""
