@@ -166,9 +166,11 @@ class GAPA:
     m : int or None, default 512
         Inducing points per call site (k-means on the cache); ``None`` conditions on the whole
         cache.
-    conditioning : {"local", "exact"}, default "local"
-        ``"local"`` (K nearest neighbours) or ``"exact"`` (the whole conditioning set; the slow
-        reference, refused above :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows).
+    conditioning : {"local", "exact", "prior"}, default "local"
+        ``"local"`` (K nearest neighbours), ``"exact"`` (the whole conditioning set; the slow
+        reference, refused above :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows) or
+        ``"prior"`` (no conditioning, every unit at its prior amplitude: a control that shows
+        what conditioning adds).
     search : {"torch", "faiss", "ivf", "hnsw", "auto"}, default "torch"
         Neighbour search back end (:class:`gapa.gp.search.SearchBackend`): ``"torch"`` is exact
         on any device; ``"faiss"``, ``"ivf"`` and ``"hnsw"`` need faiss, as ``"auto"`` does

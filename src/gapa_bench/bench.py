@@ -51,6 +51,11 @@ METHODS: dict[str, FitFn] = {
     # cached row is found by an HNSW graph tuned to recall@1 >= 0.95 (exact search over the
     # whole cache cost 390x the network at test)
     "gapa_k1": partial(fit_gapa, **{**GAPA_DEFAULT, "m": None, "search": "hnsw"}),
+    # the library's own defaults, untouched: what a user gets with GAPA(model).fit(x)
+    "gapa_default": fit_gapa,
+    # the control: the same propagation with no conditioning (every unit at its prior
+    # amplitude); gapa - gapa_prior is what conditioning on the training activations adds
+    "gapa_prior": partial(fit_gapa, **{**GAPA_DEFAULT, "conditioning": "prior"}),
 }
 
 #: Columns of the summary table and whether lower is better (all are).

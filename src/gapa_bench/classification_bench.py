@@ -99,6 +99,10 @@ METHODS: dict[str, FitFn] = {
     "ensemble": fit_ensemble_classifier,
     "knn": fit_knn,
     "gapa": partial(fit_gapa, **GAPA_CLASSIFIER_DEFAULT),
+    # the library's defaults, untouched (what GAPA(model).fit(x) gives), and the control with
+    # no conditioning: gapa - gapa_prior is what the GP activation adds
+    "gapa_default": fit_gapa,
+    "gapa_prior": partial(fit_gapa, **{**GAPA_CLASSIFIER_DEFAULT, "conditioning": "prior"}),
 }
 @dataclass
 class EvalSets:

@@ -204,3 +204,21 @@ def test_classifier_calibration_in_batches_reuses_the_gradients_exactly(gen):
     assert len(set(single.values())) == 3  # the factor matters
     assert fit.nll == min(single.values())
     assert gm.lengthscale_factor == min(single, key=single.get)
+
+
+def test_prior_conditioning_is_the_prior_amplitude_everywhere(gen, tmp_path):
+    """``conditioning="prior"``, the control: no query is conditioned, so every unit's variance
+    is its prior amplitude, near the data as far from it; the rest of GAPA is unchanged."""
+    net = mlp([3, 12, 12, 1]).double()
+    x = torch.randn(200, 3, generator=gen, dtype=torch.float64)
+    prior = _fit(net, x, conditioning="prior")
+    local = _fit(net, x)
+    site = prior.sites["1"]
+    for q in (x[:5], 100 * x[:5]):
+        z = prior.pre_activations(q)["1"]
+        assert torch.equal(site.variance(z), site.hyperparameters.amplitude.expand_as(z))
+        assert bool((local.sites["1"].variance(z) <= site.variance(z) + 1e-12).all())
+    assert torch.equal(prior(x[:5]).mean, local(x[:5]).mean)
+    assert "prior" in prior.summary() and site.n_conditioning == 1
+    loaded = gapa.GAPA.load(prior.save(tmp_path / "prior.gapa"), net)
+    assert torch.equal(loaded(x[:5]).var, prior(x[:5]).var)

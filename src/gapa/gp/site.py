@@ -41,6 +41,9 @@ class Conditioning(str, Enum):
     """On the K rows nearest to the query in (lengthscale-scaled) pre-activation space."""
     EXACT = "exact"
     """On every row: the exact GP, a slow reference for small caches."""
+    PRIOR = "prior"
+    """On nothing: every unit at its prior amplitude. A control, not a method: the difference
+    from ``local`` is what conditioning on the training activations adds."""
 
 
 class Inducing(str, Enum):
@@ -259,7 +262,10 @@ class GPSite:
         hp = override(hp, overrides, key) if overrides else hp
         # Neighbours are searched in the fit-time scaled space. A common factor on every
         # lengthscale (rescale_lengthscale) changes the kernel but not which rows are nearest.
-        if config.m is None or config.m >= n:
+        if config.conditioning is Conditioning.PRIOR:  # one row keeps the width and dtype
+            rows = pre[:1] if isinstance(pre, torch.Tensor) else pre[torch.zeros(1, dtype=torch.long)]
+            counts = torch.full((1,), n, device=rows.device)
+        elif config.m is None or config.m >= n:
             if not isinstance(pre, torch.Tensor):
                 pre = pre.materialize()  # the whole cache conditions every query
             rows, counts = pre, torch.ones(n, device=pre.device)
@@ -366,7 +372,9 @@ class GPSite:
                 f"the lengthscales at {key!r} (smallest {float(self._search_scale.min()):.3g}) "
                 f"are too small for {rows.dtype}: the pre-activations divided by them overflow")
         self._index = self._finder = None  # no finder: no unit varies, every row is as near
-        if config.conditioning is Conditioning.EXACT:
+        if config.conditioning is Conditioning.PRIOR:
+            self._exact = None
+        elif config.conditioning is Conditioning.EXACT:
             self._exact = ExactConditioner(self.rows, self.row_noise, hp)
             if self._space.dim:  # only nearest_distance searches
                 self._finder = NeighbourIndex(points, SearchBackend.TORCH)
@@ -415,6 +423,8 @@ class GPSite:
         """
         if self._exact is not None:
             how = "exact conditioning"
+        elif self.config.conditioning is Conditioning.PRIOR:
+            how = "none (prior: no conditioning)"
         elif self._index is None:
             how = "none (no unit varies over the rows: all are as near)"
         else:
@@ -508,6 +518,8 @@ class GPSite:
                 f"received {z.dtype} on {z.device}; fit and predict in the same dtype and device"
             )
         t0 = time.perf_counter()
+        if self.config.conditioning is Conditioning.PRIOR:
+            return hp.amplitude.expand(z.shape).clone()
         if self._exact is not None:
             var = self._exact.variance(z)
             self.timings["conditioning"] += time.perf_counter() - t0
