@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -88,9 +88,14 @@ def run_benchmark(
     json_path: str | os.PathLike | None = None,
     resume: bool = False,
     log=print,
+    data_for_seed: Callable[[int], RegressionData] | None = None,
 ) -> list[MethodResult]:
     """Each method on each seed; the backbone of seed ``s`` is trained once (cached on disk) and
     loaded once per run.
+
+    ``data_for_seed(s)``: the data of repetition ``s`` when repetitions differ in their data
+    too (a shuffled split draws shuffle ``s``), so that seeds are independent repetitions; by
+    default every seed uses ``data``.
 
     With ``json_path`` the records are rewritten after every result, so an interrupted run keeps
     what it finished; with ``resume`` the records already in that file for this data set and
@@ -108,16 +113,26 @@ def run_benchmark(
                    if (r.dataset, r.split) == (data.name, data.split)]
     done = {(r.method, r.seed) for r in results}
     backbones: dict[int, nn.Module] = {}
+    datasets: dict[int, RegressionData] = {}
+
+    def data_of(seed: int) -> RegressionData:
+        if data_for_seed is None:
+            return data
+        if seed not in datasets:
+            datasets[seed] = data_for_seed(seed)
+        return datasets[seed]
+
     for name in methods:
         bar = tqdm(range(seeds), desc=name, disable=not progress)
         for seed in bar:
             if (name, seed) in done:
                 continue
             if seed not in backbones:
-                backbones[seed] = cached_regressor(data, seed=seed, progress=progress, **train)[0]
+                backbones[seed] = cached_regressor(data_of(seed), seed=seed, progress=progress,
+                                                   **train)[0]
             backbone = backbones[seed]
             try:
-                res = run_method(name, METHODS[name], backbone, data, seed=seed,
+                res = run_method(name, METHODS[name], backbone, data_of(seed), seed=seed,
                                  progress=progress, train=train)
             except MissingDependencyError as exc:
                 log(f"{name}: skipped ({exc})")
