@@ -41,7 +41,7 @@ from .gp.kernels import check_overrides
 from .gp.search import SearchBackend
 from .gp.site import Conditioning, GPConfig, GPSite, Inducing
 from .moments import Moments
-from .persistence import load_state, model_device, model_fingerprint, save_state
+from .persistence import load_state, model_device, model_fingerprint, same_model, save_state
 from .plan import Plan, plan_fit
 from .predictive.classification import (
     ClassPrediction,
@@ -900,7 +900,7 @@ class GAPA:
                 "random and their buffers would be updated: call model.eval() before predicting")
         stamp = weights_stamp(self.model)
         if stamp != self._stamp:
-            if model_fingerprint(self.model) != self._fingerprint:
+            if not same_model(model_fingerprint(self.model), self._fingerprint):
                 raise ModelChangedError(
                     "the model's weights changed since GAPA was fitted, so the cached "
                     "activations no longer describe it and the variances would be wrong: refit "

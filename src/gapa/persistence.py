@@ -93,6 +93,14 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
             "weights": weights.hexdigest()}
 
 
+def same_model(fingerprint: dict, other: dict) -> bool:
+    """Return whether two :func:`model_fingerprint` dicts describe the same network.
+
+    Architecture and weights decide; the class name is only for messages.
+    """
+    return all(fingerprint.get(part) == other.get(part) for part in ("architecture", "weights"))
+
+
 def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
     """Write ``gm``'s fitted state to ``path`` atomically (aside, then renamed).
 
@@ -122,7 +130,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
     path = Path(path)
     now = model_fingerprint(gm.model)
     fitted = state["model"] or now
-    if any(fitted.get(part) != now[part] for part in ("architecture", "weights")):
+    if not same_model(fitted, now):
         raise ModelChangedError(
             f"cannot save to {path}: the model's weights changed since this GAPA was fitted, so "
             "its cached activations (and variances) describe the old network; refit with "

@@ -388,21 +388,29 @@ class VarianceTracker(TorchFunctionMode):
                 self._own.pop(id(t._base), None)
             return self._lookup(t)
 
-    def _lookup(self, t: Tensor) -> Tensor | None:
+    def _entry(self, t: Tensor) -> tuple[Tensor, Tensor, int | None] | None:
+        """Return ``t``'s (tensor, variance, version) entry, or None.
+
+        Ids of dead tensors are reused, so the entry must hold ``t`` itself.
+        """
         entry = self._var.get(id(t))
-        if entry is not None and entry[0] is t and entry[2] == version(t):
+        return entry if entry is not None and entry[0] is t else None
+
+    def _lookup(self, t: Tensor) -> Tensor | None:
+        entry = self._entry(t)
+        if entry is not None and entry[2] == version(t):
             return entry[1]
         base = t._base
         derived = None if base is None else self._current(base)
         if derived is not None:
             return _region(derived, base, t, self)
-        if entry is not None and entry[0] is t:
+        if entry is not None:
             raise self._stale(t)
         return None
 
     def _current(self, t: Tensor) -> Tensor | None:
-        entry = self._var.get(id(t))
-        if entry is None or entry[0] is not t:
+        entry = self._entry(t)
+        if entry is None:
             return None
         if entry[2] != version(t):
             raise self._stale(t)
@@ -435,10 +443,7 @@ class VarianceTracker(TorchFunctionMode):
         """
         with untracked():
             base = t._base
-            # a view whose elements overlap (an expand) cannot be written into its base; it
-            # cannot be written at all, so its own entry stays right
-            if base is not None and self._current(base) is None and \
-                    torch._debug_has_internal_overlap(t) != 1:
+            if base is not None and self._current(base) is None and _writable_view(t):
                 self._write(t, var, version(t))
                 return
             # the tensor is kept alive with its variance so its id cannot be reused in this pass
@@ -457,11 +462,11 @@ class VarianceTracker(TorchFunctionMode):
             Its new variance.
         """
         with untracked():
-            if t._base is None or torch._debug_has_internal_overlap(t) == 1:
+            if _writable_view(t):
+                self._write(t, var, version(t))
+            else:
                 self._var[id(t)] = (t, var, version(t))
                 self._own.pop(id(t), None)
-            else:
-                self._write(t, var, version(t))
 
     def writable(self, t: Tensor) -> Tensor:
         """Return ``t``'s variance for a write rule to update in place.
@@ -480,10 +485,10 @@ class VarianceTracker(TorchFunctionMode):
             A variance the rule may modify in place.
         """
         with untracked():
-            entry = self._var.get(id(t))
+            entry = self._entry(t)
             owned = self._own.pop(id(t), None)
-            if owned is not None and entry is not None and entry[0] is t and \
-                    entry[1] is owned and entry[2] == version(t):
+            if owned is not None and entry is not None and entry[1] is owned and \
+                    entry[2] == version(t):
                 self._fresh = owned
             else:
                 v = self.var(t)
@@ -504,8 +509,8 @@ class VarianceTracker(TorchFunctionMode):
                 var = var.expand(t.shape)
             base = t._base
             if base is not None:
-                entry = self._var.get(id(base))
-                old = entry[1] if entry is not None and entry[0] is base else None
+                entry = self._entry(base)
+                old = None if entry is None else entry[1]
                 if old is not None and entry[2] != before:
                     raise self._stale(base)
                 if old is None:
@@ -700,6 +705,15 @@ def _tensors(objs: Any) -> list[Tensor]:
         if isinstance(a, Tensor):
             seen.setdefault(id(a), a)
     return list(seen.values())
+
+
+def _writable_view(t: Tensor) -> bool:
+    """Return whether ``t`` is a view whose variance can be written into its base's.
+
+    A view whose elements overlap (an expand) cannot be written at all, so its own entry stays
+    right.
+    """
+    return t._base is not None and torch._debug_has_internal_overlap(t) != 1
 
 
 def _laid_like(var: Tensor, base: Tensor) -> Tensor:
