@@ -27,6 +27,10 @@ from . import Fitted
 #: Rows (inputs x passes) in one forward pass: bounds memory at about 200 MB for width 200.
 CHUNK_ROWS = 1 << 16
 
+#: Dropout rates the regression benchmark tries, one network each; validation NLL picks one
+#: (:func:`gapa_bench.selection.select`).
+DROPOUT_RATES = (0.05, 0.1, 0.2)
+
 
 def fit_mc_dropout(
     backbone: nn.Module,
