@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from gapa.core import GAPA
+from gapa.core import GAPA, LENGTHSCALE_FACTORS
 from gapa.moments import Moments
 from gapa.predictive.regression import fit_scale_and_noise
 
 from .baselines import FitFn, Fitted
 from .data import RegressionData
 from .metrics import regression_report
+from .selection import select
 
 #: The fields every JSON record has, in this order.
 RECORD_FIELDS = ("dataset", "method", "seed", "nll", "crps", "cqm", "rmse", "fit_s", "test_s")
@@ -47,13 +48,15 @@ class MethodResult:
     noise: float = 0.0  # validation-fitted homoscedastic noise variance, standardised units
     peak_rss_mib: float = 0.0  # peak resident memory of the process while the method ran
     info: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)  # commit, date, machine, command (provenance.run_info)
     fitted: Fitted | None = field(default=None, repr=False)
 
     def record(self) -> dict:
-        """The JSON record: :data:`RECORD_FIELDS` plus calibration, memory and method info."""
+        """The JSON record: :data:`RECORD_FIELDS` plus calibration, memory, method info and
+        provenance."""
         rec = {k: getattr(self, k) for k in RECORD_FIELDS}
         rec.update(split=self.split, scale=self.scale, noise=self.noise, peak_rss_mib=self.peak_rss_mib,
-                   info=self.info)
+                   info=self.info, run=self.run)
         return rec
 
 
@@ -70,15 +73,59 @@ def fit_map(backbone: nn.Module, data: RegressionData, **_) -> Fitted:
 
 def fit_gapa(
     backbone: nn.Module, data: RegressionData, *, seed: int = 0, progress: bool = False,
-    train: dict | None = None, **options,
+    train: dict | None = None, lengthscale_factors=LENGTHSCALE_FACTORS, **options,
 ) -> Fitted:
     """GAPA on the training inputs; ``options`` go to :class:`gapa.GAPA`. The lengthscale factor
-    is chosen on validation by :meth:`gapa.GAPA.calibrate`, as a user would."""
+    is chosen on validation from ``lengthscale_factors`` by :meth:`gapa.GAPA.calibrate`, as a
+    user would; the record says whether the choice was inside the candidates or at an end."""
     gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
-    gm.calibrate(data.x_val, data.y_val)
+    gm.calibrate(data.x_val, data.y_val, lengthscale_factors=lengthscale_factors)
+    factors = sorted(lengthscale_factors or [])
     info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
-            "propagation": gm.propagation, "lengthscale_factor": gm.lengthscale_factor}
+            "propagation": gm.propagation, "conditioning": gm.config.conditioning.value,
+            "inducing": gm.config.inducing.value,
+            "lengthscale_factor": gm.lengthscale_factor, "lengthscale_factors": factors,
+            "lengthscale_factor_interior": bool(factors)
+            and factors[0] < gm.lengthscale_factor < factors[-1]}
     return Fitted(gm, info=info, handle=gm)
+
+
+def validation_nll(fitted: Fitted, data: RegressionData) -> float:
+    """The mean validation NLL of ``fitted`` after the benchmark's common calibration (one
+    variance scale and one noise fitted on validation): the criterion every method's settings
+    are chosen by."""
+    val = fitted.predict(data.x_val)
+    return fit_scale_and_noise(val.mean, val.var, data.y_val).nll
+
+
+def selected(fit: FitFn, candidates: dict[str, list], **fixed) -> FitFn:
+    """``fit`` with its settings chosen on validation NLL from ``candidates``
+    (:func:`gapa_bench.selection.select`); ``fixed`` settings are passed to every candidate.
+    The choice, the candidates and every validation score land in ``info["selection"]``.
+
+    The cost of choosing is the method's cost: a post-hoc method's fit call covers every
+    candidate, and a method that trains networks reports every candidate's training time plus
+    the validation passes as its ``fit_s``.
+    """
+
+    def fit_selected(backbone: nn.Module, data: RegressionData, **kw) -> Fitted:
+        trained_s = []
+
+        def one(setting: dict) -> tuple[float, Fitted]:
+            t0 = time.perf_counter()
+            fitted = fit(backbone, data, **kw, **fixed, **setting)
+            score = validation_nll(fitted, data)
+            if fitted.fit_s is not None:  # training time from the cache, plus this call
+                trained_s.append(fitted.fit_s + time.perf_counter() - t0)
+            return score, fitted
+
+        fitted, selection = select(candidates, one)
+        fitted.info["selection"] = selection.record()
+        if trained_s:
+            fitted.fit_s = sum(trained_s)
+        return fitted
+
+    return fit_selected
 
 
 def run_method(

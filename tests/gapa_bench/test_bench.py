@@ -51,16 +51,32 @@ def test_every_method_runs_and_scores_like_the_metrics_module(tiny, tmp_path):
         assert list(rec)[: len(RECORD_FIELDS)] == list(RECORD_FIELDS)
         assert rec["dataset"] == "tiny" and rec["split"] == "rows"
         assert all(np.isfinite(rec[k]) for k in RECORD_FIELDS[3:])
+        assert set(rec["run"]) == {"commit", "date", "machine", "command"}
+        assert rec["run"]["machine"]["cores"] >= 1
+    # every method with settings to choose chose them on validation, from the declared set
+    chosen = {rec["method"]: rec["info"]["selection"] for rec in records
+              if "selection" in rec["info"]}
+    assert set(chosen) == {"mc_dropout", "gapa", "gapa_prior", "gapa_random"}
+    assert chosen["gapa"]["candidates"] == bench.GAPA_CANDIDATES
+    assert chosen["mc_dropout"]["candidates"] == {"p": list(bench.DROPOUT_RATES)}
+    for sel in chosen.values():
+        best = min(sel["tried"], key=lambda t: t["score"])
+        assert sel["chosen"] == {k: best[k] for k in sel["candidates"]}
+    gapa = next(rec for rec in records if rec["method"] == "gapa")
+    assert [gapa["info"][k] for k in ("layers", "m")] == [gapa["info"]["selection"]["chosen"][k]
+                                                          for k in ("layers", "m")]
+    assert gapa["info"]["lengthscale_factors"] == sorted(bench.LENGTHSCALE_CANDIDATES)
 
 
 def test_post_hoc_methods_keep_the_backbone_mean(tiny):
-    results = bench.run_benchmark(tiny, ["map", "gapa", "gapa_k1", "ella", "lla_lastlayer"],
+    results = bench.run_benchmark(tiny, ["map", "gapa", "gapa_prior", "gapa_random", "ella",
+                                         "lla_lastlayer"],
                                   seeds=1, train=TRAIN, progress=False)
     model, _, _ = cached_regressor(tiny, seed=0, progress=False, **TRAIN)
     with torch.no_grad():
         expected = model(tiny.x_test) * tiny.y_std + tiny.y_mean
     by_method = {r.method: r for r in results}
-    for name in ("map", "gapa", "gapa_k1", "ella"):
+    for name in ("map", "gapa", "gapa_prior", "gapa_random", "ella"):
         assert torch.equal(by_method[name].mean, expected), name
     torch.testing.assert_close(by_method["lla_lastlayer"].mean, expected)
     # GAPA's epistemic variance is not a constant across test points; MAP's std is

@@ -1,0 +1,633 @@
+"""Every benchmark number in the Markdown files, regenerated from the JSON records (issue 16).
+
+A Markdown file marks each generated block with two comment lines::
+
+    <!-- report regression benchmarks/results/a.json benchmarks/results/b.json -->
+    ...replaced on every run...
+    <!-- /report -->
+
+The first word after ``report`` is the kind (:data:`KINDS`), the rest are record files relative
+to the repository root. :func:`fill` regenerates every block of a text, :func:`update` of files
+(``check=True``: only say which are stale), :func:`main` is ``python benchmarks/report.py
+[--check] [FILES...]``. Typing a number by hand is then never needed, and ``--check`` shows when
+a table no longer matches its records.
+
+Everything between the records and the text is a pure function: :func:`load_records` (old and
+new record formats, normalised to the new one), the tables and lines of each kind, and
+:func:`verdict`. Scores are mean ± standard error over seeds (``ddof=1``); comparisons are paired
+by seed, since seed ``s`` is the same backbone (and split) for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gapa.errors import GAPAError
+from gapa.io import atomic_path
+
+DEFAULT_FILES = ("benchmarks/RESULTS.md", "README.md")
+END = "<!-- /report -->"
+_OPEN = re.compile(r"<!--\s*report\s+(?P<body>.*?)\s*-->")
+_FENCE = re.compile(r"(`{3,}|~{3,})")
+
+#: The GAPA rows compared with every peer, and the control that conditions on nothing.
+GAPA_ROWS = ("gapa", "gapa_default")
+PRIOR = "gapa_prior"
+#: Methods that are not peers in a summary's "best peer": the bare network.
+CONTROLS = ("map",)
+
+REGRESSION_FIELDS = ("dataset", "method", "seed", "nll", "crps", "cqm", "rmse", "fit_s", "test_s")
+CLASSIFICATION_FIELDS = ("dataset", "method", "seed", "accuracy", "nll", "ece", "brier", "fit_s",
+                         "test_s")
+#: Old records named their own OOD score differently: the new name of each old name's prefix
+#: (GAPA's "total_variance" is the summed logit variance, kNN's "distance to neighbour 50").
+_OLD_SCORES = {"total_variance": "logit_variance", "distance": "distance"}
+
+
+class ReportError(GAPAError, ValueError):
+    """A marker or a record file the report cannot use; the message names the file and line."""
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+def load_records(paths: Sequence[str], root: str | Path = ".") -> list[dict]:
+    """The records of ``paths`` (relative to ``root``), normalised, of one data set.
+
+    A later file's record for the same method and seed replaces an earlier one's, so a rerun
+    listed after the original wins instead of being counted twice. One table must describe one
+    data set (and split or backbone): mixing them would pair seeds that are not the same network.
+    """
+    records = [rec for path in paths for rec in _read(Path(root) / path, path)]
+    kinds = {_kind(r) for r in records}
+    if len(kinds) > 1:
+        raise ReportError(f"{', '.join(paths)} mix regression and classification records")
+    groups = {(r["dataset"], r.get("backbone")) for r in records}
+    splits = {r["split"] for r in records if r.get("split")}
+    if len(groups) > 1 or len(splits) > 1:
+        raise ReportError(f"{', '.join(paths)} hold several data sets or splits: "
+                          f"{sorted(map(str, groups | splits))}; give each its own block")
+    by_key: dict[tuple, dict] = {}
+    for rec in records:
+        by_key[rec["method"], rec["seed"]] = rec  # a rerun keeps the first one's place
+    return list(by_key.values())
+
+
+def _read(path: Path, name: str) -> list[dict]:
+    """One record file, each record normalised (:func:`_normalise`)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ReportError(f"record file {name} not found (under {path.parent})") from None
+    except (OSError, ValueError) as e:
+        raise ReportError(f"record file {name} cannot be read: {e}") from None
+    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
+        raise ReportError(f"record file {name} is not a non-empty JSON list of records")
+    return [_normalise(r, f"{name}, record {i}") for i, r in enumerate(data)]
+
+
+def _kind(rec: dict) -> str:
+    return "classification" if "accuracy" in rec else "regression"
+
+
+def _normalise(rec: dict, where: str) -> dict:
+    """A copy in the new format: ``run`` (None when not recorded) and ``info`` always present; for
+    classification ``ood_scores`` ``{score: {set: {auroc, fpr95}}}`` and ``own_score``.
+
+    Old classification records hold ``ood`` by the method's own score (named by
+    ``info["ood_score"]``, else the entropy) and ``ood_entropy`` when that score is another.
+    """
+    fields = CLASSIFICATION_FIELDS if _kind(rec) == "classification" else REGRESSION_FIELDS
+    missing = [k for k in fields if k not in rec]
+    if missing:
+        raise ReportError(f"{where} lacks {', '.join(missing)}")
+    rec = {**rec, "run": rec.get("run"), "info": rec.get("info") or {}}
+    if _kind(rec) == "classification" and "ood_scores" not in rec:
+        old = rec["info"].get("ood_score")
+        own = next((new for prefix, new in _OLD_SCORES.items() if old and old.startswith(prefix)),
+                   old)
+        rec["ood_scores"] = {own or "entropy": rec.get("ood") or {}}
+        if rec.get("ood_entropy"):
+            rec["ood_scores"]["entropy"] = rec["ood_entropy"]
+        rec["own_score"] = own
+    return rec
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error over seeds (``ddof=1``); the error is None for one value."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None
+
+
+def verdict(differences: Sequence[float], higher_better: bool = False) -> str:
+    """``win``, ``loss`` or ``tie`` of paired differences (GAPA − other): a win is a mean
+    difference more than one standard error in the better direction. With one seed there is no
+    error to judge by, so the verdict is ``1 seed``."""
+    mean, se = mean_se(differences)
+    if se is None:
+        return "1 seed"
+    gain = mean if higher_better else -mean
+    return "win" if gain > se else "loss" if gain < -se else "tie"
+
+
+def _num(x: float, digits: int, signed: bool = False) -> str:
+    text = f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    return text.replace("-", "−") if signed else text
+
+
+def _pm(values: Sequence[float], digits: int, signed: bool = False) -> str:
+    if len(values) == 0:
+        return "—"
+    mean, se = mean_se(values)
+    text = _num(mean, digits, signed)
+    return text if se is None else f"{text} ± {se:.{digits}f}"
+
+
+def _by_seed(records: list[dict], method: str, value: Callable[[dict], float | None]) -> dict:
+    out = {r["seed"]: value(r) for r in records if r["method"] == method}
+    return {s: v for s, v in out.items() if v is not None}
+
+
+def _paired(records, a: str, b: str, value, digits: int = 3,
+            higher_better: bool = False) -> tuple[int, str, str] | None:
+    """(shared seeds, ``mean ± se`` of a − b, verdict), or None when no seed is shared."""
+    va, vb = _by_seed(records, a, value), _by_seed(records, b, value)
+    diffs = [va[s] - vb[s] for s in sorted(va.keys() & vb.keys())]
+    if not diffs:
+        return None
+    return len(diffs), _pm(diffs, digits, signed=True), verdict(diffs, higher_better)
+
+
+def _methods(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in records))
+
+
+def comparisons(methods: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(gapa row, other, label)``: each GAPA row against every non-GAPA method, and ``gapa``
+    against its no-conditioning control; only pairs whose methods are both present."""
+    pairs = [(g, m, f"{g} − {m}") for g in GAPA_ROWS if g in methods
+             for m in methods if not m.startswith("gapa")]
+    if "gapa" in methods and PRIOR in methods:
+        pairs.append(("gapa", PRIOR, f"gapa − {PRIOR} (what conditioning adds)"))
+    return pairs
+
+
+# --------------------------------------------------------------------------- table pieces
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: a title, the value of one record (None: not measured), digits, and
+    whether higher is better (for the bold best)."""
+
+    title: str
+    value: Callable[[dict], float | None]
+    digits: int = 3
+    higher_better: bool = False
+    note: Callable[[str], str] | None = None  # text after a method's cell, e.g. the score used
+
+
+def table(records: list[dict], columns: Sequence[Column]) -> str:
+    """Markdown: one row per method (first appearance), mean ± SE per column, then the ratio of
+    mean test times to MAP's (— without MAP).
+
+    The best mean per column is bold, compared as printed: means equal to the shown digits are
+    equally best, and a non-finite mean (a failed run) is never best.
+    """
+    methods = _methods(records)
+    cells: dict[tuple[str, str], tuple[float, str]] = {}
+    for c in columns:
+        for m in methods:
+            values = list(_by_seed(records, m, c.value).values())
+            if values:
+                note = c.note(m) if c.note else ""
+                cells[m, c.title] = (mean_se(values)[0], _pm(values, c.digits) + note)
+    best = {}
+    for c in columns:
+        means = [round(v[0], c.digits) for (_, t), v in cells.items()
+                 if t == c.title and np.isfinite(v[0])]
+        best[c.title] = (max if c.higher_better else min)(means) if means else None
+    test_means = {m: mean_se([r["test_s"] for r in records if r["method"] == m])[0]
+                  for m in methods}
+    head = ["method", "seeds", *(c.title for c in columns), "test / map"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        row = [m, str(sum(r["method"] == m for r in records))]
+        for c in columns:
+            mean, text = cells.get((m, c.title), (None, "—"))
+            bold = mean is not None and round(mean, c.digits) == best[c.title]
+            row.append(f"**{text}**" if bold else text)
+        row.append(f"{test_means[m] / test_means['map']:.1f}x" if test_means.get("map") else "—")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def provenance(records: list[dict], paths: Sequence[str]) -> str:
+    """Where the numbers come from: files, data set, split or backbone, seeds, and the commits,
+    dates and machines of the records' ``run`` (\"not recorded\" for records written before it)."""
+    first = records[0]
+    what = first["dataset"] + (f", backbone {first['backbone']}" if first.get("backbone") else "")
+    splits = {r["split"] for r in records if r.get("split")}
+    if _kind(first) == "regression":
+        what += f", split {splits.pop() if splits else 'not recorded'}"
+    seeds = sorted({r["seed"] for r in records})
+    seed_text = (f"{seeds[0]}–{seeds[-1]}" if len(seeds) > 2 and seeds == list(
+        range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds)))
+    runs = [r["run"] for r in records if r.get("run")]
+    text = f"Records {', '.join(f'`{p}`' for p in paths)}: {what}; seeds {seed_text}"
+    if not runs:
+        return text + "; commit, date and machine not recorded."
+    commits = list(dict.fromkeys(str(r.get("commit", "unknown")) for r in runs))
+    dates = sorted(str(r["date"])[:10] for r in runs if r.get("date"))
+    machines = list(dict.fromkeys(_machine(r.get("machine") or {}) for r in runs))
+    text += f"; commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+    if dates:
+        text += f"; {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")
+    text += f"; {'; '.join(machines)}"
+    if len(runs) < len(records):
+        text += f"; not recorded for {len(records) - len(runs)} of {len(records)} records"
+    return text + "."
+
+
+def _machine(m: dict) -> str:
+    parts = [f"{m[k]} {k}" for k in ("cores", "threads") if m.get(k) is not None]
+    parts += [m["gpu"]] if m.get("gpu") else []
+    return m.get("cpu", "machine not recorded") + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _value(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def selection_lines(records: list[dict]) -> list[str]:
+    """For each method that chose settings on validation (``info["selection"]``): its candidates
+    and each chosen setting with the number of seeds that chose it, most frequent first."""
+    lines = []
+    for m in _methods(records):
+        recs = [r for r in records if r["method"] == m]
+        sels = [r["info"]["selection"] for r in recs if r["info"].get("selection")]
+        if not sels:
+            continue
+        candidates: dict[str, list] = {}
+        for s in sels:
+            for name, values in s.get("candidates", {}).items():
+                known = candidates.setdefault(name, [])
+                known += [v for v in values if v not in known]
+        chosen = Counter(", ".join(f"{k}={_value(v)}" for k, v in s.get("chosen", {}).items())
+                         for s in sels)
+        cand = ", ".join(f"{k} ∈ {{{', '.join(map(_value, v))}}}" for k, v in candidates.items())
+        picks = "; ".join(f"{c} ({n}/{len(recs)} seeds)" for c, n in chosen.most_common())
+        criteria = ", ".join(dict.fromkeys(s.get("criterion", "validation") for s in sels))
+        lines.append(f"- {m} (by {criteria}): candidates {cand}; chosen {picks}")
+    return lines
+
+
+def _section(title: str, body: list[str] | str) -> str:
+    body = "\n".join(body) if isinstance(body, list) else body
+    return f"{title}\n\n{body}" if body else ""
+
+
+def _paired_table(head: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _pair_cells(result: tuple[int, str, str] | None, suffix: str = "") -> tuple[int, list[str]]:
+    if result is None:
+        return 0, ["—", "—"]
+    return result[0], [result[1] + suffix, result[2]]
+
+
+# ------------------------------------------------------------------------------ regression
+
+
+def _metric(name: str) -> Callable[[dict], float | None]:
+    return lambda r: r.get(name)
+
+
+REGRESSION_COLUMNS = (
+    Column("NLL", _metric("nll")), Column("CRPS", _metric("crps")), Column("CQM", _metric("cqm")),
+    Column("RMSE", _metric("rmse")), Column("fit s", _metric("fit_s"), 2),
+    Column("test s", _metric("test_s"), 2),
+)
+
+
+def regression_block(records: list[dict], paths: Sequence[str]) -> str:
+    """Provenance, the main table, the settings chosen on validation, and the paired
+    differences of NLL and CRPS (lower is better)."""
+    rows = []
+    for a, b, label in comparisons(_methods(records)):
+        nll = _paired(records, a, b, _metric("nll"))
+        crps = _paired(records, a, b, _metric("crps"))
+        if nll is None and crps is None:
+            continue
+        n, nll_cells = _pair_cells(nll)
+        _, crps_cells = _pair_cells(crps)
+        rows.append([label, str(n), *nll_cells, *crps_cells])
+    paired = _paired_table(["comparison", "seeds", "NLL difference", "NLL verdict",
+                            "CRPS difference", "CRPS verdict"], rows)
+    parts = [provenance(records, paths), table(records, REGRESSION_COLUMNS),
+             _section("Settings chosen on validation:", selection_lines(records)),
+             _section("Paired differences on shared seeds (GAPA − other; lower is better; a win "
+                      "or loss is beyond one standard error of the per-seed differences):",
+                      paired)]
+    return "\n\n".join(p for p in parts if p)
+
+
+# -------------------------------------------------------------------------- classification
+
+
+def _ood_sets(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(s for r in records for score in r["ood_scores"].values()
+                              for s in score))
+
+
+def _auroc(score: str | None, ood_set: str) -> Callable[[dict], float | None]:
+    def value(r: dict) -> float | None:
+        return r["ood_scores"].get(score, {}).get(ood_set, {}).get("auroc")
+    return value
+
+
+def best_scores(records: list[dict], ood_set: str) -> dict[str, str]:
+    """Each method's OOD score with the best mean AUROC on ``ood_set`` among the scores every
+    one of its records has."""
+    best = {}
+    for m in _methods(records):
+        recs = [r for r in records if r["method"] == m]
+        names = [s for s in recs[0]["ood_scores"]
+                 if all(_auroc(s, ood_set)(r) is not None for r in recs)]
+        if names:
+            best[m] = max(names, key=lambda s: mean_se([_auroc(s, ood_set)(r) for r in recs])[0])
+    return best
+
+
+def _own_auroc(best: dict[str, str], ood_set: str) -> Callable[[dict], float | None]:
+    """The AUROC on ``ood_set`` by the best own score (``best``) of each record's method."""
+    return lambda r: _auroc(best.get(r["method"]), ood_set)(r)
+
+
+def _rotated(metric: str) -> Callable[[dict], float | None]:
+    def value(r: dict) -> float | None:
+        shifted = r.get("rotated") or {}
+        return float(np.mean([v[metric] for v in shifted.values()])) if shifted else None
+    return value
+
+
+def classification_block(records: list[dict], paths: Sequence[str]) -> str:
+    """Provenance, the main table (AUROC by entropy and by each method's best own score per OOD
+    set, NLL and ECE averaged over rotation angles), settings chosen on validation, and paired
+    AUROC differences (higher is better)."""
+    sets = _ood_sets(records)
+    best = {s: best_scores(records, s) for s in sets}
+    columns = [Column("accuracy", _metric("accuracy"), higher_better=True),
+               Column("NLL", _metric("nll")), Column("ECE", _metric("ece")),
+               Column("Brier", _metric("brier"))]
+    for s in sets:
+        columns.append(Column(f"{s} AUROC (entropy)", _auroc("entropy", s), higher_better=True))
+        columns.append(Column(
+            f"{s} AUROC (best own)", _own_auroc(best[s], s),
+            higher_better=True, note=lambda m, s=s: f" ({best[s][m]})"))
+    columns += [Column("rotated NLL", _rotated("nll")), Column("rotated ECE", _rotated("ece")),
+                Column("fit s", _metric("fit_s"), 2), Column("test s", _metric("test_s"), 2)]
+    rows = []
+    for a, b, label in comparisons(_methods(records)):
+        for s in sets:
+            entropy = _paired(records, a, b, _auroc("entropy", s), higher_better=True)
+            own = _paired(records, a, b, _own_auroc(best[s], s), higher_better=True)
+            if entropy is None and own is None:
+                continue
+            n, by_entropy = _pair_cells(entropy)
+            n_own, by_own = _pair_cells(own, f" ({best[s].get(a)} vs {best[s].get(b)})")
+            rows.append([label, s, str(max(n, n_own)), *by_entropy, *by_own])
+    paired = _paired_table(["comparison", "OOD set", "seeds", "AUROC (entropy) difference",
+                            "verdict", "AUROC (best own) difference", "verdict"], rows)
+    parts = [provenance(records, paths), table(records, columns),
+             _section("Settings chosen on validation:", selection_lines(records)),
+             _section("Paired AUROC differences on shared seeds (GAPA − other; higher is better; "
+                      "a win or loss is beyond one standard error of the per-seed differences):",
+                      paired)]
+    return "\n\n".join(p for p in parts if p)
+
+
+# -------------------------------------------------------------------------------- summary
+
+
+def _stat(records, method, value, digits=3) -> str:
+    return _pm(list(_by_seed(records, method, value).values()), digits)
+
+
+def _gapa_row(methods: Sequence[str]) -> str | None:
+    return next((g for g in GAPA_ROWS if g in methods), None)
+
+
+def _versus(records, value, higher_better: bool, note=lambda m: "") -> str:
+    """``gapa x; best peer p y; gapa − p = d (verdict); conditioning adds c (verdict)``."""
+    methods = _methods(records)
+    g = _gapa_row(methods)
+    peers = [m for m in methods if not m.startswith("gapa") and m not in CONTROLS
+             and _by_seed(records, m, value)]
+    parts = [f"{g} {_stat(records, g, value)}{note(g)}"] if g else ["no GAPA records"]
+    if peers:
+        means = {m: mean_se(list(_by_seed(records, m, value).values()))[0] for m in peers}
+        p = (max if higher_better else min)(peers, key=means.__getitem__)
+        parts.append(f"best peer {p} {_stat(records, p, value)}{note(p)}")
+        d = _paired(records, g, p, value, higher_better=higher_better) if g else None
+        if d:
+            parts.append(f"{g} − {p} = {d[1]} ({d[2]})")
+    c = _paired(records, g, PRIOR, value, higher_better=higher_better) if g == "gapa" else None
+    if c:
+        parts.append(f"conditioning adds {c[1]} ({c[2]})")
+    return "; ".join(parts)
+
+
+def summary_line(records: list[dict], paths: Sequence[str]) -> str:
+    """One bullet for one record file (or a ``+``-joined group): GAPA, the best peer (not a
+    control), their paired difference, and what conditioning adds; NLL for regression, AUROC by
+    entropy and by best own score per OOD set for classification."""
+    first = records[0]
+    seeds = len({r["seed"] for r in records})
+    source = " + ".join(f"`{p}`" for p in paths)
+    if _kind(first) == "regression":
+        where = f"{first['dataset']} ({first.get('split') or 'split not recorded'}, {seeds} seeds)"
+        return f"- {where}: NLL {_versus(records, _metric('nll'), False)} [{source}]"
+    parts = []
+    for s in _ood_sets(records):
+        best = best_scores(records, s)
+        own = _versus(records, _own_auroc(best, s), True, note=lambda m, b=best: f" ({b.get(m)})")
+        parts.append(f"{s} AUROC by entropy: {_versus(records, _auroc('entropy', s), True)}; "
+                     f"by best own score: {own}")
+    where = f"{first['dataset']}, {first.get('backbone') or 'backbone not recorded'} ({seeds} seeds)"
+    return f"- {where}: {'; '.join(parts) or 'no OOD records'} [{source}]"
+
+
+# ------------------------------------------------------------------------------- markers
+
+
+def _regression(paths: Sequence[str], root: Path) -> str:
+    records = _of_kind(load_records(paths, root), "regression", paths)
+    return regression_block(records, paths)
+
+
+def _classification(paths: Sequence[str], root: Path) -> str:
+    records = _of_kind(load_records(paths, root), "classification", paths)
+    return classification_block(records, paths)
+
+
+def _summary(paths: Sequence[str], root: Path) -> str:
+    groups = [p.split("+") for p in paths]
+    return "\n".join(summary_line(load_records(g, root), g) for g in groups)
+
+
+def _of_kind(records: list[dict], kind: str, paths: Sequence[str]) -> list[dict]:
+    if _kind(records[0]) != kind:
+        raise ReportError(f"{', '.join(paths)} hold {_kind(records[0])} records, not {kind}")
+    return records
+
+
+#: What each kind generates from its record files.
+KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
+    "regression": _regression, "classification": _classification, "summary": _summary,
+}
+
+
+def fill(text: str, root: str | Path = ".", source: str = "<text>") -> str:
+    """``text`` with the content of every report block regenerated; everything else, the marker
+    lines included, is kept byte for byte, so ``fill(fill(x)) == fill(x)``.
+
+    Markers inside fenced code blocks are left alone (documentation may show the syntax).
+
+    Raises
+    ------
+    ReportError
+        Naming ``source`` and the line: an unknown kind, a block without files, an opening
+        marker without its ``<!-- /report -->`` (or with another opening before it), a closing
+        marker without an opening, or a record file missing, malformed or of the wrong kind.
+    """
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    fence = None
+    i = 0
+    while i < len(lines):
+        line, stripped = lines[i], lines[i].strip()
+        out.append(line)
+        i += 1
+        fence = _fence(stripped, fence)
+        if fence is not None or _FENCE.match(stripped):
+            continue
+        where = f"{source}:{i}"
+        if stripped == END:
+            raise ReportError(f"{where}: {END} without an opening <!-- report ... -->")
+        opening = _OPEN.fullmatch(stripped)
+        if not opening:
+            continue
+        kind, *paths = opening["body"].split()
+        if kind not in KINDS:
+            raise ReportError(f"{where}: unknown report kind {kind!r}; use one of "
+                              f"{', '.join(KINDS)}")
+        if not paths:
+            raise ReportError(f"{where}: the {kind} block names no record file")
+        end = next((j for j in range(i, len(lines))
+                    if lines[j].strip() == END or _OPEN.fullmatch(lines[j].strip())), None)
+        if end is None or lines[end].strip() != END:
+            raise ReportError(f"{where}: {stripped} has no closing {END}")
+        try:
+            body = KINDS[kind](paths, Path(root))
+        except ReportError as e:
+            raise ReportError(f"{where}: {e}") from None
+        except (AttributeError, LookupError, TypeError, ValueError) as e:  # a field of wrong shape
+            raise ReportError(f"{where}: records of {', '.join(paths)} unusable: {e!r}") from e
+        newline = "\r\n" if line.endswith("\r\n") else "\n"
+        out.append(newline + body.replace("\n", newline) + newline + newline)
+        out.append(lines[end])
+        i = end + 1
+    return "".join(out)
+
+
+def _fence(line: str, fence: str | None) -> str | None:
+    """The open code fence after ``line`` (None outside one): a fence opens with three or more
+    backticks or tildes and closes with a line of at least the same run."""
+    run = _FENCE.match(line)
+    if fence is None:
+        return run.group(1) if run else None
+    closes = run and run.group(1)[0] == fence[0] and len(run.group(1)) >= len(fence)
+    return None if closes and not line[run.end():].strip() else fence
+
+
+def update(paths: Sequence[str | Path], root: str | Path = ".", check: bool = False) -> list[Path]:
+    """Regenerate the report blocks of the Markdown files ``paths`` (relative to ``root``).
+
+    Every file is filled before any is written, so an error leaves all of them as they were;
+    each changed file is then replaced atomically (:func:`gapa.io.atomic_path`).
+
+    Parameters
+    ----------
+    paths : sequence of str or Path
+        The Markdown files.
+    root : str or Path
+        The repository root: Markdown and record paths are relative to it.
+    check : bool
+        Write nothing; only report which files are out of date.
+
+    Returns
+    -------
+    list of Path
+        The files that changed (or, with ``check``, would change).
+    """
+    root = Path(root)
+    filled = []
+    for p in paths:
+        path = root / p
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except OSError as e:
+            raise ReportError(f"{p}: cannot read: {e.strerror or e}") from None
+        new = fill(text, root, source=str(p))
+        if new != text:
+            filled.append((path, new))
+    if not check:
+        for path, new in filled:
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(new)
+    return [path for path, _ in filled]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``report [--check] [--root DIR] [FILES...]``: 0 when done (or up to date), 1 when
+    ``--check`` finds stale files, 2 on a marker or record error."""
+    p = argparse.ArgumentParser(prog="report", description="Regenerate the benchmark tables of "
+                                "Markdown files from their JSON records.")
+    p.add_argument("files", nargs="*", default=list(DEFAULT_FILES),
+                   help="Markdown files (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 listing the files that are out of date")
+    p.add_argument("--root", default=".", help="repository root (default: the current directory)")
+    args = p.parse_args(argv)
+    try:
+        changed = update(args.files, args.root, check=args.check)
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
+    if args.check and changed:
+        print("out of date (regenerate with python benchmarks/report.py):", file=sys.stderr)
+        for path in changed:
+            print(f"  {path}", file=sys.stderr)
+        return 1
+    for path in changed:
+        print(f"updated {path}")
+    return 0
