@@ -1,5 +1,6 @@
 """Command line of the benchmark harness: ``gapa-bench demo`` (the main job on flights or your
-own CSV), ``gapa-bench regression`` and ``gapa-bench classification`` (the paper's tables).
+own CSV), ``gapa-bench regression`` and ``gapa-bench classification`` (the paper's tables),
+``gapa-bench report`` (those tables in RESULTS.md and the README, regenerated from records).
 Arguments are checked as they are parsed (argparse's one-line error, exit status 2)."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from gapa.cli import inducing_points, integer
 from gapa.errors import GAPAError
 
 from . import classification_bench as cb
+from . import report
 from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_table
 from .classifiers import ARCHITECTURES
 from .data import DATASETS, load_csv, load_dataset
@@ -73,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="how the variance reaches the output (default %(default)s)")
     d.add_argument("--no-progress", dest="progress", action="store_false")
     _bench_parsers(sub)
+    rep = sub.add_parser("report", help="regenerate the benchmark tables of Markdown files "
+                         "from their JSON records")
+    report.add_arguments(rep)
     return p
 
 
@@ -191,6 +196,8 @@ def _check_together(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        return report.run(args)
     _check_together(args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:

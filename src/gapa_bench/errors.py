@@ -1,4 +1,4 @@
-"""Errors of the benchmark harness; both are :class:`gapa.GAPAError` too."""
+"""Errors of the benchmark harness; all are :class:`gapa.GAPAError` too."""
 
 from __future__ import annotations
 
@@ -12,3 +12,7 @@ class DataError(GAPAError, ValueError):
 class NotApplicableError(ConfigurationError):
     """A benchmark method cannot run on this backbone (e.g. all-weights KFAC Laplace on a
     ResNet); the benchmark reports and skips it."""
+
+
+class ReportError(GAPAError, ValueError):
+    """A marker or a record file the report cannot use; the message names the file and line."""

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gapa.errors import GAPAError
 from gapa.io import atomic_path
+
+from .errors import ReportError
 
 DEFAULT_FILES = ("benchmarks/RESULTS.md", "README.md")
 END = "<!-- /report -->"
@@ -51,10 +52,6 @@ CLASSIFICATION_FIELDS = ("dataset", "method", "seed", "accuracy", "nll", "ece", 
 #: Old records named their own OOD score differently: the new name of each old name's prefix
 #: (GAPA's "total_variance" is the summed logit variance, kNN's "distance to neighbour 50").
 _OLD_SCORES = {"total_variance": "logit_variance", "distance": "distance"}
-
-
-class ReportError(GAPAError, ValueError):
-    """A marker or a record file the report cannot use; the message names the file and line."""
 
 
 # ---------------------------------------------------------------------------------- records
@@ -247,7 +244,7 @@ def provenance(records: list[dict], paths: Sequence[str]) -> str:
     seed_text = (f"{seeds[0]}–{seeds[-1]}" if len(seeds) > 2 and seeds == list(
         range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds)))
     runs = [r["run"] for r in records if r.get("run")]
-    text = f"Records {', '.join(f'`{p}`' for p in paths)}: {what}; seeds {seed_text}"
+    text = f"Records {', '.join(f'`{p}`' for p in paths)}: {what}; seed{'s' if len(seeds) > 1 else ''} {seed_text}"
     if not runs:
         return text + "; commit, date and machine not recorded."
     commits = list(dict.fromkeys(str(r.get("commit", "unknown")) for r in runs))
@@ -263,13 +260,20 @@ def provenance(records: list[dict], paths: Sequence[str]) -> str:
 
 
 def _machine(m: dict) -> str:
-    parts = [f"{m[k]} {k}" for k in ("cores", "threads") if m.get(k) is not None]
+    parts = [_plural(m[k], k[:-1]) for k in ("cores", "threads") if m.get(k) is not None]
     parts += [m["gpu"]] if m.get("gpu") else []
     return m.get("cpu", "machine not recorded") + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _value(v) -> str:
+    """A setting as a reader writes it: GAPA's layer list ``["1", "3"]`` as ``1+3``."""
+    if isinstance(v, list | tuple):
+        return "+".join(map(_value, v))
     return v if isinstance(v, str) else json.dumps(v)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def selection_lines(records: list[dict]) -> list[str]:
@@ -435,13 +439,14 @@ def _gapa_row(methods: Sequence[str]) -> str | None:
     return next((g for g in GAPA_ROWS if g in methods), None)
 
 
-def _versus(records, value, higher_better: bool, note=lambda m: "") -> str:
-    """``gapa x; best peer p y; gapa − p = d (verdict); conditioning adds c (verdict)``."""
+def _versus(records, value, higher_better: bool, label: str = "", note=lambda m: "") -> str:
+    """``gapa LABEL x; best peer p y; gapa − p = d (verdict); conditioning adds c (verdict)``."""
     methods = _methods(records)
     g = _gapa_row(methods)
     peers = [m for m in methods if not m.startswith("gapa") and m not in CONTROLS
              and _by_seed(records, m, value)]
-    parts = [f"{g} {_stat(records, g, value)}{note(g)}"] if g else ["no GAPA records"]
+    label = f" {label}" if label else ""
+    parts = [f"{g}{label} {_stat(records, g, value)}{note(g)}"] if g else ["no GAPA records"]
     if peers:
         means = {m: mean_se(list(_by_seed(records, m, value).values()))[0] for m in peers}
         p = (max if higher_better else min)(peers, key=means.__getitem__)
@@ -460,18 +465,18 @@ def summary_line(records: list[dict], paths: Sequence[str]) -> str:
     control), their paired difference, and what conditioning adds; NLL for regression, AUROC by
     entropy and by best own score per OOD set for classification."""
     first = records[0]
-    seeds = len({r["seed"] for r in records})
+    seeds = _plural(len({r["seed"] for r in records}), "seed")
     source = " + ".join(f"`{p}`" for p in paths)
     if _kind(first) == "regression":
-        where = f"{first['dataset']} ({first.get('split') or 'split not recorded'}, {seeds} seeds)"
-        return f"- {where}: NLL {_versus(records, _metric('nll'), False)} [{source}]"
+        where = f"{first['dataset']} ({first.get('split') or 'split not recorded'}, {seeds})"
+        return f"- {where}: {_versus(records, _metric('nll'), False, 'NLL')} [{source}]"
     parts = []
     for s in _ood_sets(records):
         best = best_scores(records, s)
         own = _versus(records, _own_auroc(best, s), True, note=lambda m, b=best: f" ({b.get(m)})")
         parts.append(f"{s} AUROC by entropy: {_versus(records, _auroc('entropy', s), True)}; "
                      f"by best own score: {own}")
-    where = f"{first['dataset']}, {first.get('backbone') or 'backbone not recorded'} ({seeds} seeds)"
+    where = f"{first['dataset']}, {first.get('backbone') or 'backbone not recorded'} ({seeds})"
     return f"- {where}: {'; '.join(parts) or 'no OOD records'} [{source}]"
 
 
@@ -607,17 +612,19 @@ def update(paths: Sequence[str | Path], root: str | Path = ".", check: bool = Fa
     return [path for path, _ in filled]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``report [--check] [--root DIR] [FILES...]``: 0 when done (or up to date), 1 when
-    ``--check`` finds stale files, 2 on a marker or record error."""
-    p = argparse.ArgumentParser(prog="report", description="Regenerate the benchmark tables of "
-                                "Markdown files from their JSON records.")
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The report's arguments on ``p`` (this module's :func:`main`, or a ``report`` subcommand)."""
     p.add_argument("files", nargs="*", default=list(DEFAULT_FILES),
                    help="Markdown files (default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 listing the files that are out of date")
     p.add_argument("--root", default=".", help="repository root (default: the current directory)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Update (or ``--check``) ``args.files``: 0 when done or up to date, 1 when ``--check``
+    finds stale files (listed on stderr), 2 on a marker or record error."""
     try:
         changed = update(args.files, args.root, check=args.check)
     except ReportError as e:
@@ -631,3 +638,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in changed:
         print(f"updated {path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``report [--check] [--root DIR] [FILES...]``; the exit status of :func:`run`."""
+    p = argparse.ArgumentParser(prog="report", description="Regenerate the benchmark tables of "
+                                "Markdown files from their JSON records.")
+    return run(add_arguments(p).parse_args(argv))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gapa_bench import report
-from gapa_bench.report import ReportError
+from gapa_bench.errors import ReportError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 REG = "fixtures/report/regression.json"
@@ -174,7 +174,7 @@ def test_old_classification_records_load():
 def test_summary_lines(tmp_path):
     md = report.fill(f"<!-- report summary {REG} {CLS} -->\n{report.END}\n", ROOT)
     reg, cls = [line for line in md.splitlines() if line.startswith("- ")]
-    assert reg.startswith("- flights (time-ordered 60/20/20, 3 seeds): NLL gapa 5.000 ± 0.061; "
+    assert reg.startswith("- flights (time-ordered 60/20/20, 3 seeds): gapa NLL 5.000 ± 0.061; "
                           "best peer lla_diag 5.100 ± 0.058; gapa − lla_diag = −0.100 ± 0.006 "
                           "(win); conditioning adds −0.017 ± 0.060 (tie)")
     assert "by best own score: gapa 0.970 ± 0.006 (logit_variance); best peer knn" in cls
