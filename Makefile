@@ -8,7 +8,7 @@ LAPLACE_DEPS := asdfghjkl==0.1a4 curvlinops-for-pytorch==3.0.1 einops unfoldNd e
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 FASHION_APT := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 
-.PHONY: demo test test-slow lint bench clean fashion-mnist
+.PHONY: demo test test-slow lint bench report clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -48,6 +48,10 @@ test-slow: $(STAMP) fashion-mnist
 
 bench: $(STAMP)
 	$(PY) benchmarks/forward_cost.py
+
+# Regenerate the benchmark tables of benchmarks/RESULTS.md and README.md from their records.
+report: $(STAMP)
+	.venv/bin/gapa-bench report
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gapa_bench import report
+from gapa_bench.report import DEFAULT_FILES, update
 from gapa_bench.errors import ReportError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -285,3 +286,10 @@ def test_main_check_exit_status(tmp_path, capsys):
     (root / "bad.md").write_text("<!-- report nonsense x.json -->\n<!-- /report -->\n")
     assert report.main(["--root", str(root), "bad.md"]) == 2
     assert "bad.md:1: unknown report kind" in capsys.readouterr().err
+
+
+def test_the_repository_tables_match_their_records():
+    """RESULTS.md and the README hold no hand-edited benchmark table: regenerating them from
+    the committed records changes nothing (run ``make report`` after a benchmark run)."""
+    root = Path(__file__).resolve().parents[2]
+    assert update(list(DEFAULT_FILES), root=root, check=True) == []
