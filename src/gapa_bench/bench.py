@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from gapa.errors import ConfigurationError, MissingDependencyError
 from gapa.io import atomic_path
 
+from . import report
 from .backbones import cached_regressor
 from .baselines import FitFn
 from .baselines.dropout import DROPOUT_RATES, fit_mc_dropout
@@ -68,10 +69,6 @@ METHODS: dict[str, FitFn] = {
     "gapa_random": selected(fit_gapa, GAPA_CANDIDATES, **GAPA_FIXED, inducing="random",
                             lengthscale_factors=LENGTHSCALE_CANDIDATES),
 }
-
-#: Columns of the summary table and whether lower is better (all are).
-COLUMNS = ("nll", "crps", "cqm", "rmse", "fit_s", "test_s")
-
 
 def parse_methods(spec: str | Sequence[str] | None, known: dict | None = None) -> list[str]:
     """``None`` or ``"all"`` for every method of ``known`` (default: the regression ones),
@@ -159,28 +156,10 @@ def run_benchmark(
 
 
 def summary_table(results: Sequence[MethodResult]) -> str:
-    """Markdown: mean +- standard error over seeds per method; the best mean per column in bold.
-
-    ``test / map`` is the ratio of mean test times to MAP's, or "—" when MAP was not run.
-    """
-    methods = list(dict.fromkeys(r.method for r in results))
-    stats = {m: {c: mean_se([getattr(r, c) for r in results if r.method == m]) for c in COLUMNS}
-             for m in methods}
-    best = {c: min(stats[m][c][0] for m in methods) for c in COLUMNS}
-    map_test = stats["map"]["test_s"][0] if "map" in stats else None
-    head = ["method", "seeds", "NLL", "CRPS", "CQM", "RMSE", "fit s", "test s", "test / map"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        n = sum(r.method == m for r in results)
-        cells = [m, str(n)]
-        for c in COLUMNS:
-            mean, se = stats[m][c]
-            digits = 2 if c.endswith("_s") else 3
-            text = f"{mean:.{digits}f} ± {se:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
-            cells.append(f"**{text}**" if mean == best[c] else text)
-        cells.append(f"{stats[m]['test_s'][0] / map_test:.1f}x" if map_test else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Markdown: mean ± standard error over seeds per method, the best mean per column in bold,
+    and the test time over MAP's ("—" without MAP): :func:`gapa_bench.report.table`, the table
+    RESULTS.md is regenerated with."""
+    return report.table([r.record() for r in results], report.REGRESSION_COLUMNS)
 
 
 def write_records(path: str | os.PathLike, results: Sequence) -> None:

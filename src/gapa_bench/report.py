@@ -43,6 +43,7 @@ _FENCE = re.compile(r"(`{3,}|~{3,})")
 #: The GAPA rows compared with every peer, and the control that conditions on nothing.
 GAPA_ROWS = ("gapa", "gapa_default")
 PRIOR = "gapa_prior"
+RANDOM = "gapa_random"
 #: Methods that are not peers in a summary's "best peer": the bare network.
 CONTROLS = ("map",)
 
@@ -179,6 +180,8 @@ def comparisons(methods: Sequence[str]) -> list[tuple[str, str, str]]:
              for m in methods if not m.startswith("gapa")]
     if "gapa" in methods and PRIOR in methods:
         pairs.append(("gapa", PRIOR, f"gapa − {PRIOR} (what conditioning adds)"))
+    if "gapa" in methods and RANDOM in methods:
+        pairs.append(("gapa", RANDOM, f"gapa − {RANDOM} (k-means centroids against random rows)"))
     return pairs
 
 
