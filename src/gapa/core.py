@@ -77,7 +77,7 @@ class Propagation(str, Enum):
 #: Lengthscale multipliers :meth:`GAPA.calibrate` and :meth:`GAPA.calibrate_classifier` choose
 #: from by validation NLL. The label-free rule sets the lengthscale's order of magnitude; how fast
 #: the variance should grow away from the data depends on the task, and the labels say so. The
-#: grid spans 1/16 ... 8 (see benchmarks/RESULTS.md).
+#: grid spans 1/16 ... 8 (benchmarks/HISTORY.md).
 LENGTHSCALE_FACTORS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
