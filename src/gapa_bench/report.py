@@ -370,21 +370,23 @@ def _auroc(score: str | None, ood_set: str) -> Callable[[dict], float | None]:
     return value
 
 
-def best_scores(records: list[dict], ood_set: str) -> dict[str, str]:
-    """Each method's OOD score with the best mean AUROC on ``ood_set`` among the scores every
-    one of its records has."""
-    best = {}
+def own_scores(records: list[dict], ood_set: str) -> dict[str, str]:
+    """Each method's own OOD score: the epistemic score its records declare (``own_score``:
+    logit variance, mutual information, distance), else the entropy. Declared in code, never
+    the best on the test set, so the column chooses nothing with test data."""
+    own = {}
     for m in _methods(records):
         recs = [r for r in records if r["method"] == m]
-        names = [s for s in recs[0]["ood_scores"]
-                 if all(_auroc(s, ood_set)(r) is not None for r in recs)]
-        if names:
-            best[m] = max(names, key=lambda s: mean_se([_auroc(s, ood_set)(r) for r in recs])[0])
-    return best
+        declared = {r.get("own_score") for r in recs}
+        name = declared.pop() if len(declared) == 1 else None
+        if not (name and all(_auroc(name, ood_set)(r) is not None for r in recs)):
+            name = "entropy"
+        own[m] = name
+    return own
 
 
 def _own_auroc(best: dict[str, str], ood_set: str) -> Callable[[dict], float | None]:
-    """The AUROC on ``ood_set`` by the best own score (``best``) of each record's method."""
+    """The AUROC on ``ood_set`` by each record's method's own score (``best``)."""
     return lambda r: _auroc(best.get(r["method"]), ood_set)(r)
 
 
@@ -396,18 +398,18 @@ def _rotated(metric: str) -> Callable[[dict], float | None]:
 
 
 def classification_block(records: list[dict], paths: Sequence[str]) -> str:
-    """Provenance, the main table (AUROC by entropy and by each method's best own score per OOD
+    """Provenance, the main table (AUROC by entropy and by each method's own score per OOD
     set, NLL and ECE averaged over rotation angles), settings chosen on validation, and paired
     AUROC differences (higher is better)."""
     sets = _ood_sets(records)
-    best = {s: best_scores(records, s) for s in sets}
+    best = {s: own_scores(records, s) for s in sets}
     columns = [Column("accuracy", _metric("accuracy"), higher_better=True),
                Column("NLL", _metric("nll")), Column("ECE", _metric("ece")),
                Column("Brier", _metric("brier"))]
     for s in sets:
         columns.append(Column(f"{s} AUROC (entropy)", _auroc("entropy", s), higher_better=True))
         columns.append(Column(
-            f"{s} AUROC (best own)", _own_auroc(best[s], s),
+            f"{s} AUROC (own score)", _own_auroc(best[s], s),
             higher_better=True, note=lambda m, s=s: f" ({best[s][m]})"))
     columns += [Column("rotated NLL", _rotated("nll")), Column("rotated ECE", _rotated("ece")),
                 Column("fit s", _metric("fit_s"), 2), Column("test s", _metric("test_s"), 2)]
@@ -422,7 +424,7 @@ def classification_block(records: list[dict], paths: Sequence[str]) -> str:
             n_own, by_own = _pair_cells(own, f" ({best[s].get(a)} vs {best[s].get(b)})")
             rows.append([label, s, str(max(n, n_own)), *by_entropy, *by_own])
     paired = _paired_table(["comparison", "OOD set", "seeds", "AUROC (entropy) difference",
-                            "verdict", "AUROC (best own) difference", "verdict"], rows)
+                            "verdict", "AUROC (own score) difference", "verdict"], rows)
     parts = [provenance(records, paths), table(records, columns),
              _section("Settings chosen on validation:", selection_lines(records)),
              _section("Paired AUROC differences on shared seeds (GAPA − other; higher is better; "
@@ -466,7 +468,7 @@ def _versus(records, value, higher_better: bool, label: str = "", note=lambda m:
 def summary_line(records: list[dict], paths: Sequence[str]) -> str:
     """One bullet for one record file (or a ``+``-joined group): GAPA, the best peer (not a
     control), their paired difference, and what conditioning adds; NLL for regression, AUROC by
-    entropy and by best own score per OOD set for classification."""
+    entropy and by own score per OOD set for classification."""
     first = records[0]
     seeds = _plural(len({r["seed"] for r in records}), "seed")
     source = " + ".join(f"`{p}`" for p in paths)
@@ -475,10 +477,10 @@ def summary_line(records: list[dict], paths: Sequence[str]) -> str:
         return f"- {where}: {_versus(records, _metric('nll'), False, 'NLL')} [{source}]"
     parts = []
     for s in _ood_sets(records):
-        best = best_scores(records, s)
+        best = own_scores(records, s)
         own = _versus(records, _own_auroc(best, s), True, note=lambda m, b=best: f" ({b.get(m)})")
         parts.append(f"{s} AUROC by entropy: {_versus(records, _auroc('entropy', s), True)}; "
-                     f"by best own score: {own}")
+                     f"by own score: {own}")
     where = f"{first['dataset']}, {first.get('backbone') or 'backbone not recorded'} ({seeds})"
     return f"- {where}: {'; '.join(parts) or 'no OOD records'} [{source}]"
 

@@ -145,7 +145,7 @@ def test_classification_table():
 
 def test_classification_paired_differences():
     md = classification()
-    # by entropy: gapa - knn = 0.10, 0.09, 0.11 -> se 0.01/sqrt(3); by best own:
+    # by entropy: gapa - knn = 0.10, 0.09, 0.11 -> se 0.01/sqrt(3); by own score:
     # logit_variance - distance = 0.01 on every seed
     knn = row(md, "gapa − knn")
     assert knn[1:5] == ["mnist", "3", "+0.100 ± 0.006", "win"]
@@ -178,7 +178,7 @@ def test_summary_lines(tmp_path):
     assert reg.startswith("- flights (time-ordered 60/20/20, 3 seeds): gapa NLL 5.000 ± 0.061; "
                           "best peer lla_diag 5.100 ± 0.058; gapa − lla_diag = −0.100 ± 0.006 "
                           "(win); conditioning adds −0.017 ± 0.060 (tie)")
-    assert "by best own score: gapa 0.970 ± 0.006 (logit_variance); best peer knn" in cls
+    assert "by own score: gapa 0.970 ± 0.006 (logit_variance); best peer knn" in cls
     # map is a control, never the best peer, even with the lowest NLL
     recs = json.loads((FIXTURES / "regression.json").read_text())
     for r in recs:
@@ -293,3 +293,14 @@ def test_the_repository_tables_match_their_records():
     the committed records changes nothing (run ``make report`` after a benchmark run)."""
     root = Path(__file__).resolve().parents[2]
     assert update(list(DEFAULT_FILES), root=root, check=True) == []
+
+
+def test_own_score_is_the_declared_one_not_the_best_on_test():
+    def rec(seed, declared):
+        return {"method": "m", "seed": seed, "own_score": declared,
+                "ood_scores": {"entropy": {"mnist": {"auroc": 0.9}},
+                               "logit_variance": {"mnist": {"auroc": 0.6}}}}
+    assert report.own_scores([rec(0, "logit_variance"), rec(1, "logit_variance")],
+                             "mnist") == {"m": "logit_variance"}
+    # no declared score (MAP, temperature): the entropy
+    assert report.own_scores([rec(0, None)], "mnist") == {"m": "entropy"}
