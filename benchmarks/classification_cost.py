@@ -53,11 +53,11 @@ def main() -> None:
 
 
 def _predict_and_score(fitted, x: torch.Tensor) -> None:
-    """What the benchmark asks of a method per input: probabilities, and its own OOD score if
-    it has one (GAPA's comes from the same pass as its probabilities)."""
+    """What the benchmark asks of a method per input: probabilities, and its epistemic OOD
+    score if it has one (GAPA's comes from the same pass as its probabilities)."""
     fitted.predict(x)
-    if fitted.ood_score is not None:
-        fitted.ood_score(x)
+    for score in fitted.ood_scores.values():
+        score(x)
 
 
 if __name__ == "__main__":

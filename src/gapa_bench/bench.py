@@ -8,11 +8,9 @@ calibrated on validation the same way (:func:`gapa_bench.regression.run_method`)
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -173,10 +171,3 @@ def load_records(path: str | os.PathLike) -> list[MethodResult]:
     with open(path) as f:
         return [MethodResult(**rec, mean=torch.empty(0), std=torch.empty(0))
                 for rec in json.load(f)]
-
-
-def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (``ddof=1``; 0 for a single value) of ``values``."""
-    a = np.asarray(values, dtype=np.float64)
-    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
-    return float(a.mean()), se

@@ -1,11 +1,17 @@
 """``gapa-bench classification``: GAPA and its peers on one frozen image classifier, over seeds.
 
 Every method maps images to class probabilities; all are scored by :mod:`gapa_bench.metrics` on the
-test set (accuracy, NLL, ECE, Brier), on out-of-distribution sets (AUROC and FPR at 95% TPR of
-the OOD score, the predictive entropy unless the method has its own) and on rotated copies of a
-test subset (the shift curves). Post-hoc methods share the frozen backbone of each seed; MC
-dropout and the ensemble train their own networks with the same settings
-(:mod:`gapa_bench.classifiers`). ``test_s`` times one pass over the test set.
+test set (accuracy, NLL, ECE, Brier), on out-of-distribution sets and on rotated copies of a test
+subset (the shift curves). Out of distribution, every method is scored alike by every score it
+has (AUROC and FPR at 95% TPR of each): the predictive entropy and ``1 - max prob`` of its
+probabilities, which every method has, and its epistemic score if it has one (summed logit
+variance, mutual information or neighbour distance; :mod:`gapa_bench.baselines.scores`). Every
+method with logit moments (GAPA, both Laplace flavours, ELLA) gets one variance scale fitted on
+validation NLL and one predictive. Every setting a method chooses is chosen on the validation
+split from candidates declared in code (:mod:`gapa_bench.selection`) and recorded. Post-hoc
+methods share the frozen backbone of each seed; MC dropout and the ensemble train their own
+networks with the same settings (:mod:`gapa_bench.classifiers`). ``test_s`` times one pass over
+the test set giving the probabilities and every score.
 """
 
 from __future__ import annotations
@@ -13,42 +19,47 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from gapa.core import GAPA
 from gapa.errors import ConfigurationError, MissingDependencyError
-from gapa.predictive.classification import OODScore, fit_temperature
+from gapa.predictive.classification import ClassPrediction, VarianceScaleFit, fit_temperature
 
-from . import bench
+from . import bench, report
 from .baselines import FitFn, Fitted
 from .baselines.dropout import fit_mc_dropout_classifier
 from .baselines.ella import fit_ella_classifier
 from .baselines.ensemble import fit_ensemble_classifier
 from .baselines.knn import fit_knn
 from .baselines.laplace import fit_lla_kfac_classifier, fit_lla_lastlayer_classifier
-from .bench import mean_se, write_records
+from .baselines.scores import check_ood_scores, last_pass, probability_scores
+from .bench import write_records
 from .classifiers import cached_classifier, logits
 from .data.images import ROTATION_ANGLES, ImageData, load_mnist, rotated, subset
 from .errors import NotApplicableError
 from .metrics import classification_report, ood_report
+from .provenance import run_info
+from .selection import select
 
-#: GAPA as the classification benchmark runs it: the activation feeding the head, the 1-NN
-#: closed form over 2048 k-means inducing points (on the Fashion-MNIST MLP, 512 -> 2048 raised
-#: the MNIST AUROC from 0.993 to 0.996 for 1 s more at test; 8192 and the whole cache gained no
-#: more; benchmarks/RESULTS.md), the one-pass propagation (exact under the
-#: model from the last activation through pooling and the linear head), whole images as queries
-#: (a ResNet's last feature map is compared image to image, not pixel to pixel: OOD AUROC 0.96
-#: against 0.57 on Fashion-MNIST vs MNIST; no change for the MLP) and the argmax-preserving
-#: probit with its variance scale and lengthscale factor fitted on validation.
-GAPA_CLASSIFIER_DEFAULT = {"layers": "auto", "k": 1, "m": 2048, "propagation": "diagonal",
-                           "queries": "per_input"}
+#: GAPA's settings in the classification benchmark that are not chosen: the activation feeding
+#: the head, the 1-NN closed form and the one-pass propagation (exact under the model from the
+#: last activation through pooling and the linear head).
+GAPA_CLASSIFIER_FIXED = {"layers": "auto", "k": 1, "propagation": "diagonal"}
+#: GAPA's candidates, chosen per seed on validation NLL after
+#: :meth:`gapa.GAPA.calibrate_classifier` (cheaper first: ties keep the earlier). The inducing
+#: points: on the Fashion-MNIST MLP 512 -> 2048 raised the MNIST AUROC from 0.993 to 0.996 for
+#: 1 s more at test, and 8192 or the whole cache gained no more (benchmarks/HISTORY.md). The
+#: queries: whole images or every position of the last feature map (on the ResNet whole images
+#: gave OOD AUROC 0.96 against 0.57; that was a test number, so validation NLL decides here).
+#: On a layer without positions (the MLP's 2-D activation) the two are the same GAPA and only
+#: the first is fitted (:func:`gapa_candidates`).
+GAPA_CLASSIFIER_CANDIDATES = {"m": [512, 2048], "queries": ["per_input", "per_position"]}
 
 
 def fit_map(backbone: nn.Module, data: ImageData, **_) -> Fitted:
@@ -63,30 +74,86 @@ def fit_temperature_scaling(backbone: nn.Module, data: ImageData, **_) -> Fitted
                   info={"temperature": fit.temperature})
 
 
-def fit_gapa(backbone: nn.Module, data: ImageData, *, seed: int = 0, progress: bool = False,
-             train: dict | None = None, ood_score: str = OODScore.TOTAL_VARIANCE,
-             **options) -> Fitted:
-    """GAPA on the training images, calibrated on validation as a user would
-    (:meth:`gapa.GAPA.calibrate_classifier`); ``options`` go to :class:`gapa.GAPA`.
+def gapa_candidates(backbone: nn.Module, x: torch.Tensor,
+                    candidates: Mapping[str, Sequence] = GAPA_CLASSIFIER_CANDIDATES,
+                    **fixed) -> dict[str, list]:
+    """``candidates`` with the ``queries`` values after the first dropped when every GAPA layer
+    (resolved from ``fixed["layers"]`` as :class:`gapa.GAPA` does) outputs ``(N, units)``: there
+    per-input and per-position queries are the same rows, so a second fit would only repeat the
+    first. ``x`` is one input or more, run once through ``backbone`` to see the shapes."""
+    out = {k: list(v) for k, v in candidates.items()}
+    if len(out.get("queries", ())) < 2:
+        return out
+    modules = dict(backbone.named_modules())
+    shapes: list[torch.Size] = []
+    hooks = [modules[name].register_forward_hook(lambda _m, _i, o: shapes.append(o.shape))
+             for name in GAPA(backbone, layers=fixed.get("layers", "auto")).layers]
+    try:
+        with torch.no_grad():
+            backbone(x[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if all(len(shape) == 2 for shape in shapes):
+        out["queries"] = out["queries"][:1]
+    return out
 
-    Its OOD score is the summed logit variance, the epistemic part alone; the predictive
-    entropy, which also counts how much the classes overlap where the network was trained, is
-    recorded beside it (``ood_entropy``)."""
-    gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
-    fit = gm.calibrate_classifier(data.x_val, data.y_val)
-    cache: dict = {}
 
-    def classify(x: torch.Tensor):
-        if cache.get("x") is not x:  # predict and ood_score of one input share one pass
-            cache.update(x=x, out=gm.classify(x, ood_score=ood_score))
-        return cache["out"]
+def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
+    """The benchmark's view of a calibrated GAPA: probabilities and the summed raw logit
+    variance (the epistemic part alone) from one :meth:`gapa.GAPA.classify` pass per input."""
+    @last_pass
+    def classify(x: torch.Tensor) -> ClassPrediction:
+        return gm.classify(x)
+
+    def probs(x: torch.Tensor) -> torch.Tensor:
+        return classify(x).probs
+
+    def variance(x: torch.Tensor) -> torch.Tensor:
+        return classify(x).total_logit_variance
 
     info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
+            "queries": gm.queries.value, "conditioning": gm.config.conditioning.value,
             "propagation": gm.propagation, "lengthscale_factor": gm.lengthscale_factor,
             "variance_scale": fit.scale, "val_nll": fit.nll, "val_nll_map": fit.map_nll,
-            "ood_score": OODScore(ood_score).value}
-    return Fitted(lambda x: classify(x).probs, info=info, handle=gm,
-                  ood_score=lambda x: classify(x).ood_score)
+            "predictive": fit.method.value, **info}
+    return Fitted(probs, info=info, handle=gm, ood_scores={"logit_variance": variance})
+
+
+def _fit_calibrated(backbone: nn.Module, data: ImageData, *, seed: int, progress: bool,
+                    **options) -> tuple[GAPA, VarianceScaleFit]:
+    """``GAPA(backbone, seed=seed, **options)`` fitted on the training images and calibrated
+    on validation as a user would (:meth:`gapa.GAPA.calibrate_classifier`)."""
+    gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
+    return gm, gm.calibrate_classifier(data.x_val, data.y_val)
+
+
+def fit_gapa(backbone: nn.Module, data: ImageData, *, seed: int = 0, progress: bool = False,
+             train: dict | None = None,
+             candidates: Mapping[str, Sequence] = GAPA_CLASSIFIER_CANDIDATES,
+             **fixed) -> Fitted:
+    """GAPA with each setting of ``candidates`` (:func:`gapa_candidates`) over
+    :data:`GAPA_CLASSIFIER_FIXED` updated by ``fixed``, each fitted on the training images and
+    calibrated on validation; the one of lowest calibrated validation NLL is kept
+    (:func:`gapa_bench.selection.select`, recorded as ``info["selection"]``). ``train`` is
+    unused (post hoc)."""
+    fixed = {**GAPA_CLASSIFIER_FIXED, **fixed}
+    tried = gapa_candidates(backbone, data.x_train, candidates, **fixed)
+
+    def fit(setting: dict) -> tuple[float, tuple[GAPA, VarianceScaleFit]]:
+        gm, cal = _fit_calibrated(backbone, data, seed=seed, progress=progress,
+                                  **fixed, **setting)
+        return cal.nll, (gm, cal)
+
+    (gm, cal), selection = select(tried, fit)
+    return _gapa_fitted(gm, cal, {"selection": selection.record()})
+
+
+def fit_gapa_default(backbone: nn.Module, data: ImageData, *, seed: int = 0,
+                     progress: bool = False, train: dict | None = None) -> Fitted:
+    """The library's defaults, untouched: ``GAPA(backbone).fit(x_train)`` and
+    :meth:`gapa.GAPA.calibrate_classifier` on validation, nothing chosen."""
+    return _gapa_fitted(*_fit_calibrated(backbone, data, seed=seed, progress=progress), {})
 
 
 METHODS: dict[str, FitFn] = {
@@ -98,12 +165,14 @@ METHODS: dict[str, FitFn] = {
     "mc_dropout": fit_mc_dropout_classifier,
     "ensemble": fit_ensemble_classifier,
     "knn": fit_knn,
-    "gapa": partial(fit_gapa, **GAPA_CLASSIFIER_DEFAULT),
+    "gapa": fit_gapa,
     # the library's defaults, untouched (what GAPA(model).fit(x) gives), and the control with
-    # no conditioning: gapa - gapa_prior is what the GP activation adds
-    "gapa_default": fit_gapa,
-    "gapa_prior": partial(fit_gapa, **{**GAPA_CLASSIFIER_DEFAULT, "conditioning": "prior"}),
+    # no conditioning, chosen the same way: gapa - gapa_prior is what the GP activation adds
+    "gapa_default": fit_gapa_default,
+    "gapa_prior": partial(fit_gapa, conditioning="prior"),
 }
+
+
 @dataclass
 class EvalSets:
     """What every method is scored on: the test set, OOD inputs and rotated test subsets."""
@@ -142,7 +211,14 @@ def eval_sets(data: ImageData, ood: Sequence[str] = ("mnist", "rotated"), *,
 
 @dataclass
 class ClassResult:
-    """One method's scores on one seed, and what the figures need."""
+    """One method's scores on one seed, and what the figures need.
+
+    ``ood_scores[score][ood_set]`` holds ``{"auroc", "fpr95"}`` for every score the method has
+    (:data:`gapa_bench.baselines.scores.SCORE_NAMES`); ``own_score`` names its epistemic score
+    (``None`` for MAP and temperature); ``run`` is :func:`gapa_bench.provenance.run_info` of the
+    benchmark run. ``scores[set][score]`` are the per-input scores (``"test"`` and each OOD
+    set), not recorded.
+    """
 
     method: str
     seed: int
@@ -150,55 +226,61 @@ class ClassResult:
     nll: float
     ece: float
     brier: float
-    ood: dict[str, dict[str, float]]  # by the method's own OOD score
+    ood_scores: dict[str, dict[str, dict[str, float]]]
     rotated: dict[int, dict[str, float]]
     fit_s: float
     test_s: float
     dataset: str = ""
     backbone: str = ""
     info: dict = field(default_factory=dict)
-    #: by the predictive entropy, for methods whose own OOD score is another (GAPA, kNN)
-    ood_entropy: dict[str, dict[str, float]] = field(default_factory=dict)
+    own_score: str | None = None
+    run: dict | None = None
     probs: torch.Tensor | None = field(default=None, repr=False)  # test set
-    scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # "test", OOD sets
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @property
+    def headline_score(self) -> str:
+        """The score the figures show: the method's own, else the entropy."""
+        return self.own_score or "entropy"
 
     def record(self) -> dict:
         keys = ("dataset", "backbone", "method", "seed", "accuracy", "nll", "ece", "brier",
-                "ood", "ood_entropy", "rotated", "fit_s", "test_s", "info")
+                "ood_scores", "own_score", "rotated", "fit_s", "test_s", "info", "run")
         return {k: getattr(self, k) for k in keys}
 
 
 def run_method(name: str, fit: FitFn, backbone: nn.Module, data: ImageData, sets: EvalSets, *,
                seed: int = 0, progress: bool = False, train: dict | None = None) -> ClassResult:
-    """Fit, then score on every evaluation set. ``fit_s`` is the fit call (or the recorded
-    training time of methods that train networks); ``test_s`` one pass over the test set, after
-    a warm-up call on eight images."""
+    """Fit, then score on every evaluation set. ``fit_s`` is the fit call (or what the method
+    reports: the recorded training time of methods that train networks); ``test_s`` one pass
+    over the test set giving the probabilities and every OOD score, after a warm-up call on
+    eight images. Entropy and max-prob come from the probabilities, the same code for every
+    method; the epistemic score from the method (``Fitted.ood_scores``)."""
     t0 = time.perf_counter()
     fitted = fit(backbone, data, seed=seed, progress=progress, train=dict(train or {}))
     fit_s = time.perf_counter() - t0 if fitted.fit_s is None else fitted.fit_s
-    fitted.predict(sets.x_test[:8].clone())  # warm-up: the first call of a process pays set-up
+    own = check_ood_scores(fitted.ood_scores)
+
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        probs = fitted.predict(x)
+        out = probability_scores(probs)
+        out.update({k: f(x) for k, f in fitted.ood_scores.items()})
+        return probs, out
+
+    score(sets.x_test[:8].clone())  # warm-up: the first call of a process pays set-up
     t0 = time.perf_counter()
-    probs = fitted.predict(sets.x_test)
+    probs, test_scores = score(sets.x_test)
     test_s = time.perf_counter() - t0
-    entropy = {"test": _entropy(probs)}
-    own = {} if fitted.ood_score is None else {"test": fitted.ood_score(sets.x_test)}
-    for set_name, x in sets.ood.items():
-        if own:
-            own[set_name] = fitted.ood_score(x)
-        entropy[set_name] = _entropy(fitted.predict(x))
-    scores = own or entropy
-
-    def reports(s: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-        return {k: ood_report(s["test"], v) for k, v in s.items() if k != "test"}
-
+    scores = {"test": test_scores} | {k: score(x)[1] for k, x in sets.ood.items()}
+    ood = {k: {s: ood_report(test_scores[k], scores[s][k]) for s in sets.ood}
+           for k in test_scores}
     shifted = {}
     for angle, (x, y) in sets.rotated.items():
         report = classification_report(fitted.predict(x), y)
         shifted[angle] = {k: report[k] for k in ("accuracy", "nll", "ece")}
-    return ClassResult(name, seed, **classification_report(probs, sets.y_test), ood=reports(scores),
-                       ood_entropy=reports(entropy) if own else {}, rotated=shifted, fit_s=fit_s,
-                       test_s=test_s, dataset=data.name, info=fitted.info, probs=probs,
-                       scores=scores)
+    return ClassResult(name, seed, **classification_report(probs, sets.y_test), ood_scores=ood,
+                       own_score=own, rotated=shifted, fit_s=fit_s, test_s=test_s,
+                       dataset=data.name, info=fitted.info, probs=probs, scores=scores)
 
 
 def run_benchmark(
@@ -216,11 +298,12 @@ def run_benchmark(
     """Each method on each seed's backbone (trained once, cached). With ``json_path`` the
     records are rewritten after every result; a method whose optional dependency is missing, or
     that does not apply to the backbone (all-weights KFAC on the ResNet), is reported and
-    skipped, never faked."""
+    skipped, never faked. Every record carries the run's provenance (``run``), taken once."""
     if seeds < 1:
         raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
     sets = sets or eval_sets(data)
     train = {"arch": arch, **(train or {})}
+    run = run_info()
     results: list[ClassResult] = []
     backbones: dict[int, nn.Module] = {}
     for name in methods:
@@ -233,7 +316,7 @@ def run_benchmark(
             except (MissingDependencyError, NotApplicableError) as exc:
                 log(f"{name}: skipped ({exc})")
                 break
-            res.backbone = arch
+            res.backbone, res.run = arch, run
             results.append(res)
             if json_path is not None:
                 write_records(json_path, results)
@@ -245,63 +328,47 @@ def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
     return bench.parse_methods(spec, METHODS)
 
 
-#: Summary columns: (header, how to read it from a result, higher is better).
-_COLUMNS = [
-    ("acc", lambda r: r.accuracy, True),
-    ("NLL", lambda r: r.nll, False),
-    ("ECE", lambda r: r.ece, False),
-    ("Brier", lambda r: r.brier, False),
-]
-
-
 def summary_table(results: Sequence[ClassResult]) -> str:
-    """Markdown: mean ± standard error over seeds per method (in :data:`METHODS` order, variants
-    after), the best mean per column in bold;
-    AUROC / FPR95 per OOD set, mean NLL and ECE over the rotation angles, costs, and the test
-    time relative to MAP's ("—" when MAP was not run)."""
-    columns = list(_COLUMNS)
-    for set_name in results[0].ood if results else ():
-        columns += [(f"AUROC {set_name}", lambda r, s=set_name: r.ood[s]["auroc"], True),
-                    (f"FPR95 {set_name}", lambda r, s=set_name: r.ood[s]["fpr95"], False)]
-    if results and results[0].rotated:
-        columns += [("rot. NLL", lambda r: np.mean([v["nll"] for v in r.rotated.values()]), False),
-                    ("rot. ECE", lambda r: np.mean([v["ece"] for v in r.rotated.values()]), False)]
-    columns += [("fit s", lambda r: r.fit_s, False), ("test s", lambda r: r.test_s, False)]
-    seen = list(dict.fromkeys(r.method for r in results))
-    order = list(METHODS)
-    methods = sorted(seen, key=lambda m: (order.index(m) if m in order else len(order),
-                                          seen.index(m)))
-    stats = {m: [mean_se([get(r) for r in results if r.method == m]) for _, get, _ in columns]
-             for m in methods}
-    best = [(max if hi else min)(stats[m][i][0] for m in methods)
-            for i, (_, _, hi) in enumerate(columns)]
-    map_test = stats["map"][-1][0] if "map" in stats else None
-    head = ["method", "seeds", *[c[0] for c in columns], "test / map"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        n = sum(r.method == m for r in results)
-        cells = [m, str(n)]
-        for i, (header, _, _) in enumerate(columns):
-            mean, se = stats[m][i]
-            digits = 1 if header.endswith(" s") else 4
-            text = f"{mean:.{digits}f} ± {se:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
-            cells.append(f"**{text}**" if mean == best[i] and len(methods) > 1 else text)
-        cells.append(f"{stats[m][-1][0] / map_test:.2f}x" if map_test else "—")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Markdown: mean ± standard error over seeds per method, the best mean per column in bold;
+    per OOD set the AUROC by predictive entropy (the same score for every method) and by the
+    method's own score (named in the cell): :func:`gapa_bench.report.classification_table`,
+    the table RESULTS.md is regenerated with."""
+    return report.classification_table([r.record() for r in results])
+
+
+#: Old records' ``info["ood_score"]`` values, by the score names of today.
+_OLD_SCORE_NAMES = {"total_variance": "logit_variance", "entropy": "entropy",
+                    "max_prob": "max_prob"}
+
+
+def _upgrade(rec: dict) -> dict:
+    """A record written before ``ood_scores`` (``ood`` by the method's own score, named in
+    ``info["ood_score"]``, else by entropy; ``ood_entropy`` by entropy when the own score was
+    another) in today's form; later records pass unchanged."""
+    if "ood_scores" in rec:
+        return rec
+    rec = dict(rec)
+    ood, by_entropy = rec.pop("ood"), rec.pop("ood_entropy", None) or {}
+    old = rec.get("info", {}).get("ood_score")
+    own = None if old is None else ("distance" if str(old).startswith("distance")
+                                    else _OLD_SCORE_NAMES.get(old, old))
+    rec["ood_scores"] = {"entropy": by_entropy} if by_entropy else {}
+    rec["ood_scores"][own or "entropy"] = ood
+    rec["own_score"] = None if own in (None, "entropy", "max_prob") else own
+    rec.setdefault("run", None)
+    return rec
 
 
 def load_records(*paths: str | os.PathLike) -> list[ClassResult]:
     """The results of one or more :func:`write_records` files, for :func:`summary_table`
-    (without the per-input tensors, so no figures)."""
+    (without the per-input tensors, so no figures). Records written before the per-score
+    format load too (:func:`_upgrade`): with the scores they had (entropy, and the own score
+    where it was another), no max-prob."""
     results = []
     for path in paths:
         with open(path) as f:
             for rec in json.load(f):
+                rec = _upgrade(rec)
                 rec["rotated"] = {int(a): v for a, v in rec["rotated"].items()}
                 results.append(ClassResult(**rec))
     return results
-
-
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(probs, probs).sum(-1)

@@ -52,7 +52,8 @@ def classification_figures(folder: Path, results, labels, *, title: str = "") ->
     (first seed of each for the per-input ones):
 
     - ``reliability.png``: accuracy against confidence in 15 equal-width bins on the test set;
-    - ``ood_scores.png``: histograms of each method's OOD score, test set against each OOD set;
+    - ``ood_scores.png``: histograms of each method's own OOD score (its epistemic score, else
+      the predictive entropy; ``ClassResult.headline_score``), test set against each OOD set;
     - ``rotation.png``: accuracy, NLL and ECE against the rotation angle (mean over seeds).
     """
     folder = Path(folder)
@@ -91,14 +92,16 @@ def _score_histograms(path: Path, first: dict, title: str) -> Path:
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names, strict=False):
-        scores = {k: v.double().numpy() for k, v in first[name].scores.items()}
+        r = first[name]
+        score = r.headline_score
+        scores = {k: v[score].double().numpy() for k, v in r.scores.items()}
         bins = np.histogram_bin_edges(np.concatenate(list(scores.values())), 50)
         for set_name, s in scores.items():
             label = "in distribution (test)" if set_name == "test" else f"OOD: {set_name}"
             ax.hist(s, bins=bins, density=True, alpha=0.5, label=label)
-        auroc = ", ".join(f"{k} {v['auroc']:.3f}" for k, v in first[name].ood.items())
+        auroc = ", ".join(f"{k} {v['auroc']:.3f}" for k, v in r.ood_scores[score].items())
         ax.set_title(f"{name} (AUROC {auroc})", fontsize=9)
-        ax.set_xlabel(first[name].info.get("ood_score", "predictive entropy"), fontsize=8)
+        ax.set_xlabel(score.replace("_", " "), fontsize=8)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

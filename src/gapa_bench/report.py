@@ -397,32 +397,43 @@ def _rotated(metric: str) -> Callable[[dict], float | None]:
     return value
 
 
-def classification_block(records: list[dict], paths: Sequence[str]) -> str:
-    """Provenance, the main table (AUROC by entropy and by each method's own score per OOD
-    set, NLL and ECE averaged over rotation angles), settings chosen on validation, and paired
-    AUROC differences (higher is better)."""
+def _classification_columns(records: list[dict]) -> tuple[list[Column], list[str], dict]:
     sets = _ood_sets(records)
-    best = {s: own_scores(records, s) for s in sets}
+    own = {s: own_scores(records, s) for s in sets}
     columns = [Column("accuracy", _metric("accuracy"), higher_better=True),
                Column("NLL", _metric("nll")), Column("ECE", _metric("ece")),
                Column("Brier", _metric("brier"))]
     for s in sets:
         columns.append(Column(f"{s} AUROC (entropy)", _auroc("entropy", s), higher_better=True))
         columns.append(Column(
-            f"{s} AUROC (own score)", _own_auroc(best[s], s),
-            higher_better=True, note=lambda m, s=s: f" ({best[s][m]})"))
-    columns += [Column("rotated NLL", _rotated("nll")), Column("rotated ECE", _rotated("ece")),
-                Column("fit s", _metric("fit_s"), 2), Column("test s", _metric("test_s"), 2)]
+            f"{s} AUROC (own score)", _own_auroc(own[s], s),
+            higher_better=True, note=lambda m, s=s: f" ({own[s][m]})"))
+    if any(r.get("rotated") for r in records):
+        columns += [Column("rotated NLL", _rotated("nll")), Column("rotated ECE", _rotated("ece"))]
+    columns += [Column("fit s", _metric("fit_s"), 2), Column("test s", _metric("test_s"), 2)]
+    return columns, sets, own
+
+
+def classification_table(records: list[dict]) -> str:
+    """The main classification table: accuracy, NLL, ECE, Brier, AUROC by entropy and by each
+    method's own score per OOD set, NLL and ECE averaged over rotation angles, costs."""
+    return table(records, _classification_columns(records)[0])
+
+
+def classification_block(records: list[dict], paths: Sequence[str]) -> str:
+    """Provenance, :func:`classification_table`, settings chosen on validation, and paired
+    AUROC differences (higher is better)."""
+    columns, sets, own = _classification_columns(records)
     rows = []
     for a, b, label in comparisons(_methods(records)):
         for s in sets:
             entropy = _paired(records, a, b, _auroc("entropy", s), higher_better=True)
-            own = _paired(records, a, b, _own_auroc(best[s], s), higher_better=True)
-            if entropy is None and own is None:
+            by_own = _paired(records, a, b, _own_auroc(own[s], s), higher_better=True)
+            if entropy is None and by_own is None:
                 continue
             n, by_entropy = _pair_cells(entropy)
-            n_own, by_own = _pair_cells(own, f" ({best[s].get(a)} vs {best[s].get(b)})")
-            rows.append([label, s, str(max(n, n_own)), *by_entropy, *by_own])
+            n_own, own_cells = _pair_cells(by_own, f" ({own[s].get(a)} vs {own[s].get(b)})")
+            rows.append([label, s, str(max(n, n_own)), *by_entropy, *own_cells])
     paired = _paired_table(["comparison", "OOD set", "seeds", "AUROC (entropy) difference",
                             "verdict", "AUROC (own score) difference", "verdict"], rows)
     parts = [provenance(records, paths), table(records, columns),

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from gapa.errors import ConfigurationError
-from gapa_bench.baselines.dropout import fit_mc_dropout_classifier, mc_dropout_probs
+from gapa_bench.baselines.dropout import (
+    CLASSIFIER_RATES,
+    fit_mc_dropout_classifier,
+    mc_dropout_average,
+    mc_dropout_probs,
+)
 from gapa_bench.baselines.ensemble import fit_ensemble_classifier, member_seeds
-from gapa_bench.baselines.knn import fit_knn, penultimate_features
+from gapa_bench.baselines.knn import K_CANDIDATES, fit_knn, penultimate_features
+from gapa_bench.baselines.scores import entropy
 from gapa_bench.classifiers import (
     ENSEMBLE_MEMBERS,
     MC_DROPOUT_P,
@@ -18,6 +24,7 @@ from gapa_bench.classifiers import (
     networks_needed,
 )
 from gapa_bench.data.images import ImageData
+from gapa_bench.metrics import classification_report
 
 TRAIN = {"arch": "mlp", "epochs": 2, "batch_size": 32}
 
@@ -81,9 +88,27 @@ def test_knn_score_is_the_kth_neighbour_distance(images):
     feats = torch.nn.functional.normalize(penultimate_features(model, images.x_train), dim=1)
     query = torch.nn.functional.normalize(penultimate_features(model, images.x_test), dim=1)
     brute = torch.cdist(query, feats).sort(dim=1).values[:, 4]
-    torch.testing.assert_close(fitted.ood_score(images.x_test), brute, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fitted.ood_scores["distance"](images.x_test), brute, rtol=1e-4,
+                               atol=1e-5)
+    assert set(fitted.ood_scores) == {"distance"}
     with torch.no_grad():
         assert torch.equal(fitted.predict(images.x_test), torch.softmax(model(images.x_test), -1))
+    assert fitted.info["selection"] == {"criterion": fitted.info["selection"]["criterion"],
+                                        "candidates": {"k": [5]}, "chosen": {"k": 5},
+                                        "tried": [{"k": 5, "score": None}]}
+
+
+def test_knn_uses_its_declared_k(images, monkeypatch):
+    from gapa_bench.baselines import knn
+
+    model = cached_classifier(images, progress=False, **TRAIN)[0]
+    monkeypatch.setattr(knn, "K_CANDIDATES", (7,))
+    fitted = fit_knn(model, images, seed=0, progress=False, train=TRAIN)
+    assert fitted.info["k"] == 7 and fitted.info["selection"]["candidates"] == {"k": [7]}
+    monkeypatch.setattr(knn, "K_CANDIDATES", (7, 9))
+    with pytest.raises(ConfigurationError, match="no validation criterion"):
+        fit_knn(model, images, seed=0, progress=False, train=TRAIN)
+    assert K_CANDIDATES == (knn.K_NEIGHBOURS,)
 
 
 def test_mc_dropout_is_seeded_leaves_random_state_and_eval_mode(images):
@@ -103,6 +128,35 @@ def test_mc_dropout_is_seeded_leaves_random_state_and_eval_mode(images):
                          samples=2, seed=0)
 
 
+def test_mc_dropout_rate_is_chosen_on_validation_and_recorded(images):
+    fitted = fit_mc_dropout_classifier(None, images, seed=0, progress=False, train=TRAIN,
+                                       rates=(0.1, 0.3), samples=4)
+    sel = fitted.info["selection"]
+    assert sel["candidates"] == {"p": [0.1, 0.3]} and sel["criterion"] == "validation NLL"
+    nll = {}
+    for p in (0.1, 0.3):
+        model = cached_classifier(images, seed=0, dropout=p, progress=False, **TRAIN)[0]
+        probs = mc_dropout_probs(model, images.x_val, samples=4, seed=0)
+        nll[p] = classification_report(probs, images.y_val)["nll"]
+    assert [(t["p"], t["score"]) for t in sel["tried"]] == list(nll.items())
+    assert sel["chosen"] == {"p": min(nll, key=nll.get)} and fitted.info["p"] == sel["chosen"]["p"]
+    assert fitted.fit_s > 0 and CLASSIFIER_RATES == (MC_DROPOUT_P,)
+
+
+def test_mc_dropout_mutual_information_is_that_of_its_passes(images):
+    fitted = fit_mc_dropout_classifier(None, images, seed=0, progress=False, train=TRAIN,
+                                       samples=6)
+    model = cached_classifier(images, seed=0, dropout=MC_DROPOUT_P, progress=False, **TRAIN)[0]
+    average = mc_dropout_average(model, images.x_test, samples=6, seed=0)
+    mi = fitted.ood_scores["mutual_information"](images.x_test)
+    assert torch.equal(fitted.predict(images.x_test), average.probs)
+    assert torch.equal(mi, average.mutual_information) and set(fitted.ood_scores) == {
+        "mutual_information"}
+    assert (mi >= 0).all() and (mi > 0).any()  # the masks disagree somewhere
+    one = mc_dropout_average(model, images.x_test, samples=1, seed=0).mutual_information
+    assert torch.equal(one, torch.zeros_like(one))  # one pass cannot disagree with itself
+
+
 def test_ensemble_averages_member_softmaxes(images):
     fitted = fit_ensemble_classifier(None, images, seed=0, progress=False, train=TRAIN, members=3)
     members = [cached_classifier(images, seed=s, progress=False, **TRAIN)[0]
@@ -111,3 +165,9 @@ def test_ensemble_averages_member_softmaxes(images):
         expected = torch.stack([torch.softmax(m(images.x_test), -1) for m in members]).mean(0)
     torch.testing.assert_close(fitted.predict(images.x_test), expected)
     assert fitted.fit_s > 0 and fitted.info["member_seeds"] == member_seeds(0, 3)
+    with torch.no_grad():
+        each = [torch.softmax(m(images.x_test), -1) for m in members]
+    by_hand = entropy(expected) - torch.stack([entropy(p) for p in each]).mean(0)
+    mi = fitted.ood_scores["mutual_information"](images.x_test)
+    torch.testing.assert_close(mi, by_hand.clamp_min(0), rtol=1e-4, atol=1e-6)
+    assert (mi > 0).any()  # independently trained members disagree

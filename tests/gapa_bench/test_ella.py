@@ -158,8 +158,12 @@ def test_mean_is_backbone_and_backbone_untouched():
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert [p.requires_grad for p in net.parameters()] == flags
     assert net.training
-    assert set(fitted.info) == {"m", "k", "prior_precision", "sigma2", "k_used"}
+    assert set(fitted.info) == {"m", "k", "prior_precision", "prior_precision_grid",
+                                "prior_precision_interior", "val_nll_span", "sigma2", "k_used"}
     assert fitted.info["m"] == 40 and fitted.info["k"] == 8
+    low, high = fitted.info["prior_precision_grid"]
+    assert fitted.info["prior_precision_interior"] == (low < fitted.info["prior_precision"] < high)
+    assert fitted.info["val_nll_span"] >= 0
 
 
 def test_seed_fixes_the_nystrom_points():

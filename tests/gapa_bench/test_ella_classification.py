@@ -4,22 +4,25 @@ on tiny float64 networks: an MLP and a SmallResNet with batch norm in eval mode.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from gapa.errors import ConfigurationError
-from gapa.predictive.classification import probit
+from gapa.predictive.classification import fit_variance_scale, predict_classes
 from gapa_bench.architectures import SmallResNet
 from gapa_bench.baselines import ella
 from gapa_bench.baselines.ella import (
     _features,
     _Linearised,
     _nystrom_directions,
+    _select_prior_precision,
     exact_lla_logit_variance,
     fit_ella_classifier,
 )
+from gapa_bench.baselines.scores import LOGIT_METHOD
 from gapa_bench.classifiers import build_classifier
 from gapa_bench.data.images import ImageData
 
@@ -84,8 +87,10 @@ def _jacobian_by_rows(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def fixed_delta(monkeypatch):
-    """Validation picks from a one-point grid: ELLA at the prior precision DELTA."""
-    monkeypatch.setattr(ella, "PRIOR_PRECISION_GRID", torch.tensor([DELTA], dtype=torch.float64))
+    """Validation picks from a one-point grid, never widened: ELLA at the prior precision DELTA."""
+    monkeypatch.setattr(ella, "CLASSIFIER_PRIOR_PRECISION_GRID",
+                        torch.tensor([DELTA], dtype=torch.float64))
+    monkeypatch.setattr(ella, "PRIOR_MAX_WIDENINGS", 0)
 
 
 @pytest.mark.parametrize("arch", list(NETS))
@@ -196,13 +201,20 @@ def test_probabilities_mean_and_untouched_backbone(arch):
     if len(data.x_test) <= fitted.handle.batch:
         assert torch.equal(moments.mean, net(data.x_test))
     assert (moments.var >= 0).all() and (moments.var > 0).any()
-    assert torch.equal(probs, probit(moments.mean, moments.var))
+    scale = fitted.info["variance_scale"]
+    assert torch.equal(probs, predict_classes(moments, LOGIT_METHOD, variance_scale=scale).probs)
+    assert torch.equal(fitted.ood_scores["logit_variance"](data.x_test), moments.var.sum(-1))
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert [p.requires_grad for p in net.parameters()] == flags
     assert not any(mod.training for mod in net.modules())
-    assert set(fitted.info) >= {"m", "k", "k_used", "prior_precision", "val_nll", "val_nll_map"}
+    assert set(fitted.info) >= {"m", "k", "k_used", "prior_precision", "val_nll", "val_nll_map",
+                                "variance_scale", "prior_precision_interior",
+                                "prior_precision_grid", "prior_val_nll"}
     assert (fitted.info["m"], fitted.info["k"], fitted.info["k_used"]) == (6, 8, 8)
-    assert fitted.info["prior_precision"] in ella.PRIOR_PRECISION_GRID.tolist()
+    lo, hi = fitted.info["prior_precision_grid"]
+    assert lo <= fitted.info["prior_precision"] <= hi
+    declared = ella.CLASSIFIER_PRIOR_PRECISION_GRID
+    assert lo <= declared[0] and hi >= declared[-1]
 
 
 def test_predict_is_batched_and_agrees_across_batches():
@@ -276,3 +288,63 @@ def test_real_architectures_on_fashion_mnist_shapes(arch):
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert not any(mod.training for mod in net.modules())
     assert fitted.info["nystrom_rows"] == 20 and fitted.info["k_used"] == 4
+
+
+def test_variance_scale_is_fitted_on_validation_only():
+    net, data = _mlp(torch.float64), _data()
+    fitted = fit_ella_classifier(net, data, seed=0, progress=False, train={}, m=4, k=5)
+    val = fitted.handle.logit_moments(data.x_val)
+    expected = fit_variance_scale(val.mean, val.var, data.y_val, method=LOGIT_METHOD)
+    assert fitted.info["variance_scale"] == pytest.approx(expected.scale, rel=1e-9, abs=1e-12)
+    assert fitted.info["val_nll"] == pytest.approx(expected.nll, rel=1e-12)
+    relabelled = ImageData("toy", data.x_train, data.y_train, data.x_val, data.y_val,
+                           data.x_test, (data.y_test + 1) % N_CLASSES, data.classes)
+    again = fit_ella_classifier(net, relabelled, seed=0, progress=False, train={}, m=4, k=5)
+    assert again.info["variance_scale"] == fitted.info["variance_scale"]
+    assert torch.equal(again.predict(data.x_test), fitted.predict(data.x_test))
+
+
+def _prior_problem(z: float, right: float, n: int = 400, logit: float = 5.0):
+    """Two classes, one feature, a GGN of ~0: class 0's logit ``logit`` has the variance
+    ``z² / δ`` and is right for a fraction ``right`` of the inputs, so the probit NLL is best at
+    ``δ* = z² / v*`` with ``logit / sqrt(1 + π v*/8) = log(right / (1 - right))``."""
+    gram = torch.full((1, 1), 1e-30, dtype=torch.float64)
+    features = torch.zeros(n * 2, 1, dtype=torch.float64)
+    features[0::2] = z  # class 0's row of every input
+    logits = torch.tensor([[logit, 0.0]], dtype=torch.float64).expand(n, 2)
+    y = (torch.arange(n) >= round(right * n)).long()  # class 0 for the first right * n
+    return gram, features, logits, y
+
+
+def _best_delta(z: float, right: float, logit: float = 5.0) -> float:
+    v = ((logit / math.log(right / (1 - right))) ** 2 - 1) * 8 / math.pi
+    return z * z / v
+
+
+def test_prior_precision_interior_optimum_needs_no_widening():
+    z = math.sqrt(100.0 * 86.0)  # δ* ≈ 100, inside 10^-4 ... 10^6
+    choice = _select_prior_precision(*_prior_problem(z, 0.7))
+    assert choice.widenings == 0 and choice.interior
+    assert choice.grid == ella.CLASSIFIER_PRIOR_PRECISION_GRID.tolist()
+    step = 10 ** (1 / ella.PRIOR_PER_DECADE)
+    assert _best_delta(z, 0.7) / step < choice.delta < _best_delta(z, 0.7) * step
+
+
+def test_prior_precision_grid_widens_to_an_optimum_beyond_its_end():
+    z = math.sqrt(1e8 * 86.0)  # δ* ≈ 10^8, above the declared 10^6
+    choice = _select_prior_precision(*_prior_problem(z, 0.7))
+    assert choice.widenings == 1 and choice.interior
+    assert choice.grid[0] == ella.CLASSIFIER_PRIOR_PRECISION_GRID[0]
+    assert choice.grid[-1] == pytest.approx(1e6 * 10.0 ** ella.PRIOR_WIDEN_DECADES, rel=1e-9)
+    step = 10 ** (1 / ella.PRIOR_PER_DECADE)
+    assert _best_delta(z, 0.7) / step < choice.delta < _best_delta(z, 0.7) * step
+    assert choice.val_nll < choice.val_nll_map
+
+
+def test_prior_precision_without_optimum_is_recorded_as_not_interior():
+    # every label is the MAP class: less variance is always better, the optimum is δ -> ∞
+    choice = _select_prior_precision(*_prior_problem(10.0, 1.0))
+    assert choice.widenings == ella.PRIOR_MAX_WIDENINGS and not choice.interior
+    top = 1e6 * 10.0 ** (ella.PRIOR_WIDEN_DECADES * ella.PRIOR_MAX_WIDENINGS)
+    assert choice.grid[-1] == pytest.approx(top, rel=1e-9)
+    assert choice.grid[0] == ella.CLASSIFIER_PRIOR_PRECISION_GRID[0]  # the low end never moved

@@ -1,25 +1,29 @@
-"""The Laplace classification baselines (laplace-torch) against a hand-computed probit predictive.
+"""The Laplace classification baselines (laplace-torch) against hand-computed GLM logit moments,
+and their predictive: the benchmark's variance scale fitted on validation, as GAPA's.
 
 For the categorical likelihood the GGN of a Linear layer is Kronecker-factored by BackPACK's
 KFLR as ``(Σ Jᵀ H J) ⊗ (Σ a aᵀ) / N`` with a bias block ``Σ Jᵀ H J``: ``a`` the layer's input,
 ``J = ∂f/∂(layer output)`` per row (``C x outputs``) and ``H = diag(p) - p pᵀ`` the softmax
 Hessian at the MAP. Adding laplace's fitted prior precisions and inverting densely in float64
 gives ``Σ``; a test row's variance of logit ``c`` is ``Σ_layers (J_c ⊗ a) Σ_w (J_c ⊗ a)ᵀ +
-J_c Σ_b J_cᵀ``, and the probit predictive is ``softmax(f / sqrt(1 + π/8 · var))``. Nothing of
-this reuses laplace's code, only its prior precisions (the chosen one, and a weak one set here).
+J_c Σ_b J_cᵀ``, and laplace's own probit predictive is ``softmax(f / sqrt(1 + π/8 · var))``.
+Nothing of this reuses laplace's code, only its prior precisions (the chosen one, and a weak one
+set here).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from importlib.util import find_spec
 
 import pytest
 import torch
 from torch import nn
 
+from gapa.moments import Moments
+from gapa.predictive.classification import fit_variance_scale, predict_classes, probit
 from gapa_bench.baselines import laplace as lap
+from gapa_bench.baselines.scores import LOGIT_METHOD
 from gapa_bench.classifiers import build_classifier
 from gapa_bench.data import images
 from gapa_bench.data.images import FASHION_MNIST_DIR, ImageData, load_fashion_mnist, subset
@@ -115,15 +119,15 @@ def _linear_io(
     return f.detach(), [(inputs[layer], torch.stack(jac[layer], 1)) for layer in layers]
 
 
-def _hand_probit(
+def _hand_moments(
     backbone: nn.Module,
     x_train: torch.Tensor,
     x: torch.Tensor,
     layer_names: list[str],
     priors: list[tuple[float, float]],
-) -> torch.Tensor:
-    """The KFAC GLM probit predictive over the named Linear layers, ``priors`` = (weight,
-    bias) prior precision per layer, from the module docstring's formulas in float64."""
+) -> Moments:
+    """The KFAC GLM logit mean and variance over the named Linear layers, ``priors`` =
+    (weight, bias) prior precision per layer, from the module docstring's formulas in float64."""
     model = copy.deepcopy(backbone).double()
     layers = [dict(model.named_modules())[name] for name in layer_names]
     f_train, train = _linear_io(model, x_train.double(), layers)
@@ -140,29 +144,73 @@ def _hand_probit(
         jw = torch.einsum("nco,ni->ncoi", j_test, a_test).flatten(2)  # weight.flatten() order
         var += torch.einsum("ncp,pq,ncq->nc", jw, cov_w, jw)
         var += torch.einsum("nco,op,ncp->nc", j_test, cov_b, j_test)
-    return torch.softmax(f / torch.sqrt(1.0 + math.pi / 8.0 * var), -1)
+    return Moments(f, var)
+
+
+def _laplace_probit(la, x: torch.Tensor) -> torch.Tensor:
+    """laplace's own GLM probit predictive."""
+    return torch.cat(lap._batched_predictive(la, x.double(), len(x), pred_type="glm",
+                                             link_approx="probit"))
 
 
 LAYERS = {"lastlayer": ["3"], "kfac": ["1", "3"]}  # the Linear layers each method treats
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_probabilities_match_hand_probit(method, fitted, backbone, data):
-    fit, la = fitted[method], fitted[method].handle
+def test_logit_moments_match_hand_kfac_and_laplaces_probit(method, fitted, backbone, data):
+    la = fitted[method].handle
     x = torch.cat([data.x_val, data.x_test])
     chosen = la.prior_precision.clone()
     # at the chosen (scalar) prior, and at a weak one whose variances move the probabilities
     try:
-        for prior in (fit.info["prior_precision"], 0.3):
+        for prior in (fitted[method].info["prior_precision"], 0.3):
             la.prior_precision = prior
             priors = [(prior, prior)] * len(LAYERS[method])
-            expected = _hand_probit(backbone, data.x_train, x, LAYERS[method], priors)
-            torch.testing.assert_close(fit.predict(x), expected, rtol=RTOL, atol=1e-12)
+            expected = _hand_moments(backbone, data.x_train, x, LAYERS[method], priors)
+            got = lap._logit_moments(la, x.double(), 7)
+            torch.testing.assert_close(got.mean, expected.mean, rtol=RTOL, atol=1e-12)
+            torch.testing.assert_close(got.var, expected.var, rtol=RTOL, atol=1e-12)
+            # the moments are those laplace's own predictive turns into probabilities
+            torch.testing.assert_close(probit(got.mean, got.var), _laplace_probit(la, x),
+                                       rtol=1e-12, atol=1e-14)
         with torch.no_grad():
             map_probs = torch.softmax(backbone(x.double()), -1)
-        assert (expected - map_probs).abs().max() > 0.05
+        assert (probit(got.mean, got.var) - map_probs).abs().max() > 0.05
     finally:
         la.prior_precision = chosen
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prediction_is_the_calibrated_predictive_of_the_moments(method, fitted, data):
+    fit, la = fitted[method], fitted[method].handle
+    x = torch.cat([data.x_val, data.x_test])
+    moments = lap._logit_moments(la, x.double(), len(x))
+    scale = fit.info["variance_scale"]
+    expected = predict_classes(moments, LOGIT_METHOD, variance_scale=scale)
+    torch.testing.assert_close(fit.predict(x), expected.probs, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fit.ood_scores["logit_variance"](x), moments.var.sum(-1),
+                               rtol=1e-12, atol=1e-15)
+    assert set(fit.ood_scores) == {"logit_variance"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_variance_scale_is_fitted_on_validation(method, fitted, data):
+    fit, la = fitted[method], fitted[method].handle
+    rows = lap.SCALE_VAL_ROWS_ALL_WEIGHTS if method == "kfac" else len(data.y_val)
+    val = lap._logit_moments(la, data.x_val[:rows].double(), rows)
+    expected = fit_variance_scale(val.mean, val.var, data.y_val[:rows], method=LOGIT_METHOD)
+    assert fit.info["variance_scale"] == pytest.approx(expected.scale, rel=1e-9)
+    assert fit.info["val_nll"] == pytest.approx(expected.nll, rel=1e-12)
+    assert fit.info["scale_val_rows"] == min(rows, len(data.y_val))
+    assert fit.info["variance_scale"] > 0  # the variance does something on this problem
+
+
+def test_test_labels_do_not_move_the_scale(backbone, data, fitted):
+    relabelled = ImageData("tiny", data.x_train, data.y_train, data.x_val, data.y_val,
+                           data.x_test, (data.y_test + 1) % data.n_classes, data.classes)
+    again = lap.fit_lla_lastlayer_classifier(backbone, relabelled, seed=0, progress=False,
+                                             train={})
+    assert again.info["variance_scale"] == fitted["lastlayer"].info["variance_scale"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -175,7 +223,7 @@ def test_probabilities_are_a_distribution_with_the_map_class(method, fitted, bac
     torch.testing.assert_close(probs.sum(-1), torch.ones(len(x), dtype=probs.dtype))
     with torch.no_grad():
         map_class = backbone(x.double()).argmax(-1)
-    assert (probs.argmax(-1) == map_class).double().mean() >= 0.9
+    assert torch.equal(probs.argmax(-1), map_class)  # GAPA's default predictive keeps it
 
 
 def test_lastlayer_prior_maximises_the_evidence(fitted):
@@ -199,7 +247,7 @@ def test_kfac_prior_minimises_validation_nll_over_the_grid(fitted, data):
     try:
         for prior in info["prior_grid"]:
             la.prior_precision = prior
-            probs = fit.predict(data.x_val)
+            probs = _laplace_probit(la, data.x_val)  # what the grid search scores
             nll[prior] = -probs[torch.arange(len(probs)), data.y_val].log().mean().item()
     finally:
         la.prior_precision = chosen
@@ -216,9 +264,11 @@ def test_info_records_hyperparameters(method, fitted):
     }[method]
     assert (info["subset_of_weights"], info["prior_method"], info["n_params"]) == expected
     assert (info["hessian_structure"], info["backend"]) == ("kron", "BackPackGGN")
-    assert (info["likelihood"], info["pred_type"], info["link_approx"]) == (
-        "classification", "glm", "probit",
+    assert (info["likelihood"], info["pred_type"], info["predictive"]) == (
+        "classification", "glm", LOGIT_METHOD.value,
     )  # fmt: skip
+    assert info.get("prior_link_approx") == ("probit" if method == "kfac" else None)
+    assert {"variance_scale", "val_nll", "val_nll_map", "scale_val_rows"} <= set(info)
     assert "sigma_noise" not in info and info["seed"] == 0
     assert info["prior_structure"] == "scalar" and info["prior_precision"] > 0
 
@@ -260,15 +310,19 @@ def _resnet(n_classes: int, side: int) -> nn.Module:
     return model.eval()
 
 
-def test_resnet_last_layer_matches_hand_probit():
+def test_resnet_last_layer_matches_hand_moments():
     data = _image_data((40, 10, 10), side=8, n_classes=3, seed=1)
     model = _resnet(3, 8)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fit = lap.fit_lla_lastlayer_classifier(model, data, seed=0, progress=False, train={})
-    probs = fit.predict(data.x_test)
     prior = fit.info["prior_precision"]
-    expected = _hand_probit(model, data.x_train, data.x_test, ["head"], [(prior, prior)])
-    torch.testing.assert_close(probs, expected, rtol=RTOL, atol=1e-12)
+    expected = _hand_moments(model, data.x_train, data.x_test, ["head"], [(prior, prior)])
+    got = lap._logit_moments(fit.handle, data.x_test.double(), 4)
+    torch.testing.assert_close(got.mean, expected.mean, rtol=RTOL, atol=1e-12)
+    torch.testing.assert_close(got.var, expected.var, rtol=RTOL, atol=1e-12)
+    scale = fit.info["variance_scale"]
+    torch.testing.assert_close(fit.predict(data.x_test), predict_classes(
+        expected, LOGIT_METHOD, variance_scale=scale).probs, rtol=1e-9, atol=1e-12)
     assert fit.info["n_params"] == 64 * 3 + 3
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
@@ -292,10 +346,10 @@ def test_fashion_mnist_last_layer_is_less_confident_than_the_map():
     map_probs = torch.softmax(logits, -1)
     assert probs.shape == (200, 10) and probs.dtype == torch.float32
     torch.testing.assert_close(probs.sum(-1), torch.ones(200))
-    assert (probs.argmax(-1) == logits.argmax(-1)).float().mean() >= 0.95
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1))
 
     def entropy(q):
         return -(q * q.clamp_min(1e-30).log()).sum(-1).mean()
 
-    assert entropy(probs) > entropy(map_probs)
+    assert fit.info["variance_scale"] > 0 and entropy(probs) > entropy(map_probs)
     assert fit.info["n_params"] == 200 * 10 + 10

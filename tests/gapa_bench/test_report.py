@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from gapa_bench import report
-from gapa_bench.report import DEFAULT_FILES, update
 from gapa_bench.errors import ReportError
+from gapa_bench.report import DEFAULT_FILES, update
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 REG = "fixtures/report/regression.json"

@@ -14,9 +14,11 @@ its noise model.
 
 The classification methods take a frozen classifier and a :class:`gapa_bench.data.ImageData`;
 ``train`` holds :func:`gapa_bench.classifiers.cached_classifier`'s settings (``arch`` first), and
-``Fitted.predict`` maps images to class probabilities ``(N, C)``. Their OOD score is the
-predictive entropy of those probabilities unless ``Fitted.ood_score`` gives another (higher =
-more likely out of distribution).
+``Fitted.predict`` maps images to class probabilities ``(N, C)``. Every one is scored out of
+distribution by the predictive entropy and ``1 - max prob`` of those probabilities (computed by
+the benchmark, alike for all), and by its epistemic score when it has one, which
+``Fitted.ood_scores`` names (:mod:`gapa_bench.baselines.scores`; higher = more likely out of
+distribution).
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ class Fitted:
     fit_s: float | None = None
     info: dict = field(default_factory=dict)
     handle: Any = field(default=None, repr=False)  # the fitted object itself, for figures
-    ood_score: Callable[[torch.Tensor], torch.Tensor] | None = None  # classification only
+    #: Classification only: the method's epistemic OOD score by name, at most one of
+    #: ``"logit_variance"``, ``"mutual_information"``, ``"distance"`` (higher = more OOD); the
+    #: entropy and max-prob scores come from ``predict``'s probabilities.
+    ood_scores: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
 #: The signature every method shares.

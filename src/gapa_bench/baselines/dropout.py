@@ -13,6 +13,9 @@ and never switches the model to train mode.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -22,7 +25,10 @@ from gapa.moments import Moments
 from ..backbones import cached_regressor, training_seconds
 from ..classifiers import MC_DROPOUT_P, cached_classifier
 from ..data import RegressionData
+from ..metrics import classification_report
+from ..selection import select
 from . import Fitted
+from .scores import MemberAverage, last_pass
 
 #: Rows (inputs x passes) in one forward pass: bounds memory at about 200 MB for width 200.
 CHUNK_ROWS = 1 << 16
@@ -113,50 +119,84 @@ def _device(module: nn.Module) -> torch.device:
 #: Rows per stochastic forward pass of a classifier.
 _CLASSIFIER_BATCH = 2048
 
+#: Dropout rates the classification benchmark tries, one network each; validation NLL picks one
+#: (:func:`gapa_bench.selection.select`). One rate only: every further rate means training
+#: another network per seed, for the ResNet 200 s on the H200 (benchmarks/results/
+#: classifiers-train-h200.log) and far longer on the CPU, and another 20 passes over the
+#: validation set to score it. The choice is still recorded in the selection format, with its
+#: validation NLL, so that a second candidate needs nothing else (but
+#: :func:`gapa_bench.classifiers.networks_needed`, which lists the networks to train ahead).
+CLASSIFIER_RATES = (MC_DROPOUT_P,)
+
 
 def fit_mc_dropout_classifier(
     backbone: nn.Module, data, *, seed: int, progress: bool, train: dict,
-    p: float = MC_DROPOUT_P, samples: int = 20,
+    rates: Sequence[float] = CLASSIFIER_RATES, samples: int = 20,
 ) -> Fitted:
-    """Train (or load) the classifier of ``train["arch"]`` with dropout ``p`` (after each hidden
-    tanh of the MLP, between the convolutions of each ResNet block) and predict the softmax
-    averaged over ``samples`` passes with dropout on, masks seeded by ``seed``.
+    """Train (or load) the classifier of ``train["arch"]`` with each dropout rate of ``rates``
+    (after each hidden tanh of the MLP, between the convolutions of each ResNet block), keep the
+    one of lowest validation NLL, and predict the softmax averaged over ``samples`` passes with
+    dropout on, masks seeded by ``seed``.
 
-    20 passes: the test-time budget of the published image benchmarks' MC-dropout rows;
-    ``fit_s`` is the recorded training time.
+    20 passes: the test-time budget of the published image benchmarks' MC-dropout rows.
+    ``ood_scores["mutual_information"]`` is the passes' mutual information, from the same
+    passes as the probabilities. ``fit_s`` is the recorded training time of every candidate
+    network plus the validation passes that chose among them; ``info["selection"]`` is the
+    :class:`gapa_bench.selection.Selection` record.
     """
-    if not 0.0 < p < 1.0:
-        raise ConfigurationError(f"MC dropout needs a dropout rate in (0, 1), got p={p!r}.")
     if samples < 1:
         raise ConfigurationError(f"MC dropout needs >= 1 sample, got {samples}.")
-    model, path, trained = cached_classifier(data, seed=seed, dropout=p, progress=progress, **train)
+    for p in rates:
+        if not 0.0 < p < 1.0:
+            raise ConfigurationError(f"MC dropout needs a dropout rate in (0, 1), got p={p!r}.")
+    seconds = [0.0]
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return mc_dropout_probs(model, x, samples=samples, seed=seed)
+    def fit(setting: dict) -> tuple[float, tuple]:
+        model, path, trained = cached_classifier(data, seed=seed, dropout=setting["p"],
+                                                 progress=progress, **train)
+        t0 = time.perf_counter()
+        probs = mc_dropout_average(model, data.x_val, samples=samples, seed=seed).probs
+        nll = classification_report(probs, data.y_val)["nll"]
+        seconds[0] += training_seconds(path) + time.perf_counter() - t0
+        return nll, (model, setting["p"], trained)
 
-    return Fitted(predict, fit_s=training_seconds(path),
-                  info={"p": p, "samples": samples, "trained_now": trained})
+    (model, p, trained), selection = select({"p": list(rates)}, fit)
+
+    @last_pass
+    def passes(x: torch.Tensor) -> MemberAverage:
+        return mc_dropout_average(model, x, samples=samples, seed=seed)
+
+    return Fitted(lambda x: passes(x).probs, fit_s=seconds[0],
+                  ood_scores={"mutual_information": lambda x: passes(x).mutual_information},
+                  info={"p": p, "samples": samples, "trained_now": trained,
+                        "selection": selection.record()})
 
 
-def mc_dropout_probs(model: nn.Module, x: torch.Tensor, *, samples: int, seed: int) -> torch.Tensor:
-    """Mean softmax of ``samples`` passes of any ``model`` with its ``nn.Dropout`` modules in
-    train mode (everything else, batch norm included, stays in eval mode). The masks come from
-    the global generator seeded with ``seed`` inside ``torch.random.fork_rng``, so the caller's
-    random state is left as it was and the same ``x`` and ``seed`` give the same result."""
+def mc_dropout_average(model: nn.Module, x: torch.Tensor, *, samples: int,
+                       seed: int) -> MemberAverage:
+    """The ``samples`` passes of any ``model`` with its ``nn.Dropout`` modules in train mode
+    (everything else, batch norm included, stays in eval mode), as a :class:`MemberAverage`
+    (mean softmax and mutual information). The masks come from the global generator seeded with
+    ``seed`` inside ``torch.random.fork_rng``, so the caller's random state is left as it was
+    and the same ``x`` and ``seed`` give the same result."""
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     if not dropouts:
         raise ConfigurationError(f"{type(model).__name__} has no nn.Dropout module to sample")
-    total = None
+    average = MemberAverage()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for m in dropouts:
             m.train()
         try:
             for _ in range(samples):
-                probs = torch.cat([torch.softmax(model(xb), -1)
-                                   for xb in x.split(_CLASSIFIER_BATCH)])
-                total = probs if total is None else total + probs
+                average.add(torch.cat([torch.softmax(model(xb), -1)
+                                       for xb in x.split(_CLASSIFIER_BATCH)]))
         finally:
             for m in dropouts:
                 m.eval()
-    return total / samples
+    return average
+
+
+def mc_dropout_probs(model: nn.Module, x: torch.Tensor, *, samples: int, seed: int) -> torch.Tensor:
+    """Mean softmax of :func:`mc_dropout_average`'s passes."""
+    return mc_dropout_average(model, x, samples=samples, seed=seed).probs

@@ -21,6 +21,7 @@ from ..backbones import cached_regressor, training_seconds
 from ..classifiers import ENSEMBLE_MEMBERS, cached_classifier, logits
 from ..data import RegressionData
 from . import Fitted
+from .scores import MemberAverage, last_pass
 
 
 def member_seeds(seed: int, members: int) -> list[int]:
@@ -68,7 +69,9 @@ def fit_ensemble_classifier(
 ) -> Fitted:
     """Train (or load) ``members`` classifiers of ``train["arch"]``; member 0 is the MAP
     backbone's cache file. ``predict`` is the members' average softmax (the ensemble's own
-    predictive, not a moment match); ``fit_s`` the sum of their training times."""
+    predictive, not a moment match) and ``ood_scores["mutual_information"]`` the members'
+    disagreement (:class:`gapa_bench.baselines.scores.MemberAverage`), both from one pass of
+    every member per input tensor; ``fit_s`` is the sum of their training times."""
     if members < 2:
         raise ConfigurationError(f"an ensemble needs at least 2 members, got {members}.")
     seeds = member_seeds(seed, members)
@@ -78,7 +81,13 @@ def fit_ensemble_classifier(
         nets.append(net)
         seconds += training_seconds(path)
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.softmax(logits(net, x), -1) for net in nets]).mean(0)
+    @last_pass
+    def average(x: torch.Tensor) -> MemberAverage:
+        out = MemberAverage()
+        for net in nets:
+            out.add(torch.softmax(logits(net, x), -1))
+        return out
 
-    return Fitted(predict, fit_s=seconds, info={"members": members, "member_seeds": seeds})
+    return Fitted(lambda x: average(x).probs, fit_s=seconds,
+                  ood_scores={"mutual_information": lambda x: average(x).mutual_information},
+                  info={"members": members, "member_seeds": seeds})
