@@ -520,9 +520,36 @@ def _of_kind(records: list[dict], kind: str, paths: Sequence[str]) -> list[dict]
     return records
 
 
+def _conditioning(paths: Sequence[str], root: Path) -> str:
+    """One table per ``benchmarks/conditioning_probe.py`` file: per lengthscale factor, the share
+    of site variances conditioning moved below half the prior amplitude, and the NLL against
+    the no-conditioning control on validation (what chooses) and on test (for the record)."""
+    blocks = []
+    for path in paths:
+        try:
+            probe = json.loads((root / path).read_text(encoding="utf-8"))
+            rows = probe["rows"]
+        except FileNotFoundError:
+            raise ReportError(f"probe file {path} not found (under {root})") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ReportError(f"probe file {path} cannot be read: {e!r}") from None
+        head = (f"Probe `{path}`: flights, {probe['split']} split, seed {probe['seed']}, layer "
+                f"{probe['layer']}, M = {probe['m']}; commit {probe['run']['commit']}.")
+        lines = ["| lengthscale factor | val: variance < 50% of prior | val NLL − prior-only | "
+                 "test: variance < 50% of prior | test NLL − prior-only |", "|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['factor']:g} | {r['val']['below_50']:.3f} | "
+                         f"{_num(r['val_nll_minus_prior'], 4, True)} | "
+                         f"{r['test']['below_50']:.3f} | "
+                         f"{_num(r['test_nll_minus_prior'], 4, True)} |")
+        blocks.append(head + "\n\n" + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 #: What each kind generates from its record files.
 KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
     "regression": _regression, "classification": _classification, "summary": _summary,
+    "conditioning": _conditioning,
 }
 
 

@@ -304,3 +304,15 @@ def test_own_score_is_the_declared_one_not_the_best_on_test():
                              "mnist") == {"m": "logit_variance"}
     # no declared score (MAP, temperature): the entropy
     assert report.own_scores([rec(0, None)], "mnist") == {"m": "entropy"}
+
+
+def test_conditioning_probe_block(tmp_path):
+    probe = {"split": "time", "seed": 0, "layer": "3", "m": 256, "run": {"commit": "abc"},
+             "rows": [{"factor": 0.5, "val": {"below_50": 0.25}, "test": {"below_50": 0.125},
+                       "val_nll_minus_prior": 0.0059, "test_nll_minus_prior": -0.008}]}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    text = "<!-- report conditioning probe.json -->\n<!-- /report -->\n"
+    out = report.fill(text, tmp_path)
+    assert "| 0.5 | 0.250 | +0.0059 | 0.125 | −0.0080 |" in out
+    with pytest.raises(ReportError, match=r"missing\.json"):
+        report.fill("<!-- report conditioning missing.json -->\n<!-- /report -->\n", tmp_path)
