@@ -169,7 +169,9 @@ METHODS: dict[str, FitFn] = {
     # the library's defaults, untouched (what GAPA(model).fit(x) gives), and the control with
     # no conditioning, chosen the same way: gapa - gapa_prior is what the GP activation adds
     "gapa_default": fit_gapa_default,
-    "gapa_prior": partial(fit_gapa, conditioning="prior"),
+    # (M is no candidate there: without conditioning the inducing points are never read)
+    "gapa_prior": partial(fit_gapa, conditioning="prior",
+                          candidates={"queries": GAPA_CLASSIFIER_CANDIDATES["queries"]}),
 }
 
 
