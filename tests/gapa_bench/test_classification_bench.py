@@ -120,18 +120,20 @@ def test_gapa_never_changes_a_decision(results):
 @needs_fashion
 def test_gapa_settings_are_chosen_on_validation_and_recorded(results):
     by_name = {r.method: r for r in results[0]}
-    for name, conditioning in (("gapa", "local"), ("gapa_prior", "prior")):
+    # without conditioning M is never read, so gapa_prior does not try it
+    for name, conditioning, names in (("gapa", "local", ("m", "queries")),
+                                      ("gapa_prior", "prior", ("queries",))):
         info = by_name[name].info
         sel = info["selection"]
         # the MLP's layer has no positions: one queries candidate, not two identical fits
-        assert sel["candidates"] == {"m": [512, 2048], "queries": ["per_input"]}
+        expected = {"m": [512, 2048], "queries": ["per_input"]}
+        assert sel["candidates"] == {k: expected[k] for k in names}
         assert sel["criterion"] == "validation NLL"
-        assert [{k: t[k] for k in ("m", "queries")} for t in sel["tried"]] == grid(
-            sel["candidates"])
+        assert [{k: t[k] for k in names} for t in sel["tried"]] == grid(sel["candidates"])
         scores = [t["score"] for t in sel["tried"]]
         best = sel["tried"][scores.index(min(scores))]
-        assert sel["chosen"] == {"m": best["m"], "queries": best["queries"]}
-        assert (info["m"], info["queries"]) == (best["m"], best["queries"])
+        assert sel["chosen"] == {k: best[k] for k in names}
+        assert all(info[k] == best[k] for k in names)
         assert info["val_nll"] == best["score"]  # the calibrated validation NLL chose
         assert info["conditioning"] == conditioning
     assert "selection" not in by_name["gapa_default"].info
