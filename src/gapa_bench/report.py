@@ -463,6 +463,14 @@ def _versus(records, value, higher_better: bool, label: str = "", note=lambda m:
              and _by_seed(records, m, value)]
     label = f" {label}" if label else ""
     parts = [f"{g}{label} {_stat(records, g, value)}{note(g)}"] if g else ["no GAPA records"]
+    # rank only peers measured on every seed GAPA was: a mean over fewer seeds is another average
+    seeds = set(_by_seed(records, g, value)) if g else set()
+    full = [m for m in peers if seeds <= set(_by_seed(records, m, value))]
+    partial = [m for m in peers if m not in full]
+    peers = full or peers
+    if partial and full:
+        parts.append("not ranked (fewer seeds): " + ", ".join(
+            f"{m} {len(_by_seed(records, m, value))}/{len(seeds)}" for m in partial))
     if peers:
         means = {m: mean_se(list(_by_seed(records, m, value).values()))[0] for m in peers}
         p = (max if higher_better else min)(peers, key=means.__getitem__)

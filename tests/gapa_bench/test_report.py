@@ -316,3 +316,14 @@ def test_conditioning_probe_block(tmp_path):
     assert "| 0.5 | 0.250 | +0.0059 | 0.125 | −0.0080 |" in out
     with pytest.raises(ReportError, match=r"missing\.json"):
         report.fill("<!-- report conditioning missing.json -->\n<!-- /report -->\n", tmp_path)
+
+
+def test_summary_ranks_only_peers_with_every_seed():
+    def rec(method, seed, nll):
+        return {"dataset": "d", "split": "time", "method": method, "seed": seed, "nll": nll,
+                "crps": 1.0, "cqm": 0.1, "rmse": 1.0, "fit_s": 1.0, "test_s": 1.0, "info": {},
+                "run": None}
+    records = [rec("gapa", s, 5.0) for s in range(3)] + [rec("lla", s, 5.1) for s in range(3)]
+    records.append(rec("dropout", 0, 4.0))  # far better, but on one seed of three
+    line = report.summary_line(records, ["f.json"])
+    assert "best peer lla" in line and "not ranked (fewer seeds): dropout 1/3" in line
