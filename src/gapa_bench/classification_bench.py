@@ -338,39 +338,16 @@ def summary_table(results: Sequence[ClassResult]) -> str:
     return report.classification_table([r.record() for r in results])
 
 
-#: Old records' ``info["ood_score"]`` values, by the score names of today.
-_OLD_SCORE_NAMES = {"total_variance": "logit_variance", "entropy": "entropy",
-                    "max_prob": "max_prob"}
-
-
-def _upgrade(rec: dict) -> dict:
-    """A record written before ``ood_scores`` (``ood`` by the method's own score, named in
-    ``info["ood_score"]``, else by entropy; ``ood_entropy`` by entropy when the own score was
-    another) in today's form; later records pass unchanged."""
-    if "ood_scores" in rec:
-        return rec
-    rec = dict(rec)
-    ood, by_entropy = rec.pop("ood"), rec.pop("ood_entropy", None) or {}
-    old = rec.get("info", {}).get("ood_score")
-    own = None if old is None else ("distance" if str(old).startswith("distance")
-                                    else _OLD_SCORE_NAMES.get(old, old))
-    rec["ood_scores"] = {"entropy": by_entropy} if by_entropy else {}
-    rec["ood_scores"][own or "entropy"] = ood
-    rec["own_score"] = None if own in (None, "entropy", "max_prob") else own
-    rec.setdefault("run", None)
-    return rec
-
-
 def load_records(*paths: str | os.PathLike) -> list[ClassResult]:
     """The results of one or more :func:`write_records` files, for :func:`summary_table`
     (without the per-input tensors, so no figures). Records written before the per-score
-    format load too (:func:`_upgrade`): with the scores they had (entropy, and the own score
+    format load too (:func:`gapa_bench.report.upgrade_classification`): with the scores they had (entropy, and the own score
     where it was another), no max-prob."""
     results = []
     for path in paths:
         with open(path) as f:
             for rec in json.load(f):
-                rec = _upgrade(rec)
+                rec = report.upgrade_classification(rec)
                 rec["rotated"] = {int(a): v for a, v in rec["rotated"].items()}
                 results.append(ClassResult(**rec))
     return results

@@ -50,9 +50,10 @@ CONTROLS = ("map",)
 REGRESSION_FIELDS = ("dataset", "method", "seed", "nll", "crps", "cqm", "rmse", "fit_s", "test_s")
 CLASSIFICATION_FIELDS = ("dataset", "method", "seed", "accuracy", "nll", "ece", "brier", "fit_s",
                          "test_s")
-#: Old records named their own OOD score differently: the new name of each old name's prefix
-#: (GAPA's "total_variance" is the summed logit variance, kNN's "distance to neighbour 50").
-_OLD_SCORES = {"total_variance": "logit_variance", "distance": "distance"}
+#: Old records' ``info["ood_score"]`` values, by the score names of today (kNN's
+#: "distance to neighbour 50" is matched by its prefix).
+_OLD_SCORE_NAMES = {"total_variance": "logit_variance", "entropy": "entropy",
+                    "max_prob": "max_prob"}
 
 
 # ---------------------------------------------------------------------------------- records
@@ -110,14 +111,25 @@ def _normalise(rec: dict, where: str) -> dict:
     if missing:
         raise ReportError(f"{where} lacks {', '.join(missing)}")
     rec = {**rec, "run": rec.get("run"), "info": rec.get("info") or {}}
-    if _kind(rec) == "classification" and "ood_scores" not in rec:
-        old = rec["info"].get("ood_score")
-        own = next((new for prefix, new in _OLD_SCORES.items() if old and old.startswith(prefix)),
-                   old)
-        rec["ood_scores"] = {own or "entropy": rec.get("ood") or {}}
-        if rec.get("ood_entropy"):
-            rec["ood_scores"]["entropy"] = rec["ood_entropy"]
-        rec["own_score"] = own
+    return upgrade_classification(rec) if _kind(rec) == "classification" else rec
+
+
+def upgrade_classification(rec: dict) -> dict:
+    """A classification record written before ``ood_scores`` (``ood`` by the method's own
+    score, named in ``info["ood_score"]``, else by entropy; ``ood_entropy`` by entropy when the
+    own score was another) in today's form, with the scores it had and no max-prob; later
+    records pass unchanged. The one reading of old records, for the report and the benchmark."""
+    if "ood_scores" in rec:
+        return rec
+    rec = dict(rec)
+    ood, by_entropy = rec.pop("ood", None) or {}, rec.pop("ood_entropy", None) or {}
+    old = (rec.get("info") or {}).get("ood_score")
+    own = None if old is None else ("distance" if str(old).startswith("distance")
+                                    else _OLD_SCORE_NAMES.get(old, old))
+    rec["ood_scores"] = {"entropy": by_entropy} if by_entropy else {}
+    rec["ood_scores"][own or "entropy"] = ood
+    rec["own_score"] = None if own in (None, "entropy", "max_prob") else own
+    rec.setdefault("run", None)
     return rec
 
 
