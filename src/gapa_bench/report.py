@@ -319,6 +319,16 @@ def _section(title: str, body: list[str] | str) -> str:
     return f"{title}\n\n{body}" if body else ""
 
 
+def _block(records: list[dict], paths: Sequence[str], main: str, paired_title: str,
+           paired: str) -> str:
+    """A generated block: provenance, the main table, the settings chosen on validation, and
+    the paired-difference table under its title (empty parts left out)."""
+    parts = [provenance(records, paths), main,
+             _section("Settings chosen on validation:", selection_lines(records)),
+             _section(paired_title, paired)]
+    return "\n\n".join(p for p in parts if p)
+
+
 def _paired_table(head: list[str], rows: list[list[str]]) -> str:
     if not rows:
         return ""
@@ -360,12 +370,9 @@ def regression_block(records: list[dict], paths: Sequence[str]) -> str:
         rows.append([label, str(n), *nll_cells, *crps_cells])
     paired = _paired_table(["comparison", "seeds", "NLL difference", "NLL verdict",
                             "CRPS difference", "CRPS verdict"], rows)
-    parts = [provenance(records, paths), table(records, REGRESSION_COLUMNS),
-             _section("Settings chosen on validation:", selection_lines(records)),
-             _section("Paired differences on shared seeds (GAPA − other; lower is better; a win "
-                      "or loss is beyond one standard error of the per-seed differences):",
-                      paired)]
-    return "\n\n".join(p for p in parts if p)
+    return _block(records, paths, table(records, REGRESSION_COLUMNS),
+                  "Paired differences on shared seeds (GAPA − other; lower is better; a win or "
+                  "loss is beyond one standard error of the per-seed differences):", paired)
 
 
 # -------------------------------------------------------------------------- classification
@@ -448,12 +455,9 @@ def classification_block(records: list[dict], paths: Sequence[str]) -> str:
             rows.append([label, s, str(max(n, n_own)), *by_entropy, *own_cells])
     paired = _paired_table(["comparison", "OOD set", "seeds", "AUROC (entropy) difference",
                             "verdict", "AUROC (own score) difference", "verdict"], rows)
-    parts = [provenance(records, paths), table(records, columns),
-             _section("Settings chosen on validation:", selection_lines(records)),
-             _section("Paired AUROC differences on shared seeds (GAPA − other; higher is better; "
-                      "a win or loss is beyond one standard error of the per-seed differences):",
-                      paired)]
-    return "\n\n".join(p for p in parts if p)
+    return _block(records, paths, table(records, columns),
+                  "Paired AUROC differences on shared seeds (GAPA − other; higher is better; a "
+                  "win or loss is beyond one standard error of the per-seed differences):", paired)
 
 
 # -------------------------------------------------------------------------------- summary
