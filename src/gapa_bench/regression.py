@@ -46,6 +46,7 @@ class MethodResult:
     seed: int = 0
     scale: float = 0.0  # validation-fitted multiplier of the method's variance
     noise: float = 0.0  # validation-fitted homoscedastic noise variance, standardised units
+    val_nll: float = float("nan")  # mean validation NLL at that scale and noise (standardised)
     peak_rss_mib: float = 0.0  # peak resident memory of the process while the method ran
     info: dict = field(default_factory=dict)
     run: dict = field(default_factory=dict)  # commit, date, machine, command (provenance.run_info)
@@ -55,8 +56,8 @@ class MethodResult:
         """The JSON record: :data:`RECORD_FIELDS` plus calibration, memory, method info and
         provenance."""
         rec = {k: getattr(self, k) for k in RECORD_FIELDS}
-        rec.update(split=self.split, scale=self.scale, noise=self.noise, peak_rss_mib=self.peak_rss_mib,
-                   info=self.info, run=self.run)
+        rec.update(split=self.split, scale=self.scale, noise=self.noise, val_nll=self.val_nll,
+                   peak_rss_mib=self.peak_rss_mib, info=self.info, run=self.run)
         return rec
 
 
@@ -160,6 +161,7 @@ def run_method(
     return MethodResult(
         name, **regression_report(mean, std, y), fit_s=fit_s, test_s=test_s, mean=mean, std=std,
         dataset=data.name, split=data.split, seed=seed, scale=cal.scale, noise=cal.noise,
+        val_nll=cal.nll,
         peak_rss_mib=_peak_rss_mib(),
         info=fitted.info, fitted=fitted,
     )

@@ -62,6 +62,11 @@ def test_every_method_runs_and_scores_like_the_metrics_module(tiny, tmp_path):
     for sel in chosen.values():
         best = min(sel["tried"], key=lambda t: t["score"])
         assert sel["chosen"] == {k: best[k] for k in sel["candidates"]}
+    # the record's validation NLL is the criterion the selection read
+    for rec in records:
+        if "selection" in rec["info"]:
+            best = min(t["score"] for t in rec["info"]["selection"]["tried"])
+            assert rec["val_nll"] == pytest.approx(best, rel=1e-12)
     gapa = next(rec for rec in records if rec["method"] == "gapa")
     assert [gapa["info"][k] for k in ("layers", "m")] == [gapa["info"]["selection"]["chosen"][k]
                                                           for k in ("layers", "m")]
