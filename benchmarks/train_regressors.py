@@ -1,6 +1,7 @@
 """Train (or find in the cache) every network `gapa-bench regression` loads on flights, ahead of it.
 
     python benchmarks/train_regressors.py --splits time,shuffled --seeds 5
+    python benchmarks/train_regressors.py --splits shuffled --seeds 3,4   # a second process
 
 The MAP backbone of each seed, the other ensemble members and one MC-dropout network per
 candidate rate (:data:`gapa_bench.baselines.dropout.DROPOUT_RATES`); with ``--split shuffled``
@@ -19,14 +20,20 @@ from gapa_bench.baselines.ensemble import member_seeds
 from gapa_bench.data import load_dataset
 
 
+def seed_list(text: str) -> list[int]:
+    """``"5"`` is seeds 0..4; ``"3,4"`` is those seeds (to share the training between processes)."""
+    return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--splits", default="time,shuffled")
-    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seeds", default="5",
+                   help="N for seeds 0..N-1, or a comma-separated list such as 3,4")
     p.add_argument("--members", type=int, default=5)
     args = p.parse_args()
     for split in args.splits.split(","):
-        for seed in range(args.seeds):
+        for seed in seed_list(args.seeds):
             data = load_dataset("flights", None, split=split, seed=seed)
             jobs = [{"seed": s} for s in member_seeds(seed, args.members)]
             jobs += [{"seed": seed, "dropout": rate} for rate in DROPOUT_RATES]

@@ -180,12 +180,17 @@ class GAPA:
     noise_by_count : bool, default True
         Give an inducing point standing for ``n`` training rows the noise ratio divided by
         ``n``, so that dense regions of activation space are more certain.
+    lengthscale_rule : {"quantile", "marginal_likelihood"}, default "quantile"
+        How a unit's lengthscale is set: the ``lengthscale_quantile`` of pairwise
+        pre-activation distances, or the GP's own marginal likelihood of the unit's cached
+        activations (:mod:`gapa.gp.likelihood`; label-free as well).
     lengthscale_quantile : float, default 0.25
-        The quantile of pairwise pre-activation distances taken as a unit's lengthscale.
-    amplitude_rule : {"max1", "variance", "unit"}, default "max1"
+        The quantile of pairwise pre-activation distances taken as a unit's lengthscale by the
+        ``"quantile"`` rule.
+    amplitude_rule : {"max1", "variance", "unit", "marginal_likelihood"}, default "max1"
         The prior variance of each unit.
     noise_ratio : float, default 1e-2
-        The noise of one cached row relative to the unit's amplitude. These three make the
+        The noise of one cached row relative to the unit's amplitude. These make the
         label-free hyperparameter rule (see :func:`gapa.gp.kernels.estimate_hyperparameters`).
     hyperparameters : Mapping or None, default None
         Per-layer (or per-call-site) overrides: ``{"net.5": {"lengthscale": 0.5}}``; values are
@@ -247,6 +252,7 @@ class GAPA:
         lengthscale_quantile: float = 0.25,
         amplitude_rule: str = "max1",
         noise_ratio: float = 1e-2,
+        lengthscale_rule: str = "quantile",
         hyperparameters: Mapping[str, Mapping] | None = None,
         propagation: str = "diagonal",
         queries: str = "per_position",
@@ -265,7 +271,7 @@ class GAPA:
             search=parse_enum(SearchBackend, search, "search"),
             inducing=parse_enum(Inducing, inducing, "inducing"), noise_by_count=noise_by_count,
             lengthscale_quantile=lengthscale_quantile, amplitude_rule=amplitude_rule,
-            noise_ratio=noise_ratio, seed=seed,
+            noise_ratio=noise_ratio, seed=seed, lengthscale_rule=lengthscale_rule,
         )
         self.propagation = propagation
         self.queries = parse_enum(Queries, queries, "queries")
@@ -440,7 +446,7 @@ class GAPA:
             "inducing": cfg.inducing.value, "noise_by_count": cfg.noise_by_count,
             "lengthscale_quantile": cfg.lengthscale_quantile,
             "amplitude_rule": cfg.amplitude_rule.value, "noise_ratio": cfg.noise_ratio,
-            "hyperparameters": overrides, "propagation": self.propagation.value,
+            "lengthscale_rule": cfg.lengthscale_rule.value, "hyperparameters": overrides, "propagation": self.propagation.value,
             "queries": self.queries.value, "seed": cfg.seed,
         }
 

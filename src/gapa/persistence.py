@@ -14,6 +14,8 @@ Format versions:
 * 3: the options under their current names (``noise_ratio``, ``noise_by_count``, ``queries``
   ``"per_position"``/``"per_input"``, override key ``noise_ratio``); files of formats 1 and 2
   name them as before and are read through :func:`_current_options`.
+* 4: the option ``lengthscale_rule`` (files of formats 1 to 3 were all fitted with the
+  ``"quantile"`` rule, its default).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ if TYPE_CHECKING:
     from .core import GAPA
 
 #: Written by :func:`save_state`; :func:`load_state` reads every version from 1 up to it.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FORMAT_NAME = "gapa-state"
 #: Header key of the JSON metadata inside the safetensors file.
 META_KEY = "gapa"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .capture.store import SHARD_BYTES
 from .errors import ConfigurationError, MemoryBudgetError
 from .gp.kernels import LENGTHSCALE_PAIRS
+from .gp.likelihood import ML_CHUNK_ELEMENTS, ML_ROWS
 from .gp.search import (
     AUTO_EXACT_MAX_ROWS,
     HNSW_M,
@@ -225,8 +226,11 @@ def _peak(sites: list[SitePlan], config: GPConfig, on_disk: bool, item: int) -> 
     full = [s.cache_rows * s.width * item for s in sites]  # each cache in the model's dtype
     # kept after the build: the conditioning rows, their scaled copy and the index
     kept = sum(2 * s.conditioning_bytes + s.index_bytes for s in sites)
-    # the lengthscale rule: sampled pair differences in float64 and the quantile's sort
+    # the lengthscale rule: sampled pair differences in float64 and the quantile's sort, or
+    # the marginal likelihood's float64 Gram matrices (differences, kernel, Cholesky factor)
     pairs = max(LENGTHSCALE_PAIRS * s.width * 8 * 3 for s in sites)
+    if "marginal_likelihood" in (config.lengthscale_rule, config.amplitude_rule):
+        pairs = max(pairs, 3 * 8 * min(ML_CHUNK_ELEMENTS, max(s.width for s in sites) * ML_ROWS**2))
     # The capture's batch-sized chunks, once freed, mostly stay in the process (glibc keeps
     # them in its heap: measured in benchmarks/fit_scale.py), so the capture's peak is added to
     # the build's rather than compared with it.

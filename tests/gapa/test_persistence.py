@@ -51,6 +51,7 @@ def _same_outputs(a: gapa.GAPA, b: gapa.GAPA, x: torch.Tensor) -> None:
     {"m": 32, "conditioning": "exact"},
     {"m": 64, "inducing": "random", "search": "hnsw"},
     {"m": None, "search": "ivf"},
+    {"lengthscale_rule": "marginal_likelihood", "amplitude_rule": "marginal_likelihood"},
 ])
 def test_round_trip_is_bit_exact(tmp_path, options):
     gm, model, x = _fitted(**options)

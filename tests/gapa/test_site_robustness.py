@@ -205,6 +205,7 @@ def test_round_trip_with_a_constant_unit(tmp_path, search):
     ("noise_ratio", math.nan), ("noise_ratio", math.inf), ("noise_ratio", -1e-2),
     ("noise_ratio", 0.0), ("noise_ratio", "0.1"), ("noise_ratio", True), ("lengthscale_quantile", 0.0), ("lengthscale_quantile", 1.5),
     ("lengthscale_quantile", math.nan), ("amplitude_rule", "max2"), ("seed", -1),
+    ("lengthscale_rule", "ml"),
     ("seed", 1.5), ("k", True), ("noise_by_count", "yes"),
 ])
 def test_bad_constructor_settings_are_refused(option, value):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError, parse_enum
+from .likelihood import marginal_likelihood_fit
 
 #: Random pairs of cached rows whose differences set the lengthscale.
 LENGTHSCALE_PAIRS = 20_000
@@ -39,6 +40,20 @@ class AmplitudeRule(str, Enum):
     """1 for every unit."""
     MAX1 = "max1"
     """The larger of 1 and the activation's variance (the default)."""
+    MARGINAL_LIKELIHOOD = "marginal_likelihood"
+    """The amplitude under which the unit's activation is most probable as a draw of the GP, at
+    the unit's lengthscale (:mod:`gapa.gp.likelihood`)."""
+
+
+class LengthscaleRule(str, Enum):
+    """How each unit's lengthscale ``l_j`` is set (see :func:`estimate_hyperparameters`)."""
+
+    QUANTILE = "quantile"
+    """The ``lengthscale_quantile`` of pairwise distances between cached pre-activations (the
+    default)."""
+    MARGINAL_LIKELIHOOD = "marginal_likelihood"
+    """The lengthscale under which the unit's activation over a subsample of the cache is most
+    probable as a draw of the GP, the amplitude profiled out (:mod:`gapa.gp.likelihood`)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,7 @@ def estimate_hyperparameters(
     generator: torch.Generator,
     n_pairs: int = LENGTHSCALE_PAIRS,
     stats: ColumnStats | None = None,
+    lengthscale_rule: LengthscaleRule | str = LengthscaleRule.QUANTILE,
 ) -> Hyperparameters:
     """Estimate the kernel hyperparameters of one call site from its cached pre-activations.
 
@@ -118,6 +134,8 @@ def estimate_hyperparameters(
     ``amplitude``: ``"variance"`` uses Var(phi(X_j)), the spread the activation actually takes
     over the data; ``"unit"`` uses 1; ``"max1"`` (default) uses max(1, Var(phi(X_j))): a unit
     whose activation barely moves on the training data is still allowed to move off it.
+    ``"marginal_likelihood"`` (for either) maximises the GP's marginal likelihood of the
+    unit's activations on a subsample of the cache (:mod:`gapa.gp.likelihood`).
     A single cached row gives lengthscale 1 and activation variance 0.
 
     Parameters
@@ -139,6 +157,8 @@ def estimate_hyperparameters(
     stats : ColumnStats, optional
         :func:`column_stats` of ``pre``, when the caller has them already (one pass over a
         store fewer).
+    lengthscale_rule : LengthscaleRule or str
+        See :class:`LengthscaleRule`.
 
     Returns
     -------
@@ -147,21 +167,35 @@ def estimate_hyperparameters(
     Raises
     ------
     ConfigurationError
-        For a quantile outside (0, 1], an unknown ``amplitude_rule``, or a ``noise`` that is
-        not a finite number > 0.
+        For a quantile outside (0, 1], an unknown ``amplitude_rule`` or ``lengthscale_rule``,
+        or a ``noise`` that is not a finite number > 0.
     """
     check_quantile(lengthscale_quantile)
     amplitude_rule = parse_enum(AmplitudeRule, amplitude_rule, "amplitude_rule")
+    lengthscale_rule = parse_enum(LengthscaleRule, lengthscale_rule, "lengthscale_rule")
     noise = check_positive("noise", noise)
+    ml_amplitude = None
     if len(pre) > 1:
         stats = stats if stats is not None else column_stats(pre, activation)
         act_var = stats.act_var
-        lengthscale = pairwise_difference_quantile(pre, lengthscale_quantile, n_pairs, generator)
-        lengthscale = torch.maximum(lengthscale, MIN_LENGTHSCALE * stats.std.clamp_min(1.0))
+        floor = MIN_LENGTHSCALE * stats.std.clamp_min(1.0)
+        if lengthscale_rule == "marginal_likelihood":
+            lengthscale, ml_amplitude = marginal_likelihood_fit(
+                pre, activation, stats.std, noise=noise, generator=generator)
+        else:
+            lengthscale = pairwise_difference_quantile(pre, lengthscale_quantile, n_pairs, generator)
+        lengthscale = torch.maximum(lengthscale, floor)
+        if amplitude_rule == "marginal_likelihood" and ml_amplitude is None:
+            # the amplitude of largest likelihood at the quantile rule's own lengthscale
+            _, ml_amplitude = marginal_likelihood_fit(
+                pre, activation, lengthscale, noise=noise, generator=generator, grid=(1.0,))
     else:
         one = pre[torch.zeros(1, dtype=torch.long)][0]
         lengthscale, act_var = torch.ones_like(one), torch.zeros_like(one)
-    if amplitude_rule == "variance":
+        ml_amplitude = torch.ones_like(one)  # nothing to fit: the unit rule's 1
+    if amplitude_rule == "marginal_likelihood":
+        amplitude = ml_amplitude
+    elif amplitude_rule == "variance":
         amplitude = act_var.clamp_min(1e-6)
     elif amplitude_rule == "unit":
         amplitude = torch.ones_like(act_var)

@@ -17,6 +17,7 @@ from .inducing import kmeans_inducing, random_inducing
 from .kernels import (
     AmplitudeRule,
     Hyperparameters,
+    LengthscaleRule,
     check_positive,
     check_quantile,
     column_stats,
@@ -75,6 +76,7 @@ class GPConfig:
     amplitude_rule: AmplitudeRule = AmplitudeRule.MAX1
     noise_ratio: float = 1e-2
     seed: int = 0
+    lengthscale_rule: LengthscaleRule = LengthscaleRule.QUANTILE
 
     def __post_init__(self):
         """Refuse options that cannot be right (never repair them).
@@ -94,7 +96,7 @@ class GPConfig:
         if self.m is not None and (not _is_int(self.m) or self.m < 1):
             raise ConfigurationError(f"m must be a positive integer or None, got {self.m!r}")
         for name, kind in (("conditioning", Conditioning), ("search", SearchBackend),
-                           ("inducing", Inducing)):
+                           ("inducing", Inducing), ("lengthscale_rule", LengthscaleRule)):
             object.__setattr__(self, name, parse_enum(kind, getattr(self, name), name))
         if not isinstance(self.noise_by_count, bool):
             raise ConfigurationError(
@@ -258,6 +260,7 @@ class GPSite:
         hp = estimate_hyperparameters(
             pre, activation, lengthscale_quantile=config.lengthscale_quantile,
             amplitude_rule=config.amplitude_rule, noise=config.noise_ratio, generator=gen, stats=stats,
+            lengthscale_rule=config.lengthscale_rule,
         )
         hp = override(hp, overrides, key) if overrides else hp
         # Neighbours are searched in the fit-time scaled space. A common factor on every
