@@ -1,6 +1,8 @@
 """What conditioning on the training activations does to GAPA's variance on flights (issue 16).
 
     python benchmarks/conditioning_probe.py --split time --seed 0 --out FILE.json
+    python benchmarks/conditioning_probe.py --lengthscale-rule marginal_likelihood \
+        --amplitude-rule marginal_likelihood --out FILE.json   # the GP's own hyperparameters
 
 For the benchmark's chosen site (the middle tanh, M inducing points, K = 1) and every lengthscale
 factor of the benchmark's candidate set: the share of validation and test queries whose GP
@@ -47,6 +49,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layer", default="3")
     p.add_argument("--m", type=int, default=256)
+    p.add_argument("--lengthscale-rule", default="quantile",
+                   choices=["quantile", "marginal_likelihood"])
+    p.add_argument("--amplitude-rule", default="max1",
+                   choices=["max1", "variance", "unit", "marginal_likelihood"])
     p.add_argument("--out")
     a = p.parse_args()
     data = load_flights(split=a.split, seed=a.seed)
@@ -54,14 +60,15 @@ def main() -> None:
     prefix = model[: int(a.layer)]  # the layers before the activation: its pre-activation
     with torch.no_grad():
         z_val, z_test = prefix(data.x_val), prefix(data.x_test)
-    options = {**GAPA_FIXED, "layers": [a.layer], "m": a.m}
+    rules = {"lengthscale_rule": a.lengthscale_rule, "amplitude_rule": a.amplitude_rule}
+    options = {**GAPA_FIXED, "layers": [a.layer], "m": a.m, **rules}
     prior = GAPA(model, seed=a.seed, conditioning="prior", **options).fit(data.x_train)
     prior_val, prior_cal = nll(prior, data.x_val, data.y_val)
     prior_test, _ = nll(prior, data.x_test, data.y_test, prior_cal)
     gm = GAPA(model, seed=a.seed, **options).fit(data.x_train)
     (key,) = gm.sites
     rows = []
-    print(f"flights {a.split}, seed {a.seed}, layer {a.layer}, M {a.m}; prior-only control: "
+    print(f"flights {a.split}, seed {a.seed}, layer {a.layer}, M {a.m}, {rules}; prior-only control: "
           f"val NLL {prior_val:.4f}")
     print(f"{'factor':>9s} {'val<50%':>8s} {'val<90%':>8s} {'val NLL':>8s} {'- prior':>8s} | "
           f"{'test<50%':>8s} {'test NLL - prior':>16s}")
@@ -78,7 +85,7 @@ def main() -> None:
               f"{test_nll - prior_test:+16.4f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"split": a.split, "seed": a.seed, "layer": a.layer, "m": a.m,
+            json.dump({"split": a.split, "seed": a.seed, "layer": a.layer, "m": a.m, **rules,
                        "prior_val_nll": prior_val, "rows": rows, "run": run_info()}, f, indent=1)
 
 

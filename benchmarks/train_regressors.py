@@ -17,18 +17,15 @@ import time
 from gapa_bench.backbones import cached_regressor
 from gapa_bench.baselines.dropout import DROPOUT_RATES
 from gapa_bench.baselines.ensemble import member_seeds
+from gapa_bench.bench import seed_list
+from gapa_bench.cli import seeds_arg
 from gapa_bench.data import load_dataset
-
-
-def seed_list(text: str) -> list[int]:
-    """``"5"`` is seeds 0..4; ``"3,4"`` is those seeds (to share the training between processes)."""
-    return [int(s) for s in text.split(",")] if "," in text else list(range(int(text)))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--splits", default="time,shuffled")
-    p.add_argument("--seeds", default="5",
+    p.add_argument("--seeds", type=seeds_arg, default=5,
                    help="N for seeds 0..N-1, or a comma-separated list such as 3,4")
     p.add_argument("--members", type=int, default=5)
     args = p.parse_args()

@@ -84,10 +84,28 @@ def parse_methods(spec: str | Sequence[str] | None, known: dict | None = None) -
     return names
 
 
+def seed_list(seeds: int | Sequence[int]) -> list[int]:
+    """``N`` as seeds 0..N-1, or a sequence of distinct non-negative seeds as given.
+
+    Raises
+    ------
+    ConfigurationError
+        For N < 1, an empty sequence, a negative or repeated seed.
+    """
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+        return list(range(seeds))
+    seeds = list(seeds)
+    if not seeds or any(not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise ConfigurationError(f"seeds must be distinct non-negative integers, got {seeds}")
+    return seeds
+
+
 def run_benchmark(
     data: RegressionData,
     methods: Sequence[str],
-    seeds: int = 5,
+    seeds: int | Sequence[int] = 5,
     *,
     train: dict | None = None,
     progress: bool = True,
@@ -97,7 +115,8 @@ def run_benchmark(
     data_for_seed: Callable[[int], RegressionData] | None = None,
 ) -> list[MethodResult]:
     """Each method on each seed; the backbone of seed ``s`` is trained once (cached on disk) and
-    loaded once per run.
+    loaded once per run. ``seeds``: N for seeds 0..N-1, or the seeds themselves (to share a run
+    between processes, each with its own ``json_path``).
 
     ``data_for_seed(s)``: the data of repetition ``s`` when repetitions differ in their data
     too (a shuffled split draws shuffle ``s``), so that seeds are independent repetitions; by
@@ -108,8 +127,7 @@ def run_benchmark(
     split are kept and their method/seed pairs are not run again. A method whose optional
     dependency is missing (laplace-torch) is reported and skipped, never faked.
     """
-    if seeds < 1:
-        raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+    seeds = seed_list(seeds)
     if resume and json_path is None:
         raise ConfigurationError("resume needs the JSON path whose records it keeps")
     train = dict(train or {})
@@ -130,7 +148,7 @@ def run_benchmark(
         return datasets[seed]
 
     for name in methods:
-        bar = tqdm(range(seeds), desc=name, disable=not progress)
+        bar = tqdm(seeds, desc=name, disable=not progress)
         for seed in bar:
             if (name, seed) in done:
                 continue

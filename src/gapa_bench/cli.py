@@ -42,6 +42,16 @@ def _ood_sets(text: str) -> list[str]:
     return sets
 
 
+def seeds_arg(text: str) -> int | list[int]:
+    """Read ``--seeds``: N (seeds 0..N-1) or a comma-separated list of distinct seeds."""
+    if "," not in text:
+        return integer(1)(text)
+    seeds = [integer(0)(part.strip()) for part in text.split(",")]
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat in {text!r}")
+    return seeds
+
+
 def _device(text: str) -> str:
     """argparse type: a torch device name (cpu, cuda, cuda:1)."""
     try:
@@ -94,8 +104,9 @@ def _bench_parsers(sub) -> None:
                    help="flights split (default %(default)s)")
     r.add_argument("--methods", default="all",
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    r.add_argument("--seeds", type=integer(1), default=5,
-                   help="seeds 0..N-1 (default %(default)s)")
+    r.add_argument("--seeds", type=seeds_arg, default=5,
+                   help="N for seeds 0..N-1 (default %(default)s), or a list such as 3,4 "
+                   "(to share a run between processes, each with its own --json)")
     r.add_argument("--max-epochs", type=integer(1), default=None,
                    help="cap on backbone training epochs (default: the backbone's own, 40)")
     r.add_argument("--json", dest="json_path", help="write one record per method and seed")

@@ -557,8 +557,11 @@ def _conditioning(paths: Sequence[str], root: Path) -> str:
             raise ReportError(f"probe file {path} not found (under {root})") from None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ReportError(f"probe file {path} cannot be read: {e!r}") from None
+        # probes before the marginal-likelihood rule all used the quantile and max1 rules
+        rules = (f"lengthscale rule {probe.get('lengthscale_rule', 'quantile')}, amplitude rule "
+                 f"{probe.get('amplitude_rule', 'max1')}")
         head = (f"Probe `{path}`: flights, {probe['split']} split, seed {probe['seed']}, layer "
-                f"{probe['layer']}, M = {probe['m']}; commit {probe['run']['commit']}.")
+                f"{probe['layer']}, M = {probe['m']}, {rules}; commit {probe['run']['commit']}.")
         lines = ["| lengthscale factor | val: variance < 50% of prior | val NLL − prior-only | "
                  "test: variance < 50% of prior | test NLL − prior-only |", "|---|---|---|---|---|"]
         for r in rows:

@@ -124,6 +124,13 @@ def test_bad_method_names_and_seeds_are_refused(tiny):
         bench.parse_methods("map,lla_full")
     with pytest.raises(ConfigurationError, match="seeds must be >= 1"):
         bench.run_benchmark(tiny, ["map"], seeds=0, progress=False)
+    with pytest.raises(ConfigurationError, match=r"distinct non-negative.*\[1, 1\]"):
+        bench.run_benchmark(tiny, ["map"], seeds=[1, 1], progress=False)
+
+
+def test_a_seed_list_runs_those_seeds_only(tiny):
+    results = bench.run_benchmark(tiny, ["map"], seeds=[2, 0], train=TRAIN, progress=False)
+    assert [r.seed for r in results] == [2, 0]
 
 
 def test_cli_bench_on_csv(tiny, tmp_path, capsys):

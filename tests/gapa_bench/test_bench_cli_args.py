@@ -21,6 +21,8 @@ CASES = [
     # gapa-bench regression
     (["regression", "--seeds", "0"], "--seeds"),
     (["regression", "--seeds", "2.5"], "--seeds"),
+    (["regression", "--seeds", "3,3"], "--seeds"),
+    (["regression", "--seeds", "1,-2"], "--seeds"),
     (["regression", "--max-epochs", "0"], "--max-epochs"),
     # gapa-bench classification
     (["classification", "--seeds", "-1"], "--seeds"),
