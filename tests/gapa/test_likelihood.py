@@ -118,3 +118,15 @@ def test_gapa_with_the_rule_keeps_the_mean_exact_and_is_seeded():
     for key, site in a.sites.items():  # the rule changed the kernel, not just its name
         assert not torch.equal(site.hyperparameters.lengthscale,
                                quantile.sites[key].hyperparameters.lengthscale)
+
+
+def test_the_rule_reads_a_cache_on_disk_as_it_reads_one_in_memory(tmp_path):
+    model = mlp([3, 16, 1])
+    x = torch.randn(500, 3, generator=torch.Generator().manual_seed(2))
+    options = dict(lengthscale_rule="marginal_likelihood", amplitude_rule="marginal_likelihood")
+    memory = gapa.GAPA(model, **options).fit(x, progress=False)
+    disk = gapa.GAPA(model, **options).fit(x, store=tmp_path / "cache", progress=False)
+    for key, site in memory.sites.items():
+        hp, other = site.hyperparameters, disk.sites[key].hyperparameters
+        assert torch.equal(hp.lengthscale, other.lengthscale)
+        assert torch.equal(hp.amplitude, other.amplitude)
