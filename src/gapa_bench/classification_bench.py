@@ -115,6 +115,8 @@ def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
     info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
             "queries": gm.queries.value, "conditioning": gm.config.conditioning.value,
             "propagation": gm.propagation, "lengthscale_factor": gm.lengthscale_factor,
+            "lengthscale_rule": gm.config.lengthscale_rule.value,
+            "amplitude_rule": gm.config.amplitude_rule.value,
             "variance_scale": fit.scale, "val_nll": fit.nll, "val_nll_map": fit.map_nll,
             "predictive": fit.method.value, **info}
     return Fitted(probs, info=info, handle=gm, ood_scores={"logit_variance": variance})
@@ -172,6 +174,10 @@ METHODS: dict[str, FitFn] = {
     # (M is no candidate there: without conditioning the inducing points are never read)
     "gapa_prior": partial(fit_gapa, conditioning="prior",
                           candidates={"queries": GAPA_CLASSIFIER_CANDIDATES["queries"]}),
+    # chosen as gapa is, with the GP's own hyperparameters (type-II maximum likelihood of each
+    # unit's cached activations) instead of the quantile rule
+    "gapa_ml": partial(fit_gapa, lengthscale_rule="marginal_likelihood",
+                       amplitude_rule="marginal_likelihood"),
 }
 
 

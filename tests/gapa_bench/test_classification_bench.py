@@ -33,7 +33,7 @@ OWN_SCORES = {"map": None, "temperature": None, "lla_lastlayer": "logit_variance
               "lla_kfac": "logit_variance", "ella": "logit_variance",
               "mc_dropout": "mutual_information", "ensemble": "mutual_information",
               "knn": "distance", "gapa": "logit_variance", "gapa_default": "logit_variance",
-              "gapa_prior": "logit_variance"}
+              "gapa_prior": "logit_variance", "gapa_ml": "logit_variance"}
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,11 @@ def test_every_method_runs_and_records_are_complete(results):
         assert set(rec["run"]) == {"commit", "date", "machine", "command"}
     assert all(rec["run"] == records[0]["run"] for rec in records)  # one run, one provenance
     for rec in records:
-        if rec["method"] in ("lla_lastlayer", "ella", "gapa", "gapa_default", "gapa_prior"):
+        if rec["method"] in ("lla_lastlayer", "ella", "gapa", "gapa_default", "gapa_prior",
+                             "gapa_ml"):
             assert rec["info"]["predictive"] == "argmax_preserving"
             assert rec["info"]["variance_scale"] >= 0
-        if rec["method"] in ("gapa", "gapa_prior", "mc_dropout", "knn"):
+        if rec["method"] in ("gapa", "gapa_prior", "gapa_ml", "mc_dropout", "knn"):
             assert set(rec["info"]["selection"]) == {"criterion", "candidates", "chosen", "tried"}
         if rec["method"] == "ella":
             assert isinstance(rec["info"]["prior_precision_interior"], bool)
@@ -138,6 +139,9 @@ def test_gapa_settings_are_chosen_on_validation_and_recorded(results):
         assert info["conditioning"] == conditioning
     assert "selection" not in by_name["gapa_default"].info
     assert by_name["gapa_default"].info["m"] == 512  # the library's default, untouched
+    ml = by_name["gapa_ml"].info
+    assert (ml["lengthscale_rule"], ml["amplitude_rule"]) == ("marginal_likelihood",) * 2
+    assert ml["selection"]["candidates"] == by_name["gapa"].info["selection"]["candidates"]
 
 
 def test_queries_candidates_are_kept_for_layers_with_positions():
