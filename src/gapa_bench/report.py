@@ -44,6 +44,8 @@ _FENCE = re.compile(r"(`{3,}|~{3,})")
 GAPA_ROWS = ("gapa", "gapa_default")
 PRIOR = "gapa_prior"
 RANDOM = "gapa_random"
+#: GAPA with the marginal-likelihood kernel rules instead of the quantile rule.
+ML = "gapa_ml"
 #: Methods that are not peers in a summary's "best peer": the bare network.
 CONTROLS = ("map",)
 
@@ -178,7 +180,16 @@ def _paired(records, a: str, b: str, value, digits: int = 3,
     diffs = [va[s] - vb[s] for s in sorted(va.keys() & vb.keys())]
     if not diffs:
         return None
-    return len(diffs), _pm(diffs, digits, signed=True), verdict(diffs, higher_better)
+    return len(diffs), _pm(diffs, _shown(diffs, digits), signed=True), verdict(diffs, higher_better)
+
+
+def _shown(differences: Sequence[float], digits: int) -> int:
+    """``digits`` decimals, or more (up to 6) until the standard error shows a non-zero digit:
+    a verdict never stands beside ``± 0.000``."""
+    _, se = mean_se(differences)
+    while se is not None and 0 < se < 0.5 * 10.0**-digits and digits < 6:
+        digits += 1
+    return digits
 
 
 def _methods(records: list[dict]) -> list[str]:
@@ -194,6 +205,8 @@ def comparisons(methods: Sequence[str]) -> list[tuple[str, str, str]]:
         pairs.append(("gapa", PRIOR, f"gapa − {PRIOR} (what conditioning adds)"))
     if "gapa" in methods and RANDOM in methods:
         pairs.append(("gapa", RANDOM, f"gapa − {RANDOM} (k-means centroids against random rows)"))
+    if "gapa" in methods and ML in methods:
+        pairs.append(("gapa", ML, f"gapa − {ML} (quantile rule against marginal likelihood)"))
     return pairs
 
 

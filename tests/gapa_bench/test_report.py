@@ -6,6 +6,7 @@ comments beside each)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -327,3 +328,16 @@ def test_summary_ranks_only_peers_with_every_seed():
     records.append(rec("dropout", 0, 4.0))  # far better, but on one seed of three
     line = report.summary_line(records, ["f.json"])
     assert "best peer lla" in line and "not ranked (fewer seeds): dropout 1/3" in line
+
+
+def test_a_verdict_never_stands_beside_a_zero_standard_error():
+    records = [{"method": m, "seed": s, "nll": v}
+               for s, (a, b) in enumerate([(1.0001, 1.0), (2.0002, 2.0), (3.00015, 3.0)])
+               for m, v in (("gapa", a), ("map", b))]
+    n, text, verdict = report._paired(records, "gapa", "map", lambda r: r["nll"])
+    assert (n, verdict) == (3, "loss")
+    assert text == "+0.00015 ± 0.00003"  # three decimals would read +0.000 ± 0.000
+    wide = [dict(r, nll=r["nll"] * (1 + r["seed"]) if r["method"] == "gapa" else r["nll"])
+            for r in records]
+    text = report._paired(wide, "gapa", "map", lambda r: r["nll"])[1]
+    assert re.fullmatch(r"\+\d+\.\d{3} ± \d+\.\d{3}", text), text  # a visible SE keeps three
