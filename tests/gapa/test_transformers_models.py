@@ -189,3 +189,28 @@ def test_causal_lm_with_gapa_on_an_inner_activation(cls, config, layer, impl, dt
     with torch.no_grad():
         assert torch.equal(moments.mean, wrapped(embeddings))
     assert bool(torch.isfinite(moments.var).all()) and bool((moments.var > 0).all())
+
+
+@pytest.mark.parametrize(("cls", "config", "layers"), [
+    (GPT2LMHeadModel, gpt2_config, ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]),
+    (LlamaForCausalLM, llama_config, ["model.layers.0.mlp.act_fn", "model.layers.1.mlp.act_fn"]),
+])
+def test_two_gapa_layers_on_transformers_activation_modules(cls, config, layers):
+    """The second layer's input is uncertain, so its activation rule runs on it: it must not
+    call the module again (its hooks, GAPA's among them, fire once per real call)."""
+    torch.manual_seed(0)
+    model = cls(config("sdpa")).to(DT).eval()
+    g = torch.Generator().manual_seed(1)
+    gm = gapa.GAPA(model, layers, m=None).fit(torch.randint(0, 100, (12, 8), generator=g),
+                                               progress=False)
+    query = torch.randint(0, 100, (3, 8), generator=g)
+    calls = []
+    handle = model.get_submodule(layers[1]).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = gm(query)
+    finally:
+        handle.remove()
+    assert calls == [1]
+    with torch.no_grad():
+        assert torch.equal(out.mean, model(query).logits)
+    assert bool(torch.isfinite(out.var).all()) and float(out.var.min()) > 0

@@ -73,4 +73,6 @@ TRANSFORMERS_ACTIVATIONS = (
 
 @module_rule(*TRANSFORMERS_ACTIVATIONS)
 def _activation_module(tr: VarianceTracker, module, args, out):
-    return slope(module, args[0]).square() * tr.var(args[0])
+    # ``forward``, not ``module(...)``: calling the module would fire its hooks again (GAPA's
+    # own, when the module is a GAPA layer, would count a second call of its site)
+    return slope(module.forward, args[0]).square() * tr.var(args[0])
