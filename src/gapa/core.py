@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
@@ -34,6 +34,7 @@ from .errors import (
     LayerError,
     ModelChangedError,
     ModelModeError,
+    NonFiniteError,
     NotFittedError,
     parse_enum,
 )
@@ -858,7 +859,8 @@ class GAPA:
         InputError
             Inputs of another shape, dtype or device than the fit's.
         NonFiniteError
-            NaN or Inf in ``x``.
+            NaN or Inf in ``x``, or a variance that is not finite (never returned): the
+            message names the first module, or call site, where it appeared.
         ModelModeError
             When a module was put in training mode after the fit.
         ModelChangedError
@@ -870,9 +872,39 @@ class GAPA:
             layer runs in the calling thread.
         """
         if self.propagation == "jacobian":
-            return self._jacobian_moments(x)
+            parts = self._jacobian_parts(x)
+            return self._require_finite(self._combine_jacobian(*parts),
+                                        lambda: _jacobian_culprit(parts[1], self.site_variance))
         mean, tracker = self._forward(x)
-        return _moments(tracker, mean)
+        return self._require_finite(_moments(tracker, mean), lambda: self._diagonal_culprit(x))
+
+    @staticmethod
+    def _require_finite(out: Moments, culprit: Callable[[], str]) -> Moments:
+        """Return ``out`` unless its variance holds NaN or Inf.
+
+        Then raise a NonFiniteError naming where the first non-finite value appeared
+        (``culprit()``, run only on this failing path).
+        """
+        bad = ~torch.isfinite(out.var)
+        if not bool(bad.any()):
+            return out
+        network = "" if bool(torch.isfinite(out.mean).all()) else (
+            " The network's own output is not finite on these inputs either.")
+        raise NonFiniteError(
+            f"the epistemic variance is NaN or Inf at {int(bad.sum())} of {bad.numel()} output "
+            f"values; it first appears {culprit()}.{network} GAPA never returns a non-finite "
+            "variance: place the GAPA layers later in the network or compute in float64; "
+            "gm.trace(x) shows every module's moments by the diagonal rule")
+
+    def _diagonal_culprit(self, x: torch.Tensor) -> str:
+        """Where the diagonal propagation of ``x`` first gives a non-finite variance."""
+        for name, out in self.trace(x).items():
+            if not bool(torch.isfinite(out.var).all()):
+                module = self.model.get_submodule(name.split("#")[0]) if name else self.model
+                return (f"at the output of module {name or '<model>'!r} ({type(module).__name__}) "
+                        "in the diagonal propagation (propagation='jacobian' keeps the "
+                        "correlations that a diagonal rule drops)")
+        return "after the last module of the diagonal propagation"
 
     @contextlib.contextmanager
     def _predict_pass(self, x: torch.Tensor, grad: bool = False) -> Iterator[torch.Tensor]:
@@ -955,14 +987,6 @@ class GAPA:
         if self.queries is Queries.PER_INPUT:
             return z.flatten(1) if like is None else z.reshape(like.shape)
         return units_last(z, inverse=like is not None)
-
-    def _jacobian_moments(self, x: torch.Tensor) -> Moments:
-        """Return the moments of ``propagation="jacobian"``.
-
-        A forward pass with autograd on (same values, so the mean is unchanged), then one
-        backward pass per output unit gives ``d y / d h`` at every GAPA output ``h``.
-        """
-        return self._combine_jacobian(*self._jacobian_parts(x))
 
     def _jacobian_parts(self, x: torch.Tensor):
         """Check ``x`` and the model, then run :func:`gapa.propagation.jacobian.jacobian_parts`.
@@ -1213,7 +1237,10 @@ class GAPA:
             parts = [self._jacobian_parts(xb) for xb in batches]
 
             def moments() -> Moments:
-                return Moments.cat([self._combine_jacobian(*p) for p in parts])
+                return Moments.cat([
+                    self._require_finite(self._combine_jacobian(*p),
+                                         lambda p=p: _jacobian_culprit(p[1], self.site_variance))
+                    for p in parts])
         else:
             def moments() -> Moments:
                 return self.moments(x, batch_size)
@@ -1337,6 +1364,19 @@ class GAPA:
             )
         out = self.moments(x, batch_size)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+def _jacobian_culprit(parts, site_variance) -> str:
+    """Say where the Jacobian propagation first gives a non-finite value.
+
+    That is a site's GP variance or its squared gradients.
+    """
+    for key, z, squares in parts:
+        if not bool(torch.isfinite(site_variance(key, z)).all()):
+            return f"in the GP variance of call site {key!r}"
+        if any(sq is not None and not bool(torch.isfinite(sq).all()) for sq in squares):
+            return f"in the squared gradients of the output with respect to call site {key!r}"
+    return "in the sum over call sites of the Jacobian propagation"
 
 
 def _moments(tracker: VarianceTracker, out: torch.Tensor) -> Moments:

@@ -431,3 +431,26 @@ def test_saturating_activation_far_from_the_data(gen, propagation):
     torch.testing.assert_close(var, site.hyperparameters.amplitude.expand_as(var), rtol=1e-6, atol=0)
     assert_site_bounds(gm, far)
     assert bool(torch.isfinite(gm(far).var).all())
+
+
+@pytest.mark.parametrize(("propagation", "where"), [
+    ("diagonal", r"at the output of module '2' \(Linear\)"),
+    ("jacobian", r"in the squared gradients .* call site '1'"),
+])
+def test_a_variance_that_overflows_is_refused_and_located(propagation, where):
+    """A head weight of 1e200 keeps the mean finite (1e200 x tanh) but squares the variance
+    past float64's range: the variance is never returned, and the error names where it broke."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double().eval()
+    with torch.no_grad():
+        model[2].weight.mul_(1e200)
+    x = torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    gm = gapa.GAPA(model, ["1"], propagation=propagation).fit(x)
+    query = 3 * torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(query)).all())
+    lengthscale = gm.sites["1"].hyperparameters.lengthscale.clone()
+    for _ in range(2):  # the failure leaves the object as it was: the same error again
+        with pytest.raises(gapa.NonFiniteError, match=where):
+            gm(query)
+    assert torch.equal(gm.sites["1"].hyperparameters.lengthscale, lengthscale)
