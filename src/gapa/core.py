@@ -1096,7 +1096,8 @@ class GAPA:
 
         ``shape``: True for the fitted inputs' shape, a tuple, or None to skip the shape check.
         """
-        check_input(x, self.model, self._input_shape if shape is True else shape or None)
+        check_input(x, self.model, self._input_shape if shape is True else shape or None,
+                    any_length=self.queries is Queries.PER_POSITION)
 
     # --- calibrated predictives (regression, classification) ------------------------------------------------------------------
 

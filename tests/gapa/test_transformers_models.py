@@ -214,3 +214,26 @@ def test_two_gapa_layers_on_transformers_activation_modules(cls, config, layers)
     with torch.no_grad():
         assert torch.equal(out.mean, model(query).logits)
     assert bool(torch.isfinite(out.var).all()) and float(out.var.min()) > 0
+
+
+def test_token_ids_of_any_length_at_fit_and_predict():
+    """A position's units are the GP query whatever the sequence length: ids of other lengths
+    are scored (the mean still the model's, bit for bit); only whole-input queries need the
+    fit's length, and their error speaks of token ids, not features."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("sdpa")).to(DT).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 100, (6, n), generator=g) for n in (8, 5)]  # mixed lengths
+    gm = gapa.GAPA(model, ["model.layers.0.mlp.act_fn"], m=None).fit(batches, progress=False)
+    for n in (3, 11):
+        query = torch.randint(0, 100, (2, n), generator=g)
+        out = gm(query)
+        with torch.no_grad():
+            assert torch.equal(out.mean, model(query).logits)
+        assert bool(torch.isfinite(out.var).all()) and float(out.var.min()) > 0
+    with pytest.raises(gapa.InputError, match=r"token ids of shape \(2,\) .* rank"):
+        gm(torch.randint(0, 100, (2,), generator=g))
+    whole = gapa.GAPA(model, ["model.layers.0.mlp.act_fn"], m=None, queries="per_input")
+    whole.fit(batches[0], progress=False)
+    with pytest.raises(gapa.InputError, match=r"token ids of shape \(2, 5\) .*per_input"):
+        whole(torch.randint(0, 100, (2, 5), generator=g))

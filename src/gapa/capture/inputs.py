@@ -18,7 +18,8 @@ from ..errors import InputError, ModelModeError, NonFiniteError
 from ..propagation.engine import untracked, version
 
 
-def check_input(x, model: nn.Module, shape: tuple[int, ...] | None) -> None:
+def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
+                any_length: bool = False) -> None:
     """Refuse inputs that are not a tensor of the model's dtype and device, or not ``shape``.
 
     Parameters
@@ -29,6 +30,9 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None) -> None:
         The network they go through (its first parameter gives the dtype and device).
     shape : tuple of int or None
         The shape of one input (without the batch axis); None skips the check.
+    any_length : bool, default False
+        Token ids (integer inputs) may have any length, only their rank is fixed: what a GP
+        query is (a position's units) does not depend on the sequence length.
 
     Raises
     ------
@@ -37,10 +41,20 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None) -> None:
     """
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-    if shape is not None and (x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape):
+    ids = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    if shape is not None and ids and any_length:
+        if x.dim() != len(shape) + 1:
+            raise InputError(
+                f"token ids of shape {tuple(x.shape)} do not have the training ids' rank: "
+                f"(batch, {', '.join(map(str, shape))}); any length is accepted, another "
+                "number of axes is not")
+    elif shape is not None and (x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape):
+        what, fix = (("token ids", "with queries='per_input' every input must have the fit's "
+                      "length (a GP query is a whole input)") if ids
+                     else ("inputs", "check the feature count and rank"))
         raise InputError(
-            f"inputs of shape {tuple(x.shape)} do not match the training inputs, which were "
-            f"(batch, {', '.join(map(str, shape))}); check the feature count and rank"
+            f"{what} of shape {tuple(x.shape)} do not match the training {what}, which were "
+            f"(batch, {', '.join(map(str, shape))}); {fix}"
         )
     param = next(model.parameters(), None)
     if param is not None and x.is_floating_point() and (
