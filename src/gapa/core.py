@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .adapters import output_tensor
 from .capture.hooks import call_sites, require_calls
 from .capture.inputs import (
+    Batch,
     Seen,
     check_deterministic,
     check_finite,
@@ -670,9 +671,9 @@ class GAPA:
                 raise InputError("fit needs training inputs (or a finished store=...)")
             cache: dict[str, list[torch.Tensor]] = {}
             batches, seen = self._training_batches(data, batch_size, progress)
-            with torch.no_grad(), self._capture(cache):
-                for x in batches:
-                    self.model(x)
+            with torch.no_grad(), self._capture(cache) as run:
+                for batch in batches:
+                    run(batch)
             sources = {key: torch.cat(cache.pop(key)) for key in list(cache)}
             sites = self._build_sites(sources, progress)
         else:
@@ -753,23 +754,24 @@ class GAPA:
                      for key, site in self._sites.items()}
             dtype = next(iter(self._sites.values())).rows.dtype
         else:
+            example = Batch(example)
             self._check_input(example, shape=None)  # a refit may take inputs of another shape
             seen: dict[str, list[torch.Tensor]] = {}
             with torch.no_grad():
                 check_deterministic(self.model, example)
-                with self._capture(seen):
-                    self.model(example)
+                with self._capture(seen) as run:
+                    run(example)
             if not seen:
                 raise LayerError(f"the GAPA layers {self.layers} were never called in "
                                  "model.forward")
             sites = {key: (chunks[0].shape[1], sum(len(c) for c in chunks) // len(example))
                      for key, chunks in seen.items()}
-            dtype = example.dtype if example.is_floating_point() else torch.float32
+            dtype = example.main.dtype if example.main.is_floating_point() else torch.float32
         return plan_fit(n_train, sites, self.config, on_disk=on_disk, store_dtype=store_dtype,
                         compute_dtype=str(dtype).removeprefix("torch."))
 
     def _training_batches(self, data, batch_size: int,
-                          progress: bool) -> tuple[Iterator[torch.Tensor], Seen]:
+                          progress: bool) -> tuple[Iterator[Batch], Seen]:
         """Return the checked input batches of ``data`` and what they showed.
 
         Each batch is checked (finite, one shape, the model's dtype and device); what they
@@ -780,25 +782,27 @@ class GAPA:
         batches = iter(tqdm(iterate_inputs(data, batch_size), desc="gapa: caching activations",
                             disable=not progress, leave=False))
         first = next(batches, None)
-        if first is None or first.shape[0] == 0:
+        first = None if first is None else Batch(first)
+        if first is None or len(first) == 0:
             raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
-        seen = Seen(shape=tuple(first.shape[1:]) if isinstance(first, torch.Tensor) else None)
+        seen = Seen(shape=tuple(first.main.shape[1:]))
         self._check_batch(first, 0, seen.shape)
         with torch.no_grad():
             seen.training = check_deterministic(self.model, first)
 
-        def checked() -> Iterator[torch.Tensor]:
+        def checked() -> Iterator[Batch]:
             yield first
-            offset = first.shape[0]
+            offset = len(first)
             for x in batches:
+                x = Batch(x)
                 self._check_batch(x, offset, seen.shape)
-                offset += x.shape[0]
+                offset += len(x)
                 yield x
             seen.inputs = offset
 
         return checked(), seen
 
-    def _check_batch(self, x: torch.Tensor, offset: int, shape: tuple[int, ...] | None) -> None:
+    def _check_batch(self, x: Batch, offset: int, shape: tuple[int, ...] | None) -> None:
         self._check_input(x, shape)
         check_finite(x, "training inputs", offset)
 
@@ -818,25 +822,65 @@ class GAPA:
             return Seen(shape=store.input_shape,
                          inputs=sum(shard["inputs"] for shard in store.manifest["shards"]))
         batches, seen = self._training_batches(data, batch_size, progress)
+
+        def tensors() -> Iterator[torch.Tensor]:
+            for batch in batches:
+                if batch.named:
+                    raise InputError(
+                        "a fit with store= takes tensor inputs; named inputs (a dict, a "
+                        "BatchEncoding) are cached in memory: fit without store=")
+                yield batch.main
+
         cache: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._capture(cache):
-            stream_to_store(self.model, batches, cache, store, finished)
+            stream_to_store(self.model, tensors(), cache, store, finished)
         store.finish(seen.shape)
         return seen
 
     @contextlib.contextmanager
-    def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[None]:
+    def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[Callable[[Batch], None]]:
+        """Install hooks that append every call site's query rows to ``cache``.
+
+        Yields ``run(batch)``, which runs the model on a batch and leaves its padded positions
+        out of the cache.
+        """
+        current: list[Batch] = []
+
         def record(key: str, z: torch.Tensor) -> None:
             with untracked():
                 rows = self._as_queries(z.detach())
-                cache.setdefault(key, []).append(rows.reshape(-1, rows.shape[-1]).clone())
+                rows = rows.reshape(-1, rows.shape[-1])
+                if current and current[0].mask is not None:
+                    rows = rows[self._real_positions(key, z, current[0].mask).reshape(-1)]
+                cache.setdefault(key, []).append(rows.clone())
+
+        def run(batch: Batch) -> None:
+            current[:] = [batch]
+            batch.run(self.model)
 
         with call_sites(self.model, self.layers, record):
-            yield
+            yield run
+
+    def _real_positions(self, key: str, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Return ``mask`` as (batch, length) booleans for the activation ``z`` at ``key``.
+
+        Raises
+        ------
+        InputError
+            ``z`` is not laid out (batch, length, units) like the mask, or queries are whole
+            inputs (a padded position cannot be left out of a whole-input query).
+        """
+        if self.queries is Queries.PER_INPUT or z.dim() != 3 or z.shape[:2] != mask.shape:
+            raise InputError(
+                f"attention_mask of shape {tuple(mask.shape)} cannot mark the positions of the "
+                f"activation at {key!r} of shape {tuple(z.shape)} with queries="
+                f"{self.queries.value!r}: masking needs per-position queries on (batch, length, "
+                "units) activations")
+        return mask.to(device=z.device, dtype=torch.bool)
 
     # --- predict ----------------------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor) -> Moments:
+    def __call__(self, x=None, /, **named) -> Moments:
         """Return the mean (the frozen network's output, bit for bit) and epistemic variance.
 
         Safe to call from several threads at once on one fitted GAPA (each call tracks only its
@@ -844,8 +888,12 @@ class GAPA:
 
         Parameters
         ----------
-        x : torch.Tensor
-            Inputs shaped like the training inputs, in the model's dtype and on its device.
+        x : torch.Tensor or Mapping
+            Inputs shaped like the training inputs, in the model's dtype and on its device; or
+            named inputs for ``model(**x)`` (a dict, a tokenizer's ``BatchEncoding``), whose
+            ``attention_mask`` gives padded positions no GP variance.
+        **named : torch.Tensor
+            The named inputs as keyword arguments instead: ``gm(**batch)``.
 
         Returns
         -------
@@ -871,12 +919,15 @@ class GAPA:
             When an operation without a variance rule receives an uncertain input, or no GAPA
             layer runs in the calling thread.
         """
+        batch = _batch(x, named)
         if self.propagation == "jacobian":
-            parts = self._jacobian_parts(x)
-            return self._require_finite(self._combine_jacobian(*parts),
-                                        lambda: _jacobian_culprit(parts[1], self.site_variance))
-        mean, tracker = self._forward(x)
-        return self._require_finite(_moments(tracker, mean), lambda: self._diagonal_culprit(x))
+            mean, parts = self._jacobian_parts(batch)
+            variance = self._variance_of(batch)
+            return self._require_finite(_unpadded(combine_jacobian(mean, parts, variance), batch),
+                                        lambda: _jacobian_culprit(parts, variance))
+        mean, tracker = self._forward(batch)
+        return self._require_finite(_unpadded(_moments(tracker, mean), batch),
+                                    lambda: self._diagonal_culprit(batch))
 
     @staticmethod
     def _require_finite(out: Moments, culprit: Callable[[], str]) -> Moments:
@@ -896,7 +947,7 @@ class GAPA:
             "variance: place the GAPA layers later in the network or compute in float64; "
             "gm.trace(x) shows every module's moments by the diagonal rule")
 
-    def _diagonal_culprit(self, x: torch.Tensor) -> str:
+    def _diagonal_culprit(self, x: Batch) -> str:
         """Where the diagonal propagation of ``x`` first gives a non-finite variance."""
         for name, out in self.trace(x).items():
             if not bool(torch.isfinite(out.var).all()):
@@ -907,19 +958,19 @@ class GAPA:
         return "after the last module of the diagonal propagation"
 
     @contextlib.contextmanager
-    def _predict_pass(self, x: torch.Tensor, grad: bool = False) -> Iterator[torch.Tensor]:
+    def _predict_pass(self, x: Batch, grad: bool = False) -> Iterator[Batch]:
         """Check ``x`` and the model, then run the caller's forward pass.
 
         The pass runs outside inference mode (tensors keep the version counters the tracker
-        relies on, and the Jacobian pass its graph) with autograd ``grad``; yields ``x`` (a copy
-        for an inference tensor).
+        relies on, and the Jacobian pass its graph) with autograd ``grad``; yields ``x`` (copies
+        of inference tensors).
         """
         self._require_fitted("predict")
         self._check_input(x)
         check_finite(x, "inputs")
         self._check_model()
         with torch.inference_mode(False), torch.set_grad_enabled(grad):
-            yield x.clone() if x.is_inference() else x
+            yield x.map(lambda t: t.clone() if t.is_inference() else t)
 
     def _check_model(self) -> None:
         """Refuse a model that is no longer the one fitted.
@@ -979,6 +1030,17 @@ class GAPA:
         with untracked():
             return self._as_queries(site.variance(self._as_queries(z.detach())), like=z)
 
+    def _variance_of(self, batch: Batch) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """Return :meth:`site_variance` for the pass over ``batch``: 0 at padded positions."""
+        if batch.mask is None:
+            return self.site_variance
+
+        def variance(key: str, z: torch.Tensor) -> torch.Tensor:
+            real = self._real_positions(key, z, batch.mask)
+            return self.site_variance(key, z) * real.unsqueeze(-1).to(z.dtype)
+
+        return variance
+
     def _as_queries(self, z: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
         """Return an activation as (..., units) rows of GP queries, per ``self.queries``.
 
@@ -988,7 +1050,7 @@ class GAPA:
             return z.flatten(1) if like is None else z.reshape(like.shape)
         return units_last(z, inverse=like is not None)
 
-    def _jacobian_parts(self, x: torch.Tensor):
+    def _jacobian_parts(self, x: Batch):
         """Check ``x`` and the model, then run :func:`gapa.propagation.jacobian.jacobian_parts`.
 
         Grad is on and inference mode off for the forward and backward passes: callers may be
@@ -997,20 +1059,17 @@ class GAPA:
         with self._predict_pass(x, grad=True) as x:
             return jacobian_parts(self.model, self.layers, x)
 
-    def _combine_jacobian(self, mean: torch.Tensor, parts) -> Moments:
-        """Add the GP variances at the current lengthscales to the Jacobian parts."""
-        return combine_jacobian(mean, parts, self.site_variance)
-
     def _forward(
-        self, x: torch.Tensor, outputs: list | None = None
+        self, x: Batch, outputs: list | None = None
     ) -> tuple[torch.Tensor, VarianceTracker]:
         """Run one tracked forward pass; return the output and the tracker of every variance."""
         tracker = VarianceTracker()
         pending: dict[str, torch.Tensor] = {}
+        variance = self._variance_of(x)
 
         def on_call(key: str, z: torch.Tensor) -> None:
             with tracker.paused():
-                pending[key] = self.site_variance(key, z)
+                pending[key] = variance(key, z)
 
         def on_output(key: str, out: torch.Tensor) -> None:
             with tracker.paused():
@@ -1022,7 +1081,7 @@ class GAPA:
         # the GP variance to it
         with self._predict_pass(x) as x, tracking(self.model, tracker, outputs), \
                 call_sites(self.model, self.layers, on_call, on_output):
-            mean = output_tensor(self.model(x))
+            mean = output_tensor(x.run(self.model))
         require_calls(ran, self.layers)
         return mean, tracker
 
@@ -1050,7 +1109,7 @@ class GAPA:
             The errors of :meth:`__call__`.
         """
         outputs: list[tuple[str, torch.Tensor]] = []
-        _, tracker = self._forward(x, outputs)
+        _, tracker = self._forward(Batch(x), outputs)
         traced: dict[str, Moments] = {}
         for name, out in outputs:
             if name == "":
@@ -1085,10 +1144,11 @@ class GAPA:
             Inputs of another shape, dtype or device than the fit's.
         """
         self._require_fitted("read pre-activations")
+        x = Batch(x)
         self._check_input(x)
         seen: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad(), self._capture(seen):
-            self.model(x)
+        with torch.no_grad(), self._capture(seen) as run:
+            run(x)
         return {key: torch.cat(chunks) for key, chunks in seen.items()}
 
     def _check_input(self, x, shape: tuple[int, ...] | bool | None = True) -> None:
@@ -1234,14 +1294,15 @@ class GAPA:
             if lengthscale_factors else [None]
         if self.propagation == "jacobian" and len(factors) > 1:
             # the gradients do not depend on the lengthscale: one backward pass for all factors
-            batches = [x] if batch_size is None else list(x.split(batch_size))
-            parts = [self._jacobian_parts(xb) for xb in batches]
+            x = Batch(x)
+            batches = [x] if batch_size is None else x.split(batch_size)
+            parts = [(self._jacobian_parts(xb), self._variance_of(xb)) for xb in batches]
 
             def moments() -> Moments:
                 return Moments.cat([
-                    self._require_finite(self._combine_jacobian(*p),
-                                         lambda p=p: _jacobian_culprit(p[1], self.site_variance))
-                    for p in parts])
+                    self._require_finite(combine_jacobian(*p, v),
+                                         lambda p=p, v=v: _jacobian_culprit(p[1], v))
+                    for p, v in parts])
         else:
             def moments() -> Moments:
                 return self.moments(x, batch_size)
@@ -1277,6 +1338,7 @@ class GAPA:
         GAPAError
             The errors of :meth:`__call__`.
         """
+        x = Batch(x)
         if batch_size is None or len(x) <= batch_size:
             return self(x)
         return Moments.cat([self(xb) for xb in x.split(batch_size)])
@@ -1365,6 +1427,30 @@ class GAPA:
             )
         out = self.moments(x, batch_size)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+def _batch(x, named: dict) -> Batch:
+    """Return the inputs of ``gm(x)`` or ``gm(**named)`` as one :class:`Batch`."""
+    if named and x is not None:
+        raise InputError("give the inputs as one argument or as named arguments, not both")
+    if not named and x is None:
+        raise InputError("no inputs: call gm(x) with a tensor, or gm(**batch) with named inputs")
+    return Batch(named if named else x)
+
+
+def _unpadded(out: Moments, batch: Batch) -> Moments:
+    """Return ``out`` with no variance at the padded positions of ``batch``.
+
+    Only for an output laid out (batch, length, ...) like the mask: a padded position is not a
+    prediction (its variance comes only from the real positions it attends to).
+    """
+    mask = batch.mask
+    if mask is None or out.var.dim() < 2 or out.var.shape[:2] != mask.shape:
+        return out
+    real = mask.to(device=out.var.device, dtype=torch.bool)
+    real = real.reshape(*mask.shape, *[1] * (out.var.dim() - 2))
+    return Moments(out.mean, torch.where(real, out.var, torch.zeros((), dtype=out.var.dtype,
+                                                                     device=out.var.device)))
 
 
 def _jacobian_culprit(parts, site_variance) -> str:

@@ -6,7 +6,7 @@ checked, never repaired.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,97 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..adapters import output_tensor
 from ..errors import InputError, ModelModeError, NonFiniteError
 from ..propagation.engine import untracked, version
+
+#: Names of the main tensor among named inputs, in order of preference (else the first tensor).
+MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values")
+#: The named input that marks padding (0) and real positions (1).
+MASK = "attention_mask"
+
+
+class Batch:
+    """One batch of model inputs: a tensor, or named tensors (a dict, a ``BatchEncoding``).
+
+    A tensor is run as ``model(x)``, named tensors as ``model(**inputs)``. The main tensor (:data:`MAIN_INPUTS`) is checked as a tensor input is; every named tensor
+    whose first axis is the batch's is split with it. ``attention_mask`` (0 at padding) marks
+    the positions that the fit leaves out of the cache and that get no GP variance at predict.
+
+    Raises
+    ------
+    InputError
+        Inputs that are neither a tensor nor a mapping holding one.
+    """
+
+    def __init__(self, inputs):
+        if isinstance(inputs, Batch):
+            inputs = inputs.inputs
+        if isinstance(inputs, torch.Tensor):
+            self.inputs, self.main, self.mask = inputs, inputs, None
+            return
+        if not isinstance(inputs, Mapping):
+            raise InputError(
+                "inputs must be a torch.Tensor or a mapping of named tensors (a dict, a "
+                f"tokenizer's BatchEncoding), got {type(inputs).__name__}")
+        named = dict(inputs)
+        tensors = [k for k, v in named.items() if isinstance(v, torch.Tensor)]
+        key = next((k for k in MAIN_INPUTS if k in tensors), tensors[0] if tensors else None)
+        if key is None:
+            raise InputError(f"the named inputs {sorted(named)} hold no tensor")
+        self.inputs, self.main = named, named[key]
+        self.mask = named.get(MASK)
+
+    @property
+    def named(self) -> bool:
+        """Whether the model is called with named inputs."""
+        return not isinstance(self.inputs, torch.Tensor)
+
+    def __len__(self) -> int:
+        """Return the number of inputs (rows of the main tensor)."""
+        return self.main.shape[0] if self.main.dim() else 0
+
+    def run(self, model: nn.Module):
+        """Return the model's output on this batch."""
+        return model(**self.inputs) if self.named else model(self.inputs)
+
+    def map(self, fn) -> Batch:
+        """Return a batch of ``fn`` applied to every tensor of this one."""
+        if not self.named:
+            return Batch(fn(self.inputs))
+        return Batch({k: fn(v) if isinstance(v, torch.Tensor) else v
+                      for k, v in self.inputs.items()})
+
+    def split(self, size: int) -> list[Batch]:
+        """Return batches of ``size`` rows; named tensors without the batch axis go to each."""
+        n = len(self)
+        if not self.named:
+            return [Batch(x) for x in self.inputs.split(size)]
+        return [Batch({k: v[i:i + size] if _batched(v, n) else v for k, v in self.inputs.items()})
+                for i in range(0, n, size)]
+
+
+def _batched(value, n: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
+
+
+def check_mask(batch: Batch) -> None:
+    """Refuse an ``attention_mask`` that is not (batch, length) of 0s and 1s over the main input.
+
+    Raises
+    ------
+    InputError
+        Naming the shapes or the values.
+    """
+    mask = batch.mask
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or \
+            tuple(mask.shape) != tuple(batch.main.shape[:2]):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise InputError(
+            f"attention_mask of shape {shape} does not match the inputs of shape "
+            f"{tuple(batch.main.shape)}: it must be (batch, length), 1 at real positions")
+    if mask.is_floating_point() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise InputError("attention_mask must hold integers or booleans 0 and 1 (0 at padding), "
+                         f"got {mask.dtype} values {mask.unique()[:5].tolist()}")
 
 
 def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
@@ -39,6 +130,9 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
     InputError
         ``x`` is not a tensor, has another shape, or another floating dtype or device.
     """
+    if isinstance(x, Batch):
+        check_mask(x)
+        x = x.main
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
     ids = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
@@ -70,6 +164,11 @@ def check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
 
     ``offset`` is the number of the first row of ``x`` in the whole data (for batches).
     """
+    if isinstance(x, Batch):
+        for name, value in (x.inputs.items() if x.named else [("", x.main)]):
+            if isinstance(value, torch.Tensor):
+                check_finite(value, f"{what} ({name})" if name else what, offset)
+        return
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         bad = ~torch.isfinite(x)
         rows = (bad.reshape(x.shape[0], -1).any(1).nonzero()[:5, 0] + offset).tolist()
@@ -105,7 +204,7 @@ def weights_stamp(model: nn.Module) -> tuple:
                      for t in (*model.parameters(), *model.buffers()))
 
 
-def check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
+def check_deterministic(model: nn.Module, x: torch.Tensor | Batch) -> frozenset[str]:
     """Refuse a model whose forward pass is random or changes its own buffers.
 
     Dropout or BatchNorm left in training mode would: GAPA's mean must be the network's one
@@ -115,16 +214,18 @@ def check_deterministic(model: nn.Module, x: torch.Tensor) -> frozenset[str]:
     """
     if not any(m.training for m in model.modules()):
         return frozenset()
+    x = Batch(x)
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     training = sorted({type(m).__name__ for m in model.modules() if m.training})
     try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            first = output_tensor(model(x))
-            second = output_tensor(model(x))
+        device = x.main.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            first = output_tensor(x.run(model))
+            second = output_tensor(x.run(model))
     except Exception as exc:  # e.g. BatchNorm in training mode on a one-row batch
         raise ModelModeError(
             f"the model is in training mode ({', '.join(training)}) and its forward pass failed "
-            f"on the first training batch of shape {tuple(x.shape)} ({type(exc).__name__}: "
+            f"on the first training batch of shape {tuple(x.main.shape)} ({type(exc).__name__}: "
             f"{exc}); call model.eval() before fitting GAPA") from exc
     finally:
         changed = [k for k, b in model.named_buffers() if not torch.equal(b, buffers[k])]
@@ -165,7 +266,8 @@ def size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
 def iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:
     """Yield the input batches of ``data``.
 
-    A Tensor, a Dataset, or a DataLoader of inputs or of ``(inputs, ...)`` tuples.
+    A Tensor, a Dataset, or a DataLoader (any iterable) of inputs, of ``(inputs, ...)`` tuples
+    or of named inputs (dicts, a tokenizer's ``BatchEncoding``s).
     """
     if isinstance(data, torch.Tensor):
         if data.dim() == 0:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..adapters import output_tensor
 from ..capture.hooks import call_sites, require_calls
+from ..capture.inputs import Batch
 from ..errors import UnsupportedOperationError
 from ..moments import Moments
 from .engine import untracked, version
@@ -26,7 +27,7 @@ Parts = list[tuple[str, torch.Tensor, list[torch.Tensor | None]]]
 
 
 def jacobian_parts(model: nn.Module, layers: Sequence[str],
-                   x: torch.Tensor) -> tuple[torch.Tensor, Parts]:
+                   x: torch.Tensor | Batch) -> tuple[torch.Tensor, Parts]:
     """Run the forward and backward passes of the Jacobian propagation.
 
     Parameters
@@ -35,13 +36,14 @@ def jacobian_parts(model: nn.Module, layers: Sequence[str],
         The network, already checked by the caller (eval mode, weights of the fit).
     layers : sequence of str
         The GAPA layers.
-    x : torch.Tensor
-        The inputs, outside inference mode.
+    x : torch.Tensor or Batch
+        The inputs (named inputs as a :class:`gapa.capture.inputs.Batch`), outside inference
+        mode.
 
     Returns
     -------
     mean : torch.Tensor
-        ``model(x)``, bit for bit.
+        The model's output, bit for bit.
     parts : list
         Per GAPA call: its key, its pre-activation and ``(d y_c / d h)^2`` for every output
         unit ``c`` (None where the output does not depend on it).
@@ -83,7 +85,7 @@ def jacobian_parts(model: nn.Module, layers: Sequence[str],
     written: list[tuple[str, torch.Tensor, int | None]] = []
     with torch.enable_grad():  # also for the backward passes
         with call_sites(model, layers, on_call, on_output), watch:
-            y = output_tensor(model(x))
+            y = output_tensor(Batch(x).run(model))
         mean = y.detach()
         require_calls([key for key, _, _ in leaves], layers)
         for key, leaf, seen in written:

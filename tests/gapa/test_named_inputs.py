@@ -1,0 +1,94 @@
+"""Real text batches: named inputs (a dict, a tokenizer's BatchEncoding), ``attention_mask``,
+sequences of any length, a DataLoader of dicts at fit.
+
+A padded position is not a token: the fit leaves it out of the cache and the prediction gives
+it no variance. With right padding and causal attention the real positions of a padded
+sequence compute exactly what the sequence alone computes, so their variance must match it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+transformers = pytest.importorskip("transformers")
+
+from test_transformers_models import DT, llama_config  # noqa: E402
+from transformers import BatchEncoding, LlamaForCausalLM  # noqa: E402
+
+import gapa  # noqa: E402
+
+LAYER = "model.layers.0.mlp.act_fn"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config("sdpa")).to(DT).eval()
+
+
+def padded(seqs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Right-padded ids (pad id 0) and their attention mask."""
+    n = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sequences(seed: int, lengths) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 100, (n,), generator=g) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def fitted(model):
+    train = sequences(1, [8, 5, 7, 3, 8, 6])
+    loader = DataLoader([padded(train[i : i + 2]) for i in range(0, 6, 2)], batch_size=None)
+    return gapa.GAPA(model, [LAYER], m=None).fit(loader), train
+
+
+def test_padded_positions_are_left_out_of_the_cache(model, fitted):
+    gm, train = fitted
+    alone = gapa.GAPA(model, [LAYER], m=None).fit([s[None] for s in train])
+    assert gm.sites[LAYER].cache_size == sum(len(s) for s in train)  # 37 tokens, no padding
+    torch.testing.assert_close(gm.sites[LAYER].rows, alone.sites[LAYER].rows, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("propagation", ["diagonal", "jacobian"])
+def test_real_positions_score_as_the_sequences_alone_and_padding_gets_none(model, fitted,
+                                                                          propagation):
+    gm, _ = fitted
+    gm.propagation = propagation
+    queries = sequences(2, [6, 4])
+    batch = padded(queries)
+    out = gm(batch)
+    with torch.no_grad():
+        assert torch.equal(out.mean, model(**batch).logits)
+    for i, s in enumerate(queries):
+        alone = gm(s[None])
+        torch.testing.assert_close(out.var[i, : len(s)], alone.var[0], rtol=1e-9, atol=0)
+    assert float(out.var[1, 4:].abs().max()) == 0.0  # the two padded positions
+    assert torch.equal(gm(**batch).var, out.var)
+    assert torch.equal(gm(BatchEncoding(batch)).var, out.var)
+    gm.propagation = "diagonal"
+
+
+def test_named_inputs_that_cannot_be_right_are_refused(model, fitted, tmp_path):
+    gm, _ = fitted
+    batch = padded(sequences(3, [4, 2]))
+    with pytest.raises(gapa.InputError, match=r"attention_mask of shape \(2, 3\)"):
+        gm({**batch, "attention_mask": batch["attention_mask"][:, :3]})
+    with pytest.raises(gapa.InputError, match=r"0 and 1"):
+        gm({**batch, "attention_mask": 2 * batch["attention_mask"]})
+    with pytest.raises(gapa.InputError, match="not both"):
+        gm(batch["input_ids"], attention_mask=batch["attention_mask"])
+    with pytest.raises(gapa.InputError, match="hold no tensor"):
+        gm({"labels": None})
+    whole = gapa.GAPA(model, [LAYER], m=None, queries="per_input")
+    with pytest.raises(gapa.InputError, match="per_input"):
+        whole.fit([padded(sequences(4, [4, 4]))])
+    with pytest.raises(gapa.InputError, match="store="):
+        gapa.GAPA(model, [LAYER]).fit([batch], store=tmp_path / "cache")
