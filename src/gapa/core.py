@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
@@ -23,6 +24,7 @@ from .capture.inputs import (
     check_finite,
     check_input,
     iterate_inputs,
+    known_size,
     size_and_example,
     weights_stamp,
 )
@@ -44,7 +46,7 @@ from .gp.search import SearchBackend
 from .gp.site import Conditioning, GPConfig, GPSite, Inducing
 from .moments import Moments
 from .persistence import load_state, model_device, model_fingerprint, same_model, save_state
-from .plan import Plan, plan_fit
+from .plan import Plan, machine_memory, plan_fit
 from .predictive.classification import (
     ClassPrediction,
     Method,
@@ -600,15 +602,17 @@ class GAPA:
         """Cache the pre-activations of every GAPA call site over ``data`` and build the GPs.
 
         The model must be deterministic (eval mode); a model whose forward pass is random or
-        changes its buffers is refused. A fit that fails leaves the GAPA as it was; a fit that
+        changes its buffers is refused. Only the first batch runs whole: every later one stops
+        once it has passed the GAPA call sites the first reached (no logits are computed). A fit that fails leaves the GAPA as it was; a fit that
         succeeds drops the calibrations and sets the lengthscale factor to 1.
 
         Parameters
         ----------
         data : torch.Tensor or Dataset or DataLoader or None, default None
-            The training inputs: a Tensor, a TensorDataset, or a DataLoader yielding inputs or
-            ``(inputs, targets)`` tuples (targets are never used). ``None`` refits from a
-            finished ``store``.
+            The training inputs: a Tensor, a TensorDataset, or a DataLoader (any iterable)
+            yielding inputs, ``(inputs, targets)`` tuples (targets are never used) or named
+            inputs (dicts, ``BatchEncoding``s; their ``attention_mask`` leaves padding out of
+            the cache). ``None`` refits from a finished ``store``.
         batch_size : int, default BATCH_SIZE
             Rows per forward pass for a Tensor or a Dataset (a DataLoader keeps its batches).
         progress : bool, default False
@@ -671,9 +675,12 @@ class GAPA:
                 raise InputError("fit needs training inputs (or a finished store=...)")
             cache: dict[str, list[torch.Tensor]] = {}
             batches, seen = self._training_batches(data, batch_size, progress)
+            n_train = known_size(data) if memory_budget is None else None  # else planned above
             with torch.no_grad(), self._capture(cache) as run:
-                for batch in batches:
+                for i, batch in enumerate(batches):
                     run(batch)
+                    if i == 0 and n_train is not None:
+                        self._refuse_beyond_memory(n_train, cache, len(batch))
             sources = {key: torch.cat(cache.pop(key)) for key in list(cache)}
             sites = self._build_sites(sources, progress)
         else:
@@ -694,6 +701,22 @@ class GAPA:
         self._class_calibration = None
         self._factor = 1.0  # of the fitted lengthscales; calibrate() may change it
         return self
+
+    def _refuse_beyond_memory(self, n_train: int, cache: dict, first: int) -> None:
+        """Refuse a fit whose plan, from the first batch's cache, exceeds the machine's memory.
+
+        Without a ``memory_budget`` the budget is the device's whole memory: a fit beyond it
+        would be killed by the system (or swap for hours) rather than fail with the numbers.
+        """
+        chunk = next(iter(cache.values()), [None])[0]
+        limit = None if chunk is None else machine_memory(chunk.device)
+        if limit is None:
+            return
+        sites = {key: (chunks[0].shape[1], max(1, round(sum(map(len, chunks)) / first)))
+                 for key, chunks in cache.items()}
+        plan = plan_fit(n_train, sites, self.config,
+                        compute_dtype=str(chunk.dtype).removeprefix("torch."))
+        plan.check(limit, what=f"the {chunk.device.type} memory of this machine")
 
     def _build_sites(self, sources: dict, progress: bool) -> dict[str, GPSite]:
         if not sources:
@@ -842,21 +865,43 @@ class GAPA:
         """Install hooks that append every call site's query rows to ``cache``.
 
         Yields ``run(batch)``, which runs the model on a batch and leaves its padded positions
-        out of the cache.
+        out of the cache. The first batch runs whole; every later one stops as soon as it has
+        reached the call sites the first one reached (nothing after the last GAPA layer runs:
+        no logits at fit).
         """
-        current: list[Batch] = []
+        state = _CaptureState()
 
         def record(key: str, z: torch.Tensor) -> None:
+            if state.stopped:  # the model caught the stop and went on: nothing more is cached
+                return
             with untracked():
                 rows = self._as_queries(z.detach())
                 rows = rows.reshape(-1, rows.shape[-1])
-                if current and current[0].mask is not None:
-                    rows = rows[self._real_positions(key, z, current[0].mask).reshape(-1)]
+                if state.mask is not None:
+                    rows = rows[self._real_positions(key, z, state.mask).reshape(-1)]
                 cache.setdefault(key, []).append(rows.clone())
+            if not state.active:  # a pass outside run() (the store's) runs whole
+                return
+            if state.sites is None:
+                state.first.append(key)
+            elif state.remaining is not None:
+                state.remaining.discard(key)
+                if not state.remaining:
+                    state.stopped = True
+                    raise _StopForward
 
         def run(batch: Batch) -> None:
-            current[:] = [batch]
-            batch.run(self.model)
+            state.mask, state.active = batch.mask, True
+            try:
+                if state.sites is None:
+                    batch.run(self.model)
+                    state.sites = set(state.first)
+                else:
+                    state.remaining, state.stopped = set(state.sites), False
+                    with contextlib.suppress(_StopForward):
+                        batch.run(self.model)
+            finally:
+                state.mask, state.remaining, state.stopped, state.active = None, None, False, False
 
         with call_sites(self.model, self.layers, record):
             yield run
@@ -1427,6 +1472,22 @@ class GAPA:
             )
         out = self.moments(x, batch_size)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+class _StopForward(Exception):  # a signal, not an error
+    """Raised by the capture's hook once a batch has reached every call site it needs."""
+
+
+@dataclass
+class _CaptureState:
+    """What :meth:`GAPA._capture` knows about the pass in progress."""
+
+    first: list = field(default_factory=list)  # call sites of the first batch, in order
+    sites: set | None = None  # the call sites a batch must reach, once the first has run
+    remaining: set | None = None  # those this batch has not reached yet (None: no stopping)
+    stopped: bool = False
+    active: bool = False  # inside run()
+    mask: torch.Tensor | None = None  # the batch's attention mask
 
 
 def _batch(x, named: dict) -> Batch:

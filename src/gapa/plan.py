@@ -10,8 +10,11 @@ exceeds the budget. The estimates leave out the model itself and one batch's act
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
+
+import torch
 
 from .capture.store import SHARD_BYTES
 from .errors import ConfigurationError, MemoryBudgetError
@@ -90,13 +93,15 @@ class Plan:
     peak_bytes: int  #: resident memory of the fit, excluding the model and a batch's activations
     disk_bytes: int
 
-    def check(self, budget: int | float | str) -> Plan:
+    def check(self, budget: int | float | str, what: str = "the budget") -> Plan:
         """Refuse a plan whose fit needs more resident memory than ``budget``.
 
         Parameters
         ----------
         budget : int, float or str
             A size, as :func:`parse_bytes` reads it.
+        what : str, default "the budget"
+            What the budget is, for the message.
 
         Returns
         -------
@@ -114,8 +119,8 @@ class Plan:
         if self.peak_bytes > limit:
             hint = ("" if self.on_disk else "; fit(..., store=DIR) keeps the cache on disk")
             raise MemoryBudgetError(
-                f"the fit needs about {_size(self.peak_bytes)} of resident memory, over the "
-                f"budget of {_size(limit)}{hint}; or lower m, or cache fewer layers\n{self}")
+                f"the fit needs about {_size(self.peak_bytes)} of resident memory, over "
+                f"{what} of {_size(limit)}{hint}; or lower m, or cache fewer layers\n{self}")
         return self
 
     def __str__(self) -> str:
@@ -135,6 +140,19 @@ class Plan:
                      "(the model and one batch's activations excluded); "
                      f"disk: {_size(self.disk_bytes)}")
         return "\n".join(lines)
+
+
+def machine_memory(device: torch.device) -> int | None:
+    """Return the bytes of memory of ``device`` (this machine's RAM for the CPU).
+
+    None where the system does not say.
+    """
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def plan_fit(

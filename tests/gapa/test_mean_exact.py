@@ -97,3 +97,51 @@ def test_refit_replaces_the_input_contract(gen):
     assert torch.equal(out.mean, net(x)) and out.var.shape == (4, 6, 1)
     with pytest.raises(gapa.InputError, match=r"\(batch, 6, 3\)"):
         gm(torch.randn(4, 4, 3, generator=gen))
+
+
+class _Tail(nn.Module):
+    """Counts its calls: the part of the network after the GAPA layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, h):
+        self.calls += 1
+        return h.sum(-1, keepdim=True)
+
+
+def test_fit_stops_each_batch_after_the_last_gapa_layer():
+    """Only the first batch runs whole (it shows which call sites there are); the cache is the
+    one a whole pass per batch gives, row for row."""
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), _Tail()).eval()
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    gm = gapa.GAPA(model, ["1", "3"], m=None).fit(x, batch_size=10)
+    assert model[4].calls == 1
+    whole = gapa.GAPA(model, ["1", "3"], m=None).fit(x, batch_size=50)
+    for key in ("1", "3"):
+        assert torch.equal(gm.sites[key].rows, whole.sites[key].rows)
+
+
+class _Retrying(nn.Module):
+    """Catches any exception of its body and runs it again (as some user code does)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        try:
+            return self.body(x)
+        except Exception:
+            return self.body(x)
+
+
+def test_a_model_that_catches_the_stop_caches_each_row_once():
+    body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = _Retrying(body).eval()
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    gm = gapa.GAPA(model, ["body.1"], m=None).fit(x, batch_size=10)
+    assert gm.sites["body.1"].cache_size == 40
+    with torch.no_grad():
+        assert torch.equal(gm(x[:5]).mean, model(x[:5]))

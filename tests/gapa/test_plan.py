@@ -145,3 +145,21 @@ def test_gm_plan_refuses_more_neighbours_than_rows():
     model = mlp([3, 8, 1])
     with pytest.raises(gapa.ConfigurationError, match="k=5 neighbours exceed the 4"):
         gapa.GAPA(model, k=5, m=None).plan(4, torch.randn(2, 3))
+
+
+def test_a_fit_beyond_the_machine_memory_is_refused_with_the_plan(monkeypatch):
+    """Without a budget the machine's own memory is one: the fit stops after its first batch,
+    with the numbers, instead of being killed by the system; the GAPA stays as it was."""
+    import gapa.core
+
+    model = mlp([3, 64, 1])
+    x = torch.randn(2000, 3, generator=torch.Generator().manual_seed(0))
+    gm = gapa.GAPA(model, m=None)
+    monkeypatch.setattr(gapa.core, "machine_memory", lambda device: 100_000)
+    with pytest.raises(gapa.errors.MemoryBudgetError, match=r"over the cpu memory of this machine"):
+        gm.fit(x, batch_size=100)
+    assert not gm.is_fitted
+    gm.fit([x[:100], x[100:]])  # unknown size: nothing to plan against, the fit goes on
+    assert gm.is_fitted
+    monkeypatch.setattr(gapa.core, "machine_memory", lambda device: 10**12)
+    gm.fit(x, batch_size=100)

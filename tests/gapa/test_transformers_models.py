@@ -237,3 +237,20 @@ def test_token_ids_of_any_length_at_fit_and_predict():
     whole.fit(batches[0], progress=False)
     with pytest.raises(gapa.InputError, match=r"token ids of shape \(2, 5\) .*per_input"):
         whole(torch.randint(0, 100, (2, 5), generator=g))
+
+
+def test_the_jacobian_propagation_is_refused_for_a_vocabulary_at_every_position(monkeypatch):
+    """A language model has vocabulary x length outputs per input: one backward pass each would
+    run for hours, so the refusal comes before the first one, with the numbers."""
+    from gapa.propagation import jacobian
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("sdpa")).to(DT).eval()
+    ids = torch.randint(0, 100, (4, 8), generator=torch.Generator().manual_seed(1))
+    gm = gapa.GAPA(model, ["model.layers.1.mlp.act_fn"], m=None, propagation="jacobian")
+    gm.fit(ids)
+    monkeypatch.setattr(jacobian, "MAX_JACOBIAN_OUTPUTS", 799)
+    with pytest.raises(gapa.UnsupportedOperationError, match=r"800 per input .*\(4, 8, 100\)"):
+        gm(ids)
+    monkeypatch.setattr(jacobian, "MAX_JACOBIAN_OUTPUTS", 800)
+    assert gm(ids).var.shape == (4, 8, 100)

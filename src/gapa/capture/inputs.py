@@ -249,18 +249,41 @@ def size_and_example(data, batch_size: int) -> tuple[int, torch.Tensor]:
     """
     if isinstance(data, torch.Tensor):
         return len(data), data[:batch_size]
+    items, batches_of_items = _sized(data)
+    if items is None:
+        raise InputError(
+            "planning against a memory budget needs training data of known size: a Tensor, a "
+            f"Dataset or a DataLoader over one, not a {type(data).__name__}")
+    example = next(iter(iterate_inputs(data, batch_size)))
+    return items * (len(Batch(example)) if batches_of_items else 1), example
+
+
+def known_size(data) -> int | None:
+    """Return how many inputs ``data`` holds when that is known without reading it.
+
+    A Tensor, a sized Dataset, or a DataLoader over one that batches its items; None otherwise.
+    """
+    if isinstance(data, torch.Tensor):
+        return len(data) if data.dim() else None
+    items, batches_of_items = _sized(data)
+    return None if items is None or batches_of_items else items
+
+
+def _sized(data) -> tuple[int | None, bool]:
+    """Return ``(items, whether every item is a batch)`` of a Dataset or DataLoader.
+
+    ``items`` is None when the data have no length.
+    """
     if isinstance(data, DataLoader):
         batches_of_items = data.batch_sampler is None  # batch_size=None: every item is a batch
         sized = data.sampler if batches_of_items else getattr(data.batch_sampler, "sampler",
                                                                data.dataset)
     else:
         batches_of_items, sized = False, data if isinstance(data, Dataset) else None
-    if not hasattr(sized, "__len__"):
-        raise InputError(
-            "planning against a memory budget needs training data of known size: a Tensor, a "
-            f"Dataset or a DataLoader over one, not a {type(data).__name__}")
-    example = next(iter(iterate_inputs(data, batch_size)))
-    return len(sized) * (len(example) if batches_of_items else 1), example
+    try:
+        return (len(sized) if hasattr(sized, "__len__") else None), batches_of_items
+    except TypeError:  # an IterableDataset's sampler
+        return None, batches_of_items
 
 
 def iterate_inputs(data, batch_size: int) -> Iterable[torch.Tensor]:

@@ -25,6 +25,10 @@ from .graph import GraphWatch
 #: Per GAPA call: its key, its pre-activation and ``(d y_c / d h)^2`` per output unit ``c``.
 Parts = list[tuple[str, torch.Tensor, list[torch.Tensor | None]]]
 
+#: Most output units per input the Jacobian propagation takes (one backward pass each): above
+#: it (a language model's vocabulary at every position) it is refused, not left to run for hours.
+MAX_JACOBIAN_OUTPUTS = 4096
+
 
 def jacobian_parts(model: nn.Module, layers: Sequence[str],
                    x: torch.Tensor | Batch) -> tuple[torch.Tensor, Parts]:
@@ -51,7 +55,8 @@ def jacobian_parts(model: nn.Module, layers: Sequence[str],
     Raises
     ------
     UnsupportedOperationError
-        No GAPA layer ran in this thread, the network cuts the graph after a GAPA layer, writes
+        More than :data:`MAX_JACOBIAN_OUTPUTS` output units per input, no GAPA layer ran in
+        this thread, the network cuts the graph after a GAPA layer, writes
         in place into the tensor an in-place activation returned, or applies one to a view.
     """
     leaves: list[tuple[str, torch.Tensor, torch.Tensor]] = []
@@ -99,6 +104,12 @@ def jacobian_parts(model: nn.Module, layers: Sequence[str],
         if not y.requires_grad:  # the output does not depend on the GAPA layers
             return mean, []
         rows = y.reshape(y.shape[0], -1)
+        if rows.shape[1] > MAX_JACOBIAN_OUTPUTS:
+            raise UnsupportedOperationError(
+                f"propagation='jacobian' takes one backward pass per output unit: "
+                f"{rows.shape[1]:,} per input here (outputs of shape {tuple(y.shape)}), above "
+                f"the limit of {MAX_JACOBIAN_OUTPUTS:,} (gapa.propagation.jacobian."
+                "MAX_JACOBIAN_OUTPUTS); use propagation='diagonal' (one forward pass)")
         inputs = [out for _, _, out in leaves]
         squares = [[] for _ in leaves]
         for c in range(rows.shape[1]):
