@@ -1168,6 +1168,53 @@ class GAPA:
                 traced[key] = _moments(tracker, out)
         return traced
 
+    def layer_scores(self, x=None, /, **named) -> dict[str, torch.Tensor]:
+        """Return, per call site, how far each query lies from the training activations.
+
+        The score is the GP variance at the GAPA layer itself, before any propagation, relative
+        to the prior amplitude and averaged over the units: near 0 at the cached activations,
+        1 far from all of them. It reads the input's position in the layer's activation space
+        alone, whatever the rest of the network does with it (an out-of-distribution score for
+        language models, where the propagated logit variance also reflects the head). The
+        forward pass stops after the last GAPA layer.
+
+        Parameters
+        ----------
+        x : torch.Tensor or Mapping
+            Inputs, as for ``gm(x)`` (named inputs too); ``**named`` as for ``gm(**batch)``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Per call site, one score per query: shaped (batch,) for an MLP layer or
+            ``queries="per_input"``, (batch, length) for a sequence, (batch, height, width)
+            for a feature map. Padded positions (``attention_mask`` 0) score 0.
+
+        Raises
+        ------
+        GAPAError
+            The errors of :meth:`__call__`.
+        """
+        batch = _batch(x, named)
+        scores: dict[str, torch.Tensor] = {}
+        remaining = set(self._sites)
+
+        def on_call(key: str, z: torch.Tensor) -> None:
+            rows = self._as_queries(self.site_variance(key, z))
+            score = (rows / self._sites[key].hyperparameters.amplitude).mean(-1)
+            if batch.mask is not None:
+                score = score * self._real_positions(key, z, batch.mask)
+            scores[key] = score
+            remaining.discard(key)
+            if not remaining:
+                raise _StopForward
+
+        with self._predict_pass(batch) as checked, torch.no_grad(), \
+                call_sites(self.model, self.layers, on_call), contextlib.suppress(_StopForward):
+            checked.run(self.model)
+        require_calls(list(scores), self.layers)
+        return scores
+
     def pre_activations(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Return the pre-activation at every GAPA call site for inputs ``x``.
 

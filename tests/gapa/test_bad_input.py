@@ -263,9 +263,14 @@ def test_one_training_row(gen, options):
 @pytest.mark.parametrize("options", [{"m": None}, {}], ids=["m_none", "m_default"])
 def test_one_training_row_with_two_neighbours(gen, options):
     m = options.get("m", 512)
+    # the plan made from the first batch refuses it before the GP is built
+    with pytest.raises(gapa.ConfigurationError, match=r"k=2 neighbours exceed the 1 conditioning "
+                                                      rf"rows of site 'act' \(m={m}, 1 inputs"):
+        gapa.GAPA(net(), k=2, **options).fit(torch.randn(1, 3, generator=gen), progress=False)
+    # data of unknown size are not planned: the site refuses it
     with pytest.raises(gapa.ConfigurationError, match=r"k=2 neighbours .*only 1 rows \(cache 1, "
                                                       rf"m={m}\); lower k"):
-        gapa.GAPA(net(), k=2, **options).fit(torch.randn(1, 3, generator=gen), progress=False)
+        gapa.GAPA(net(), k=2, **options).fit([torch.randn(1, 3, generator=gen)], progress=False)
 
 
 # --- models left in training mode --------------------------------------------------------------

@@ -222,3 +222,15 @@ def test_prior_conditioning_is_the_prior_amplitude_everywhere(gen, tmp_path):
     assert "prior" in prior.summary() and site.n_conditioning == 1
     loaded = gapa.GAPA.load(prior.save(tmp_path / "prior.gapa"), net)
     assert torch.equal(loaded(x[:5]).var, prior(x[:5]).var)
+
+
+def test_layer_scores_rank_far_inputs_above_training_inputs():
+    model = mlp([3, 16, 16, 1])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, generator=gen)
+    gm = gapa.GAPA(model, ["1", "3"], m=None).fit(x)
+    near, far = gm.layer_scores(x[:50]), gm.layer_scores(8 * torch.randn(50, 3, generator=gen))
+    for key in ("1", "3"):
+        assert near[key].shape == far[key].shape == (50,)
+        assert float(near[key].max()) < 0.05 < float(far[key].min())
+        assert float(far[key].max()) <= 1.0

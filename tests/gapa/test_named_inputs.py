@@ -92,3 +92,31 @@ def test_named_inputs_that_cannot_be_right_are_refused(model, fitted, tmp_path):
         whole.fit([padded(sequences(4, [4, 4]))])
     with pytest.raises(gapa.InputError, match="store="):
         gapa.GAPA(model, [LAYER]).fit([batch], store=tmp_path / "cache")
+
+
+def test_layer_scores_read_the_gapa_layer_itself(model, fitted):
+    """The GP variance at the layer over the prior amplitude, averaged over units: per token,
+    0 at padding, the same for a real position padded or alone, and it is what site_variance
+    says; the head never runs."""
+    gm, train = fitted
+    batch = padded(sequences(5, [6, 3]))
+    scores = gm.layer_scores(batch)[LAYER]
+    assert scores.shape == (2, 6)
+    assert float(scores[1, 3:].abs().max()) == 0.0
+    assert bool(((scores[0] > 0) & (scores[0] <= 1)).all())
+    alone = gm.layer_scores(batch["input_ids"][1:, :3])[LAYER]
+    torch.testing.assert_close(scores[1, :3], alone[0], rtol=1e-9, atol=0)
+    z = gm.pre_activations(batch["input_ids"][:1])[LAYER]  # (6, units) rows of sequence 0
+    amplitude = gm.sites[LAYER].hyperparameters.amplitude
+    expected = (gm.site_variance(LAYER, z) / amplitude).mean(-1)
+    torch.testing.assert_close(scores[0], expected, rtol=1e-12, atol=0)
+    # a training token sits at its own cached activation: near 0; random ids score higher
+    seen = gm.layer_scores(train[0][None])[LAYER]
+    assert float(seen.max()) < 0.05 < float(scores[0].mean())
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        gm.layer_scores(batch)
+    finally:
+        handle.remove()
+    assert calls == []
