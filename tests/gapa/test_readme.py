@@ -12,7 +12,7 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     """Every python block, in order, in one namespace (later blocks use earlier names), in a
     scratch directory (they write files)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for block in blocks:
