@@ -54,6 +54,7 @@ from .predictive.classification import (
     VarianceScaleFit,
     fit_variance_scale,
     predict_classes,
+    scored_positions,
 )
 from .predictive.regression import Calibration, fit_scale_and_noise
 from .predictive.validation import parse_lengthscale_factors
@@ -1308,9 +1309,10 @@ class GAPA:
         return result
 
     def calibrate_classifier(
-        self, x: torch.Tensor, labels: torch.Tensor, *,
+        self, x, labels: torch.Tensor, *,
         lengthscale_factors: Sequence[float] | None = LENGTHSCALE_FACTORS,
         method: Method | str = Method.ARGMAX_PRESERVING, batch_size: int | None = BATCH_SIZE,
+        next_token: bool = False, ignore_index: int = -100,
     ) -> VarianceScaleFit:
         """Fit one scale of the logit variance on validation NLL (classification).
 
@@ -1322,16 +1324,23 @@ class GAPA:
 
         Parameters
         ----------
-        x : torch.Tensor
-            Validation inputs.
+        x : torch.Tensor or Mapping
+            Validation inputs (named inputs too: their padded positions are not scored).
         labels : torch.Tensor
-            Integer class indices, shaped like the logits without their class axis.
+            Integer class indices, shaped like the logits without their class axis;
+            ``ignore_index`` marks positions that are not scored.
         lengthscale_factors : sequence of float or None, default LENGTHSCALE_FACTORS
             The factors to choose from; ``None`` keeps the lengthscale factor in force.
         method : {"argmax_preserving", "probit"}, default "argmax_preserving"
             The predictive the scale is fitted for (:class:`gapa.predictive.classification.Method`).
         batch_size : int or None, default BATCH_SIZE
             Rows per forward pass; ``None`` runs all rows at once.
+        next_token : bool, default False
+            A causal language model: the logits at position ``t`` predict ``labels[:, t + 1]``
+            (labels are the input ids, as transformers' models take them), so the last
+            position has no target and the first label none of its own.
+        ignore_index : int, default -100
+            The label of positions left out (transformers' and PyTorch's convention).
 
         Returns
         -------
@@ -1350,11 +1359,15 @@ class GAPA:
         GAPAError
             The errors of :meth:`__call__` on ``x``.
         """
+        batch = Batch(x)
+
         def fit(out: Moments) -> tuple[VarianceScaleFit, float]:
-            scale = fit_variance_scale(out.mean, out.var, labels, method=method)
+            mean, var, targets = scored_positions(out, labels, batch.mask, next_token=next_token,
+                                                  ignore_index=ignore_index)
+            scale = fit_variance_scale(mean, var, targets, method=method)
             return scale, scale.nll
 
-        result, factor = self._fit_on_validation(x, fit, lengthscale_factors, batch_size)
+        result, factor = self._fit_on_validation(batch, fit, lengthscale_factors, batch_size)
         self._commit_factor(factor)
         self._class_calibration = result
         return result

@@ -120,3 +120,27 @@ def test_layer_scores_read_the_gapa_layer_itself(model, fitted):
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_next_token_calibration_scores_shifted_labels_and_skips_ignored_and_padding(fitted):
+    """Position t predicts label t + 1; -100 labels and padded targets are left out. The fitted
+    scale is the one fit_variance_scale gives on exactly those positions."""
+    from gapa.predictive.classification import fit_variance_scale
+
+    gm, _ = fitted
+    batch = padded(sequences(6, [7, 5, 6]))
+    labels = batch["input_ids"].clone()
+    labels[0, 3] = -100
+    fit = gm.calibrate_classifier(batch, labels, next_token=True, lengthscale_factors=None)
+    out = gm(batch)
+    keep = (labels[:, 1:] != -100) & batch["attention_mask"][:, 1:].bool()
+    assert int(keep.sum()) == 6 + 4 + 5 - 1
+    expected = fit_variance_scale(out.mean[:, :-1][keep], out.var[:, :-1][keep],
+                                  labels[:, 1:][keep])
+    assert fit.scale == expected.scale and fit.nll == expected.nll
+    pred = gm.classify(batch)  # next-token probabilities: the network's top token every time
+    assert pred.probs.shape == out.mean.shape
+    assert torch.equal(pred.probs.argmax(-1), out.mean.argmax(-1))
+    assert pred.total_logit_variance.shape == (3, 7)
+    with pytest.raises(gapa.InputError, match="no position is left"):
+        gm.calibrate_classifier(batch, torch.full_like(labels, -100), next_token=True)

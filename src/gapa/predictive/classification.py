@@ -606,6 +606,44 @@ def _check_bounds(bounds: tuple[float, float], name: str) -> tuple[float, float]
     return lo, hi
 
 
+def scored_positions(
+    out: Moments, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
+    next_token: bool = False, ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return the logit moments and labels of the positions that are scored, as ``(n, C)``.
+
+    With ``next_token`` the logits at position ``t`` are scored against ``labels[:, t + 1]``
+    (a causal language model, labels being the input ids). A label ``ignore_index``, or a
+    target position that ``mask`` marks as padding (0), is left out.
+
+    Raises
+    ------
+    InputError
+        Labels that are not integers of the logits' batch shape, a mask of another shape, or
+        no position left to score.
+    """
+    mean, var = out.mean, out.var
+    if not isinstance(labels, torch.Tensor) or labels.shape != mean.shape[:-1]:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise InputError(f"labels{shape} must have the batch shape of the logits "
+                         f"{tuple(mean.shape)}, i.e. {tuple(mean.shape[:-1])}")
+    keep = labels != ignore_index
+    if mask is not None:
+        if mask.shape != labels.shape[: mask.dim()]:
+            raise InputError(f"attention_mask{tuple(mask.shape)} does not match the labels "
+                             f"{tuple(labels.shape)}")
+        keep = keep & mask.to(device=keep.device, dtype=torch.bool).reshape(
+            *mask.shape, *[1] * (labels.dim() - mask.dim()))
+    if next_token:
+        if labels.dim() < 2:
+            raise InputError(f"next_token needs (batch, length) labels, got {tuple(labels.shape)}")
+        mean, var, labels, keep = mean[:, :-1], var[:, :-1], labels[:, 1:], keep[:, 1:]
+    if not bool(keep.any()):
+        raise InputError("no position is left to score: every label is ignore_index "
+                         f"({ignore_index}) or padding")
+    return mean[keep], var[keep], labels[keep]
+
+
 def fit_variance_scale(
     mean: torch.Tensor,
     var: torch.Tensor,
