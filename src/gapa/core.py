@@ -1106,10 +1106,17 @@ class GAPA:
             return jacobian_parts(self.model, self.layers, x)
 
     def _forward(
-        self, x: Batch, outputs: list | None = None
+        self, x: Batch, outputs: list | None = None,
+        carried: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> tuple[torch.Tensor, VarianceTracker]:
-        """Run one tracked forward pass; return the output and the tracker of every variance."""
+        """Run one tracked forward pass; return the output and the tracker of every variance.
+
+        ``carried``: tensors from an earlier pass (a key-value cache) and the variances they
+        carry into this one.
+        """
         tracker = VarianceTracker()
+        for t, var in carried:
+            tracker.assign(t, var)
         pending: dict[str, torch.Tensor] = {}
         variance = self._variance_of(x)
 
@@ -1168,6 +1175,29 @@ class GAPA:
                     key = f"{name}#{i}"
                 traced[key] = _moments(tracker, out)
         return traced
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int):
+        """Greedy generation with the variance of every new token's logits.
+
+        See :func:`gapa.generation.generate`: the key-value cache carries the variance of past
+        keys and values as well as their means, so each step's variance is the one the same
+        token gets in one pass over the whole sequence.
+        """
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens)
+
+    def _step(self, batch: Batch, carried) -> tuple[Moments, VarianceTracker]:
+        """Run one step of :func:`gapa.generation.generate`.
+
+        Returns the moments, and the tracker whose variances the cache's tensors carry into the
+        next step.
+        """
+        mean, tracker = self._forward(batch, carried=carried)
+        moments = self._require_finite(_unpadded(_moments(tracker, mean), batch),
+                                       lambda: "in a generation step (gm.trace shows where)")
+        return moments, tracker
 
     def layer_scores(self, x=None, /, **named) -> dict[str, torch.Tensor]:
         """Return, per call site, how far each query lies from the training activations.

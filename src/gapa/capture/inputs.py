@@ -52,7 +52,12 @@ class Batch:
         if key is None:
             raise InputError(f"the named inputs {sorted(named)} hold no tensor")
         self.inputs, self.main = named, named[key]
-        self.mask = named.get(MASK)
+        mask = named.get(MASK)
+        cached = named.get("cache", named.get("past_key_values")) is not None
+        if cached and isinstance(mask, torch.Tensor) and mask.dim() == 2 and \
+                self.main.dim() >= 2 and mask.shape[1] > self.main.shape[1]:
+            mask = mask[:, -self.main.shape[1]:]  # with a key-value cache it covers the past too
+        self.mask = mask
 
     @property
     def named(self) -> bool:
