@@ -137,6 +137,23 @@ def units_last(z: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 #: Rows per forward pass of ``fit``, :meth:`GAPA.moments`, ``predict``, ``classify`` and
 #: ``calibrate_classifier`` (``gm(x)`` itself is one pass).
 BATCH_SIZE = 1024
+#: Most tokens per forward pass of a fit on a tensor of token ids, by default: a batch of
+#: :data:`BATCH_SIZE` sequences of a language model's length would hold gigabytes of activations.
+FIT_TOKENS = 16384
+
+
+def fit_batch_size(data, batch_size: int | None) -> int:
+    """Return ``batch_size``, or by default :data:`BATCH_SIZE` rows, fewer for token ids.
+
+    A tensor of token ids (integers, batch x length) gets at most :data:`FIT_TOKENS` tokens
+    per pass.
+    """
+    if batch_size is not None:
+        return batch_size
+    if isinstance(data, torch.Tensor) and data.dim() >= 2 and not (
+            data.is_floating_point() or data.is_complex() or data.dtype == torch.bool):
+        return max(1, min(BATCH_SIZE, FIT_TOKENS // math.prod(data.shape[1:])))
+    return BATCH_SIZE
 
 class Queries(str, Enum):
     """What one GP query is (see :class:`GAPA`)."""
@@ -596,7 +613,7 @@ class GAPA:
     # --- fit ------------------------------------------------------------------------------------
 
     def fit(
-        self, data=None, *, batch_size: int = BATCH_SIZE, progress: bool = False,
+        self, data=None, *, batch_size: int | None = None, progress: bool = False,
         store: str | os.PathLike | ActivationStore | None = None, store_dtype: str = "float32",
         memory_budget: int | str | None = None,
     ) -> GAPA:
@@ -614,8 +631,10 @@ class GAPA:
             yielding inputs, ``(inputs, targets)`` tuples (targets are never used) or named
             inputs (dicts, ``BatchEncoding``s; their ``attention_mask`` leaves padding out of
             the cache). ``None`` refits from a finished ``store``.
-        batch_size : int, default BATCH_SIZE
-            Rows per forward pass for a Tensor or a Dataset (a DataLoader keeps its batches).
+        batch_size : int or None, default None
+            Rows per forward pass for a Tensor or a Dataset (a DataLoader keeps its batches);
+            by default :data:`BATCH_SIZE`, or at most :data:`FIT_TOKENS` tokens per pass for a
+            tensor of token ids (:func:`fit_batch_size`).
         progress : bool, default False
             Show tqdm bars for the capture and the GP building (the ``gapa-bench`` commands
             show them).
@@ -664,6 +683,7 @@ class GAPA:
         """
         # Everything is built aside and installed at the end: a fit that fails leaves the
         # GAPA exactly as it was (an earlier fit keeps working and saving).
+        batch_size = fit_batch_size(data, batch_size)
         if memory_budget is not None:
             if data is None:
                 raise InputError("memory_budget needs the training data to plan the fit")

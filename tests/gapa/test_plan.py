@@ -163,3 +163,20 @@ def test_a_fit_beyond_the_machine_memory_is_refused_with_the_plan(monkeypatch):
     assert gm.is_fitted
     monkeypatch.setattr(gapa.core, "machine_memory", lambda device: 10**12)
     gm.fit(x, batch_size=100)
+
+
+def test_token_ids_are_fitted_in_batches_of_bounded_tokens(monkeypatch):
+    import gapa.core
+    from gapa.core import BATCH_SIZE, FIT_TOKENS, fit_batch_size
+
+    ids = torch.zeros(5000, 128, dtype=torch.long)
+    assert fit_batch_size(ids, None) == FIT_TOKENS // 128
+    assert fit_batch_size(ids, 7) == 7  # a batch size the user gives is kept
+    assert fit_batch_size(torch.zeros(5000, 3), None) == BATCH_SIZE
+    assert fit_batch_size(torch.zeros(2, 10**6, dtype=torch.long), None) == 1
+    monkeypatch.setattr(gapa.core, "FIT_TOKENS", 80)  # 10 sequences of 8 tokens per pass
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    sizes = []
+    model[0].register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])))
+    gapa.GAPA(model, ["1"], m=None).fit(torch.randint(0, 100, (40, 8)))
+    assert sizes == [10, 10, 10, 10]
