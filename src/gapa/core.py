@@ -28,6 +28,7 @@ from .capture.inputs import (
     size_and_example,
     weights_stamp,
 )
+from .capture.prefix import replaying_prefix
 from .capture.store import ActivationStore
 from .capture.streaming import stream_to_store
 from .errors import (
@@ -1447,6 +1448,7 @@ class GAPA:
         # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
         factors = sorted(lengthscale_factors, key=lambda f: abs(math.log(f))) \
             if lengthscale_factors else [None]
+        stack = contextlib.ExitStack()
         if self.propagation == "jacobian" and len(factors) > 1:
             # the gradients do not depend on the lengthscale: one backward pass for all factors
             x = Batch(x)
@@ -1458,6 +1460,16 @@ class GAPA:
                     self._require_finite(combine_jacobian(*p, v),
                                          lambda p=p, v=v: _jacobian_culprit(p[1], v))
                     for p, v in parts])
+        elif len(factors) > 1:
+            # only the GP variance changes between factors: what runs before the first GAPA
+            # layer is computed once per batch and replayed (capture.prefix)
+            x = Batch(x)
+            batches = [x] if batch_size is None or len(x) <= batch_size else x.split(batch_size)
+            replay = stack.enter_context(replaying_prefix(self.model, self.layers))
+
+            def moments() -> Moments:
+                return Moments.cat([replay(i, lambda xb=xb: self(xb))
+                                    for i, xb in enumerate(batches)])
         else:
             def moments() -> Moments:
                 return self.moments(x, batch_size)
@@ -1470,6 +1482,7 @@ class GAPA:
                     best = (result, nll, factor)
         finally:
             self._rescale_lengthscales(self._factor)
+            stack.close()
         result, _, factor = best
         return result, self._factor if factor is None else float(factor)
 
