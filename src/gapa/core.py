@@ -23,6 +23,7 @@ from .capture.inputs import (
     check_deterministic,
     check_finite,
     check_input,
+    is_token_ids,
     iterate_inputs,
     known_size,
     size_and_example,
@@ -151,8 +152,7 @@ def fit_batch_size(data, batch_size: int | None) -> int:
     """
     if batch_size is not None:
         return batch_size
-    if isinstance(data, torch.Tensor) and data.dim() >= 2 and not (
-            data.is_floating_point() or data.is_complex() or data.dtype == torch.bool):
+    if isinstance(data, torch.Tensor) and data.dim() >= 2 and is_token_ids(data):
         return max(1, min(BATCH_SIZE, FIT_TOKENS // math.prod(data.shape[1:])))
     return BATCH_SIZE
 
@@ -1199,15 +1199,42 @@ class GAPA:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int):
-        """Greedy generation with the variance of every new token's logits.
+        """Decode greedily, with the variance of every new token's logits.
 
-        See :func:`gapa.generation.generate`: the key-value cache carries the variance of past
-        keys and values as well as their means, so each step's variance is the one the same
-        token gets in one pass over the whole sequence.
+        The network's top token at each step, one token per pass through transformers'
+        key-value cache, which carries the variance of past keys and values as well as their
+        means: each step's variance is the one the same token gets in one pass over the whole
+        sequence (:mod:`gapa.generation`).
+
+        Parameters
+        ----------
+        input_ids : torch.Tensor
+            (batch, length) prompt ids.
+        attention_mask : torch.Tensor, optional
+            (batch, length), 0 at (left) padding.
+        max_new_tokens : int
+            How many tokens to generate.
+
+        Returns
+        -------
+        gapa.generation.Generation
+            ``tokens`` (batch, new) and ``logits``, their moments (batch, new, vocabulary).
+
+        Raises
+        ------
+        ConfigurationError
+            ``propagation="jacobian"`` (its graph cannot be carried through the cache), or
+            ``max_new_tokens`` < 1.
+        GAPAError
+            The errors of :meth:`__call__`.
         """
-        from .generation import generate
+        from .generation import decode
 
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens)
+        if self.propagation != "diagonal":
+            raise ConfigurationError(
+                "generate carries variances through the key-value cache, which only "
+                "propagation='diagonal' has; set gm.propagation = 'diagonal'")
+        return decode(self._step, input_ids, attention_mask, max_new_tokens=max_new_tokens)
 
     def _step(self, batch: Batch, carried) -> tuple[Moments, VarianceTracker]:
         """Run one step of :func:`gapa.generation.generate`.

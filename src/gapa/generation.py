@@ -10,6 +10,7 @@ rule has none to carry) and the Jacobian propagation's graph (refused here).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,11 @@ from .errors import ConfigurationError, InputError, MissingDependencyError
 from .moments import Moments
 
 if TYPE_CHECKING:
-    from .core import GAPA
+    from .propagation import VarianceTracker
+
+#: One pass of a GAPA over a batch, with the variances carried in from the previous step.
+Step = Callable[[Batch, Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                tuple[Moments, "VarianceTracker"]]
 
 
 @dataclass(frozen=True)
@@ -31,14 +36,18 @@ class Generation:
     logits: Moments  #: (batch, new, vocabulary) the network's logits and their variance
 
 
-def generate(gm: GAPA, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int) -> Generation:
+def decode(step: Step, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+           max_new_tokens: int) -> Generation:
     """Generate ``max_new_tokens`` tokens greedily, with each token's logit moments.
+
+    The loop of :meth:`gapa.GAPA.generate`, which checks the propagation and gives ``step``.
 
     Parameters
     ----------
-    gm : GAPA
-        Fitted on a causal language model of ``transformers``, ``propagation="diagonal"``.
+    step : callable
+        ``step(batch, carried) -> (moments, tracker)``: one diagonal pass of a fitted GAPA over
+        a :class:`gapa.capture.inputs.Batch`, the variances of the cache's tensors from the
+        previous step carried in.
     input_ids : torch.Tensor
         (batch, length) prompt ids.
     attention_mask : torch.Tensor, optional
@@ -53,16 +62,12 @@ def generate(gm: GAPA, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     Raises
     ------
     ConfigurationError
-        ``propagation="jacobian"`` or ``max_new_tokens`` < 1.
+        ``max_new_tokens`` < 1.
     MissingDependencyError
         Without transformers.
-    GAPAError
-        The errors of ``gm(x)``.
+    InputError
+        ``input_ids`` that are not (batch, length).
     """
-    if gm.propagation != "diagonal":
-        raise ConfigurationError(
-            "generate carries variances through the key-value cache, which only "
-            "propagation='diagonal' has; set gm.propagation = 'diagonal'")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigurationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     try:
@@ -79,7 +84,7 @@ def generate(gm: GAPA, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
         batch = Batch({"input_ids": ids, "attention_mask": mask, "position_ids": positions,
                        "cache": cache, "use_cache": True})
-        moments, tracker = gm._step(batch, carried)
+        moments, tracker = step(batch, carried)
         carried = [(t, v) for t in _cache_tensors(cache) if (v := tracker.var(t)) is not None]
         mean, var = moments.mean[:, -1], moments.var[:, -1]
         ids = mean.argmax(-1, keepdim=True)

@@ -26,9 +26,11 @@ MASK = "attention_mask"
 class Batch:
     """One batch of model inputs: a tensor, or named tensors (a dict, a ``BatchEncoding``).
 
-    A tensor is run as ``model(x)``, named tensors as ``model(**inputs)``. The main tensor (:data:`MAIN_INPUTS`) is checked as a tensor input is; every named tensor
-    whose first axis is the batch's is split with it. ``attention_mask`` (0 at padding) marks
-    the positions that the fit leaves out of the cache and that get no GP variance at predict.
+    A tensor is run as ``model(x)``, named tensors as ``model(**inputs)``. The main tensor
+    (:data:`MAIN_INPUTS`) is checked as a tensor input is; every named tensor whose first axis
+    is the batch's is split with it. ``attention_mask`` (0 at padding) marks the positions that
+    the fit leaves out of the cache and that get no GP variance at predict; with a key-value
+    cache (``cache=``), its last columns are the inputs' own.
 
     Raises
     ------
@@ -88,6 +90,11 @@ class Batch:
                 for i in range(0, n, size)]
 
 
+def is_token_ids(x: torch.Tensor) -> bool:
+    """Return whether ``x`` holds integer ids (token ids) rather than values."""
+    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
 def _batched(value, n: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
 
@@ -140,7 +147,7 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
         x = x.main
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-    ids = not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+    ids = is_token_ids(x)
     if shape is not None and ids and any_length:
         if x.dim() != len(shape) + 1:
             raise InputError(
