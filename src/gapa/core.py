@@ -877,8 +877,8 @@ class GAPA:
                 yield batch.main
 
         cache: dict[str, list[torch.Tensor]] = {}
-        with torch.no_grad(), self._capture(cache):
-            stream_to_store(self.model, tensors(), cache, store, finished)
+        with torch.no_grad(), self._capture(cache) as run:
+            stream_to_store(lambda x: run(Batch(x)), tensors(), cache, store, finished)
         store.finish(seen.shape)
         return seen
 
@@ -902,8 +902,6 @@ class GAPA:
                 if state.mask is not None:
                     rows = rows[self._real_positions(key, z, state.mask).reshape(-1)]
                 cache.setdefault(key, []).append(rows.clone())
-            if not state.active:  # a pass outside run() (the store's) runs whole
-                return
             if state.sites is None:
                 state.first.append(key)
             elif state.remaining is not None:
@@ -913,7 +911,7 @@ class GAPA:
                     raise _StopForward
 
         def run(batch: Batch) -> None:
-            state.mask, state.active = batch.mask, True
+            state.mask = batch.mask
             try:
                 if state.sites is None:
                     batch.run(self.model)
@@ -923,7 +921,7 @@ class GAPA:
                     with contextlib.suppress(_StopForward):
                         batch.run(self.model)
             finally:
-                state.mask, state.remaining, state.stopped, state.active = None, None, False, False
+                state.mask, state.remaining, state.stopped = None, None, False
 
         with call_sites(self.model, self.layers, record):
             yield run
@@ -1636,7 +1634,6 @@ class _CaptureState:
     sites: set | None = None  # the call sites a batch must reach, once the first has run
     remaining: set | None = None  # those this batch has not reached yet (None: no stopping)
     stopped: bool = False
-    active: bool = False  # inside run()
     mask: torch.Tensor | None = None  # the batch's attention mask
 
 

@@ -6,20 +6,19 @@ already on disk.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 
 from ..errors import StoreMismatchError
 from .inputs import check_finite
 from .store import ActivationStore, Shard
 
 
-def stream_to_store(model: nn.Module, batches: Iterable[torch.Tensor],
+def stream_to_store(run: Callable[[torch.Tensor], object], batches: Iterable[torch.Tensor],
                     cache: dict[str, list[torch.Tensor]], store: ActivationStore,
                     finished: list[dict]) -> None:
-    """Run ``model`` over ``batches`` while the caller's capture hooks fill ``cache``.
+    """Run the model over ``batches`` while the caller's capture hooks fill ``cache``.
 
     Every time a site's cache reaches the store's shard size, the cache is written as a shard.
     The first ``len(finished)`` shards are on disk already: their inputs are only hashed and
@@ -28,8 +27,8 @@ def stream_to_store(model: nn.Module, batches: Iterable[torch.Tensor],
 
     Parameters
     ----------
-    model : torch.nn.Module
-        The network, under the caller's capture hooks.
+    run : callable
+        Runs the network, under the caller's capture hooks, on a batch.
     batches : iterable of torch.Tensor
         The checked training batches, in the order of the first pass.
     cache : dict
@@ -62,7 +61,7 @@ def stream_to_store(model: nn.Module, batches: Iterable[torch.Tensor],
         if not len(x):
             continue
         shard.add(x)
-        model(x)
+        run(x)
         if limit is None:
             limit = store.rows_per_shard(sum(c[0].shape[1] for c in cache.values()))
         if max(sum(len(c) for c in chunks) for chunks in cache.values()) >= limit:
