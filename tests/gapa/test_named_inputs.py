@@ -144,3 +144,17 @@ def test_next_token_calibration_scores_shifted_labels_and_skips_ignored_and_padd
     assert pred.total_logit_variance.shape == (3, 7)
     with pytest.raises(gapa.InputError, match="no position is left"):
         gm.calibrate_classifier(batch, torch.full_like(labels, -100), next_token=True)
+
+
+def test_named_inputs_are_split_into_batches_with_their_mask(fitted):
+    """moments() and the calibrations split named inputs row-wise, mask included."""
+    gm, _ = fitted
+    batch = padded(sequences(7, [7, 5, 6, 3, 7]))
+    whole = gm.moments(batch, batch_size=None)
+    parts = gm.moments(batch, batch_size=2)  # 2 + 2 + 1 sequences
+    torch.testing.assert_close(parts.var, whole.var, rtol=1e-9, atol=0)
+    assert torch.equal(parts.mean.argmax(-1), whole.mean.argmax(-1))
+    assert float(parts.var[3, 3:].abs().max()) == 0.0  # the fourth sequence's padding
+    fits = [gm.calibrate_classifier(batch, batch["input_ids"], next_token=True, batch_size=b,
+                                    lengthscale_factors=None) for b in (None, 2)]
+    assert fits[1].scale == pytest.approx(fits[0].scale, rel=1e-6)
