@@ -43,7 +43,13 @@ def _ood_sets(text: str) -> list[str]:
 
 
 def seeds_arg(text: str) -> int | list[int]:
-    """Read ``--seeds``: N (seeds 0..N-1) or a comma-separated list of distinct seeds."""
+    """Read ``--seeds``: N (seeds 0..N-1), a list of distinct seeds ``3,4`` or a range ``2-4``
+    (``2-2`` is seed 2 alone)."""
+    if "-" in text.strip("-"):
+        first, last = (integer(0)(part.strip()) for part in text.split("-", 1))
+        if last < first:
+            raise argparse.ArgumentTypeError(f"the range {text!r} runs backwards")
+        return list(range(first, last + 1))
     if "," not in text:
         return integer(1)(text)
     seeds = [integer(0)(part.strip()) for part in text.split(",")]
@@ -105,8 +111,9 @@ def _bench_parsers(sub) -> None:
     r.add_argument("--methods", default="all",
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
     r.add_argument("--seeds", type=seeds_arg, default=5,
-                   help="N for seeds 0..N-1 (default %(default)s), or a list such as 3,4 "
-                   "(to share a run between processes, each with its own --json)")
+                   help="N for seeds 0..N-1 (default %(default)s), a list such as 3,4 or a "
+                   "range such as 2-2 (to share a run between processes, each with its own "
+                   "--json)")
     r.add_argument("--max-epochs", type=integer(1), default=None,
                    help="cap on backbone training epochs (default: the backbone's own, 40)")
     r.add_argument("--json", dest="json_path", help="write one record per method and seed")

@@ -100,10 +100,9 @@ def test_another_thread_computes_while_the_prefix_is_replayed():
 
 def test_a_language_model_calibrates_the_same_with_its_first_block_replayed():
     pytest.importorskip("transformers")
-    from transformers import LlamaForCausalLM
-
     from test_named_inputs import padded, sequences
     from test_transformers_models import DT, llama_config
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     lm = LlamaForCausalLM(llama_config("sdpa")).to(DT).eval()

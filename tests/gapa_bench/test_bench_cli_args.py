@@ -23,6 +23,8 @@ CASES = [
     (["regression", "--seeds", "2.5"], "--seeds"),
     (["regression", "--seeds", "3,3"], "--seeds"),
     (["regression", "--seeds", "1,-2"], "--seeds"),
+    (["regression", "--seeds", "4-2"], "--seeds"),
+    (["regression", "--seeds", "-1"], "--seeds"),
     (["regression", "--max-epochs", "0"], "--max-epochs"),
     # gapa-bench classification
     (["classification", "--seeds", "-1"], "--seeds"),
@@ -38,3 +40,10 @@ CASES = [
 @pytest.mark.parametrize(("argv", "argument"), CASES, ids=[" ".join(a) for a, _ in CASES])
 def test_bad_argument_is_a_usage_error(argv, argument, capsys):
     assert_usage_error(main, argv, argument, "gapa-bench", capsys)
+
+
+def test_seed_ranges_and_lists():
+    from gapa_bench.cli import seeds_arg
+
+    assert seeds_arg("5") == 5 and seeds_arg("3,4") == [3, 4]
+    assert seeds_arg("2-2") == [2] and seeds_arg("1-3") == [1, 2, 3]
