@@ -113,6 +113,8 @@ def _normalise(rec: dict, where: str) -> dict:
     if missing:
         raise ReportError(f"{where} lacks {', '.join(missing)}")
     rec = {**rec, "run": rec.get("run"), "info": rec.get("info") or {}}
+    if isinstance(rec.get("split"), str):  # seed s draws shuffle s: one table, "(seed s)"
+        rec["split"] = rec["split"].replace(f"(seed {rec['seed']})", "(seed s)")
     return upgrade_classification(rec) if _kind(rec) == "classification" else rec
 
 

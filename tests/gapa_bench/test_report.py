@@ -127,6 +127,19 @@ def test_a_later_file_replaces_a_record_and_one_table_is_one_data_set(tmp_path):
         report.load_records(["a.json", "c.json"], tmp_path)
 
 
+def test_seeds_that_draw_their_own_shuffle_make_one_table(tmp_path):
+    recs = [dict(r, split=f"shuffled (seed {r['seed']}) 60/20/20")
+            for r in json.loads((FIXTURES / "regression.json").read_text())]
+    (tmp_path / "s.json").write_text(json.dumps(recs))
+    merged = report.load_records(["s.json"], tmp_path)
+    assert {r["split"] for r in merged} == {"shuffled (seed s) 60/20/20"}
+    assert "split shuffled (seed s) 60/20/20" in report.regression_block(merged, ["s.json"])
+    other = [dict(recs[0], split="shuffled (seed 7) 60/20/20")]  # another seed's shuffle
+    (tmp_path / "t.json").write_text(json.dumps(other))
+    with pytest.raises(ReportError, match="several data sets or splits"):
+        report.load_records(["s.json", "t.json"], tmp_path)
+
+
 # -------------------------------------------------------------------------- classification
 
 
