@@ -918,7 +918,7 @@ class GAPA:
                     state.sites = set(state.first)
                 else:
                     state.remaining, state.stopped = set(state.sites), False
-                    with contextlib.suppress(_StopForward):
+                    with _stopping():
                         batch.run(self.model)
             finally:
                 state.mask, state.remaining, state.stopped = None, None, False
@@ -1287,7 +1287,7 @@ class GAPA:
                 raise _StopForward
 
         with self._predict_pass(batch) as checked, torch.no_grad(), \
-                call_sites(self.model, self.layers, on_call), contextlib.suppress(_StopForward):
+                call_sites(self.model, self.layers, on_call), _stopping():
             checked.run(self.model)
         require_calls(list(scores), self.layers)
         return scores
@@ -1624,6 +1624,23 @@ class GAPA:
 
 class _StopForward(Exception):  # a signal, not an error
     """Raised by the capture's hook once a batch has reached every call site it needs."""
+
+
+@contextlib.contextmanager
+def _stopping() -> Iterator[None]:
+    """Swallow the capture's stop, also when the model re-raised it as another exception.
+
+    That is any error whose chain (``raise RuntimeError(...) from e``) holds a
+    :class:`_StopForward`.
+    """
+    try:
+        yield
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, _StopForward):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
 
 
 @dataclass

@@ -145,3 +145,28 @@ def test_a_model_that_catches_the_stop_caches_each_row_once():
     assert gm.sites["body.1"].cache_size == 40
     with torch.no_grad():
         assert torch.equal(gm(x[:5]).mean, model(x[:5]))
+
+
+class _Rewrapping(nn.Module):
+    """Turns any exception of its body into a RuntimeError (as some model code does)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        try:
+            return self.body(x)
+        except Exception as e:
+            raise RuntimeError("the body failed") from e
+
+
+def test_a_model_that_rewraps_the_stop_still_fits():
+    body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = _Rewrapping(body).eval()
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(2))
+    gm = gapa.GAPA(model, ["body.1"], m=None).fit(x, batch_size=10)
+    assert gm.sites["body.1"].cache_size == 40
+    assert gm.layer_scores(x[:3])["body.1"].shape == (3,)
+    with pytest.raises(RuntimeError, match="the body failed"):  # a real error still surfaces
+        model(torch.randn(2, 4))
