@@ -26,6 +26,7 @@ from .capture.inputs import (
     is_token_ids,
     iterate_inputs,
     known_size,
+    real_positions,
     size_and_example,
     weights_stamp,
 )
@@ -469,7 +470,8 @@ class GAPA:
             "inducing": cfg.inducing.value, "noise_by_count": cfg.noise_by_count,
             "lengthscale_quantile": cfg.lengthscale_quantile,
             "amplitude_rule": cfg.amplitude_rule.value, "noise_ratio": cfg.noise_ratio,
-            "lengthscale_rule": cfg.lengthscale_rule.value, "hyperparameters": overrides, "propagation": self.propagation.value,
+            "lengthscale_rule": cfg.lengthscale_rule.value, "hyperparameters": overrides,
+            "propagation": self.propagation.value,
             "queries": self.queries.value, "seed": cfg.seed,
         }
 
@@ -622,8 +624,9 @@ class GAPA:
 
         The model must be deterministic (eval mode); a model whose forward pass is random or
         changes its buffers is refused. Only the first batch runs whole: every later one stops
-        once it has passed the GAPA call sites the first reached (no logits are computed). A fit that fails leaves the GAPA as it was; a fit that
-        succeeds drops the calibrations and sets the lengthscale factor to 1.
+        once it has passed the GAPA call sites the first reached (no logits are computed). A fit
+        that fails leaves the GAPA as it was; a fit that succeeds drops the calibrations and sets
+        the lengthscale factor to 1.
 
         Parameters
         ----------
@@ -903,7 +906,7 @@ class GAPA:
                     rows = rows[self._real_positions(key, z, state.mask).reshape(-1)]
                 cache.setdefault(key, []).append(rows.clone())
             if state.sites is None:
-                state.first.append(key)
+                state.first.add(key)
             elif state.remaining is not None:
                 state.remaining.discard(key)
                 if not state.remaining:
@@ -915,7 +918,7 @@ class GAPA:
             try:
                 if state.sites is None:
                     batch.run(self.model)
-                    state.sites = set(state.first)
+                    state.sites = state.first
                 else:
                     state.remaining, state.stopped = set(state.sites), False
                     with _stopping():
@@ -927,7 +930,7 @@ class GAPA:
             yield run
 
     def _real_positions(self, key: str, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Return ``mask`` as (batch, length) booleans for the activation ``z`` at ``key``.
+        """Return ``mask`` as booleans that broadcast over the activation ``z`` at ``key``.
 
         Raises
         ------
@@ -941,7 +944,7 @@ class GAPA:
                 f"activation at {key!r} of shape {tuple(z.shape)} with queries="
                 f"{self.queries.value!r}: masking needs per-position queries on (batch, length, "
                 "units) activations")
-        return mask.to(device=z.device, dtype=torch.bool)
+        return real_positions(mask, z)
 
     # --- predict ----------------------------------------------------------------------------------
 
@@ -986,13 +989,27 @@ class GAPA:
         """
         batch = _batch(x, named)
         if self.propagation == "jacobian":
-            mean, parts = self._jacobian_parts(batch)
-            variance = self._variance_of(batch)
-            return self._require_finite(_unpadded(combine_jacobian(mean, parts, variance), batch),
-                                        lambda: _jacobian_culprit(parts, variance))
-        mean, tracker = self._forward(batch)
-        return self._require_finite(_unpadded(_moments(tracker, mean), batch),
-                                    lambda: self._diagonal_culprit(batch))
+            return self._jacobian_moments(batch, *self._jacobian_parts(batch))
+        return self._diagonal(batch, culprit=lambda: self._diagonal_culprit(batch))[0]
+
+    def _jacobian_moments(self, batch: Batch, mean: torch.Tensor, parts) -> Moments:
+        """Return the moments of ``batch``'s Jacobian parts at the current lengthscales.
+
+        Checked finite, with no variance at padding.
+        """
+        variance = self._variance_of(batch)
+        return self._require_finite(_unpadded(combine_jacobian(mean, parts, variance), batch),
+                                    lambda: _jacobian_culprit(parts, variance))
+
+    def _diagonal(self, batch: Batch, carried=(), *,
+                  culprit: Callable[[], str]) -> tuple[Moments, VarianceTracker]:
+        """Run the diagonal propagation of ``batch``.
+
+        Returns its moments (checked finite, no variance at padding) and the tracker, whose
+        variances a key-value cache carries into the next step.
+        """
+        mean, tracker = self._forward(batch, carried=carried)
+        return self._require_finite(_unpadded(_moments(tracker, mean), batch), culprit), tracker
 
     @staticmethod
     def _require_finite(out: Moments, culprit: Callable[[], str]) -> Moments:
@@ -1102,7 +1119,7 @@ class GAPA:
 
         def variance(key: str, z: torch.Tensor) -> torch.Tensor:
             real = self._real_positions(key, z, batch.mask)
-            return self.site_variance(key, z) * real.unsqueeze(-1).to(z.dtype)
+            return self.site_variance(key, z) * real.to(z.dtype)
 
         return variance
 
@@ -1232,18 +1249,10 @@ class GAPA:
             raise ConfigurationError(
                 "generate carries variances through the key-value cache, which only "
                 "propagation='diagonal' has; set gm.propagation = 'diagonal'")
-        return decode(self._step, input_ids, attention_mask, max_new_tokens=max_new_tokens)
-
-    def _step(self, batch: Batch, carried) -> tuple[Moments, VarianceTracker]:
-        """Run one step of :func:`gapa.generation.generate`.
-
-        Returns the moments, and the tracker whose variances the cache's tensors carry into the
-        next step.
-        """
-        mean, tracker = self._forward(batch, carried=carried)
-        moments = self._require_finite(_unpadded(_moments(tracker, mean), batch),
-                                       lambda: "in a generation step (gm.trace shows where)")
-        return moments, tracker
+        # a failing step is not traced again: that would run the mutated cache once more
+        return decode(lambda batch, carried: self._diagonal(
+            batch, carried, culprit=lambda: "in a generation step (gm.trace shows where)"),
+            input_ids, attention_mask, max_new_tokens=max_new_tokens)
 
     def layer_scores(self, x=None, /, **named) -> dict[str, torch.Tensor]:
         """Return, per call site, how far each query lies from the training activations.
@@ -1275,13 +1284,11 @@ class GAPA:
         batch = _batch(x, named)
         scores: dict[str, torch.Tensor] = {}
         remaining = set(self._sites)
+        variance = self._variance_of(batch)  # 0 at padding
 
         def on_call(key: str, z: torch.Tensor) -> None:
-            rows = self._as_queries(self.site_variance(key, z))
-            score = (rows / self._sites[key].hyperparameters.amplitude).mean(-1)
-            if batch.mask is not None:
-                score = score * self._real_positions(key, z, batch.mask)
-            scores[key] = score
+            rows = self._as_queries(variance(key, z))
+            scores[key] = (rows / self._sites[key].hyperparameters.amplitude).mean(-1)
             remaining.discard(key)
             if not remaining:
                 raise _StopForward
@@ -1473,41 +1480,35 @@ class GAPA:
         # validation NLL moves away from it (a flat NLL, e.g. a fitted scale of 0, keeps it)
         factors = sorted(lengthscale_factors, key=lambda f: abs(math.log(f))) \
             if lengthscale_factors else [None]
-        stack = contextlib.ExitStack()
-        if self.propagation == "jacobian" and len(factors) > 1:
-            # the gradients do not depend on the lengthscale: one backward pass for all factors
-            x = Batch(x)
-            batches = [x] if batch_size is None else x.split(batch_size)
-            parts = [(self._jacobian_parts(xb), self._variance_of(xb)) for xb in batches]
+        batches = Batch(x).split(batch_size)
+        with contextlib.ExitStack() as stack:
+            if self.propagation == "jacobian" and len(factors) > 1:
+                # the gradients do not depend on the lengthscale: one backward pass for all
+                # factors
+                parts = [(xb, self._jacobian_parts(xb)) for xb in batches]
 
-            def moments() -> Moments:
-                return Moments.cat([
-                    self._require_finite(combine_jacobian(*p, v),
-                                         lambda p=p, v=v: _jacobian_culprit(p[1], v))
-                    for p, v in parts])
-        elif len(factors) > 1:
-            # only the GP variance changes between factors: what runs before the first GAPA
-            # layer is computed once per batch and replayed (capture.prefix)
-            x = Batch(x)
-            batches = [x] if batch_size is None or len(x) <= batch_size else x.split(batch_size)
-            replay = stack.enter_context(replaying_prefix(self.model, self.layers))
+                def moments() -> Moments:
+                    return Moments.cat([self._jacobian_moments(xb, *p) for xb, p in parts])
+            elif len(factors) > 1:
+                # only the GP variance changes between factors: what runs before the first
+                # GAPA layer is computed once per batch and replayed (capture.prefix)
+                replay = stack.enter_context(replaying_prefix(self.model, self.layers))
 
-            def moments() -> Moments:
-                return Moments.cat([replay(i, lambda xb=xb: self(xb))
-                                    for i, xb in enumerate(batches)])
-        else:
-            def moments() -> Moments:
-                return self.moments(x, batch_size)
-        try:
-            for factor in factors:
-                if factor is not None:
-                    self._rescale_lengthscales(factor)
-                result, nll = fit(moments())
-                if best is None or nll < best[1]:
-                    best = (result, nll, factor)
-        finally:
-            self._rescale_lengthscales(self._factor)
-            stack.close()
+                def moments() -> Moments:
+                    return Moments.cat([replay(i, lambda xb=xb: self(xb))
+                                        for i, xb in enumerate(batches)])
+            else:
+                def moments() -> Moments:
+                    return Moments.cat([self(xb) for xb in batches])
+            try:
+                for factor in factors:
+                    if factor is not None:
+                        self._rescale_lengthscales(factor)
+                    result, nll = fit(moments())
+                    if best is None or nll < best[1]:
+                        best = (result, nll, factor)
+            finally:
+                self._rescale_lengthscales(self._factor)
         result, _, factor = best
         return result, self._factor if factor is None else float(factor)
 
@@ -1531,10 +1532,8 @@ class GAPA:
         GAPAError
             The errors of :meth:`__call__`.
         """
-        x = Batch(x)
-        if batch_size is None or len(x) <= batch_size:
-            return self(x)
-        return Moments.cat([self(xb) for xb in x.split(batch_size)])
+        batches = Batch(x).split(batch_size)
+        return self(batches[0]) if len(batches) == 1 else Moments.cat([self(b) for b in batches])
 
     def classify(
         self, x: torch.Tensor, *, method: Method | str | None = None,
@@ -1647,7 +1646,7 @@ def _stopping() -> Iterator[None]:
 class _CaptureState:
     """What :meth:`GAPA._capture` knows about the pass in progress."""
 
-    first: list = field(default_factory=list)  # call sites of the first batch, in order
+    first: set = field(default_factory=set)  # the call sites the first batch reached
     sites: set | None = None  # the call sites a batch must reach, once the first has run
     remaining: set | None = None  # those this batch has not reached yet (None: no stopping)
     stopped: bool = False
@@ -1672,10 +1671,9 @@ def _unpadded(out: Moments, batch: Batch) -> Moments:
     mask = batch.mask
     if mask is None or out.var.dim() < 2 or out.var.shape[:2] != mask.shape:
         return out
-    real = mask.to(device=out.var.device, dtype=torch.bool)
-    real = real.reshape(*mask.shape, *[1] * (out.var.dim() - 2))
-    return Moments(out.mean, torch.where(real, out.var, torch.zeros((), dtype=out.var.dtype,
-                                                                     device=out.var.device)))
+    return Moments(out.mean, torch.where(real_positions(mask, out.var), out.var,
+                                         torch.zeros((), dtype=out.var.dtype,
+                                                     device=out.var.device)))
 
 
 def _jacobian_culprit(parts, site_variance) -> str:

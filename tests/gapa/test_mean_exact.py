@@ -123,49 +123,39 @@ def test_fit_stops_each_batch_after_the_last_gapa_layer():
         assert torch.equal(gm.sites[key].rows, whole.sites[key].rows)
 
 
-class _Retrying(nn.Module):
-    """Catches any exception of its body and runs it again (as some user code does)."""
+class _Guarded(nn.Module):
+    """Catches any exception of its body, as some user code does: runs the body again
+    (``retry``), or raises it again as a RuntimeError."""
 
-    def __init__(self, body):
+    def __init__(self, body, retry: bool):
         super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        try:
-            return self.body(x)
-        except Exception:
-            return self.body(x)
-
-
-def test_a_model_that_catches_the_stop_caches_each_row_once():
-    body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
-    model = _Retrying(body).eval()
-    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
-    gm = gapa.GAPA(model, ["body.1"], m=None).fit(x, batch_size=10)
-    assert gm.sites["body.1"].cache_size == 40
-    with torch.no_grad():
-        assert torch.equal(gm(x[:5]).mean, model(x[:5]))
-
-
-class _Rewrapping(nn.Module):
-    """Turns any exception of its body into a RuntimeError (as some model code does)."""
-
-    def __init__(self, body):
-        super().__init__()
-        self.body = body
+        self.body, self.retry = body, retry
 
     def forward(self, x):
         try:
             return self.body(x)
         except Exception as e:
+            if self.retry:
+                return self.body(x)
             raise RuntimeError("the body failed") from e
 
 
-def test_a_model_that_rewraps_the_stop_still_fits():
+def _guarded_fit(retry: bool, seed: int):
     body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
-    model = _Rewrapping(body).eval()
-    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(2))
-    gm = gapa.GAPA(model, ["body.1"], m=None).fit(x, batch_size=10)
+    model = _Guarded(body, retry).eval()
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(seed))
+    return model, x, gapa.GAPA(model, ["body.1"], m=None).fit(x, batch_size=10)
+
+
+def test_a_model_that_catches_the_stop_caches_each_row_once():
+    model, x, gm = _guarded_fit(retry=True, seed=1)
+    assert gm.sites["body.1"].cache_size == 40
+    with torch.no_grad():
+        assert torch.equal(gm(x[:5]).mean, model(x[:5]))
+
+
+def test_a_model_that_rewraps_the_stop_still_fits():
+    model, x, gm = _guarded_fit(retry=False, seed=2)
     assert gm.sites["body.1"].cache_size == 40
     assert gm.layer_scores(x[:3])["body.1"].shape == (3,)
     with pytest.raises(RuntimeError, match="the body failed"):  # a real error still surfaces

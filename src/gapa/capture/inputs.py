@@ -81,9 +81,14 @@ class Batch:
         return Batch({k: fn(v) if isinstance(v, torch.Tensor) else v
                       for k, v in self.inputs.items()})
 
-    def split(self, size: int) -> list[Batch]:
-        """Return batches of ``size`` rows; named tensors without the batch axis go to each."""
+    def split(self, size: int | None) -> list[Batch]:
+        """Return batches of ``size`` rows: ``[self]`` for None or ``size >= len(self)``.
+
+        Named tensors without the batch axis go to each.
+        """
         n = len(self)
+        if size is None or n <= size:
+            return [self]
         if not self.named:
             return [Batch(x) for x in self.inputs.split(size)]
         return [Batch({k: v[i:i + size] if _batched(v, n) else v for k, v in self.inputs.items()})
@@ -93,6 +98,15 @@ class Batch:
 def is_token_ids(x: torch.Tensor) -> bool:
     """Return whether ``x`` holds integer ids (token ids) rather than values."""
     return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def real_positions(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Return an attention mask as booleans that broadcast over ``like`` (batch, length, ...).
+
+    On ``like``'s device.
+    """
+    real = mask.to(device=like.device, dtype=torch.bool)
+    return real.reshape(*mask.shape, *[1] * (like.dim() - mask.dim()))
 
 
 def _batched(value, n: int) -> bool:

@@ -71,7 +71,7 @@ def replaying_prefix(
         with untracked():
             rec.outputs[name, call] = _copy(output)
 
-    def replay(module: nn.Module, name: str, rec: _Recording, original):
+    def replay(name: str, rec: _Recording, original):
         def forward(*args, **kwargs):
             if threading.get_ident() != owner:
                 return original(*args, **kwargs)
@@ -99,7 +99,7 @@ def replaying_prefix(
         for name, module in modules.items():
             original = module.__dict__.get("forward")
             patched[module] = original
-            module.forward = replay(module, name, rec, original or type(module).forward.__get__(module))
+            module.forward = replay(name, rec, original or type(module).forward.__get__(module))
         try:
             return fn()
         finally:

@@ -23,6 +23,7 @@ from enum import Enum
 
 import torch
 
+from ..capture.inputs import real_positions
 from ..errors import ConfigurationError, InputError, NonFiniteError, parse_enum
 from ..moments import Moments
 from .regression import argmin_log
@@ -202,15 +203,21 @@ def _check_moments(mean: object, var: object) -> None:
         )
 
 
-def _check_labels(labels: object, mean: torch.Tensor) -> torch.Tensor:
+def _check_label_shape(labels: object, mean: torch.Tensor) -> torch.Tensor:
     labels = _check_tensor("labels", labels)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise InputError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
     if labels.shape != mean.shape[:-1]:
         raise InputError(
             f"labels{tuple(labels.shape)} must have the batch shape of the logits "
             f"{tuple(mean.shape)}, i.e. {tuple(mean.shape[:-1])}"
         )
+    return labels
+
+
+def _check_labels(labels: object, mean: torch.Tensor) -> torch.Tensor:
+    labels = _check_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise InputError(f"labels must be an integer tensor of class indices, got {labels.dtype}")
+    _check_label_shape(labels, mean)
     if labels.device != mean.device:
         raise InputError(f"device mismatch: logits on {mean.device}, labels on {labels.device}")
     if labels.numel() == 0:
@@ -623,17 +630,13 @@ def scored_positions(
         no position left to score.
     """
     mean, var = out.mean, out.var
-    if not isinstance(labels, torch.Tensor) or labels.shape != mean.shape[:-1]:
-        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise InputError(f"labels{shape} must have the batch shape of the logits "
-                         f"{tuple(mean.shape)}, i.e. {tuple(mean.shape[:-1])}")
+    labels = _check_label_shape(labels, mean)
     keep = labels != ignore_index
     if mask is not None:
         if mask.shape != labels.shape[: mask.dim()]:
             raise InputError(f"attention_mask{tuple(mask.shape)} does not match the labels "
                              f"{tuple(labels.shape)}")
-        keep = keep & mask.to(device=keep.device, dtype=torch.bool).reshape(
-            *mask.shape, *[1] * (labels.dim() - mask.dim()))
+        keep = keep & real_positions(mask, labels)
     if next_token:
         if labels.dim() < 2:
             raise InputError(f"next_token needs (batch, length) labels, got {tuple(labels.shape)}")
