@@ -137,17 +137,17 @@ def test_llama_decoder_layer(impl, masked):
     (lambda impl: GPT2BlockWithMask(impl, masked=True), 32),
     (lambda impl: LlamaLayer(impl, masked=True), 48),
 ])
-def test_sdpa_and_eager_give_the_same_variance(make, width):
-    """With the same mask, the fused and the written-out attention are the same function, and
-    the sdpa rule composes the same rules as the eager path: the variances agree. (Llama's eager
-    softmax runs in float32 even in a float64 model, hence the float32 tolerance.)"""
-    g = torch.Generator().manual_seed(3)
-    h = torch.randn(2, 5, width, generator=g, dtype=DT)
-    v = 1e-4 * torch.rand(h.shape, generator=g, dtype=DT)
+def test_sdpa_is_at_least_as_close_to_monte_carlo_as_eager(make, width):
+    """With the same mask the fused and the written-out attention are the same function. The
+    sdpa rule treats attention as a whole (values centred on the output, keys per query), which
+    the eager path's separate softmax and products cannot: its variance is nearer Monte Carlo."""
     fused, eager = reinit(make("sdpa")), reinit(make("eager"))
-    a, b = propagate(fused, h, v), propagate(eager, h, v)
+    a, mc = block_moments(fused, width)
+    b, _ = block_moments(eager, width)
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.var, b.var, rtol=1e-4, atol=0)
+    err_fused = float((a.var / mc.var - 1).abs().median())
+    err_eager = float((b.var / mc.var - 1).abs().median())
+    assert err_fused <= err_eager + 0.02, (err_fused, err_eager)
 
 
 class FromEmbeddings(nn.Module):

@@ -9,6 +9,14 @@ hidden states, so this is an approximation there, as is every diagonal of correl
 Softmax and log-softmax use their exact first-order diagonal in O(d): with ``p = softmax(x)``,
 ``J = diag(p) - p p^T`` gives ``p_i^2 [(1 - p_i)^2 v_i + sum_{j != i} p_j^2 v_j]``, and
 ``J = I - 1 p^T`` (log-softmax) gives ``(1 - p_i)^2 v_i + sum_{j != i} p_j^2 v_j``.
+
+Softmax outputs are bounded, their linearisation is not: deep in a transformer, where the
+propagated variance is as large as the activations themselves, first order overflowed (every
+logit variance NaN from GAPA at the second block of SmolLM2). So softmax is saturated at the
+Bernoulli bound ``p (1 - p)``, and attention is handled as a whole: values centred on the
+output, keys centred per query, an expected slope and a Jensen bound (see
+:func:`attention_scores_var`). Each is first order as the variance vanishes (tested against the
+float64 Jacobian there) and is tested against Monte Carlo at large variances.
 """
 
 from __future__ import annotations
@@ -180,12 +188,56 @@ def log_softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
     return (1.0 - p).square() * v + off
 
 
+def saturate(linear: Tensor, bound: Tensor) -> Tensor:
+    """Return ``linear * bound / (linear + bound)``: the first-order variance where it is small.
+
+    It is the first-order variance ``linear`` to relative order ``linear / bound``, and never more
+    than the variance ``bound`` that the operation's range allows, which it approaches when the
+    input's uncertainty swamps the linearisation (0 where both are 0).
+    """
+    total = linear + bound
+    return torch.where(total > 0, linear * bound / total.where(total > 0, 1.0), 0.0)
+
+
+def saturated_softmax_var(p: Tensor, v: Tensor, dim: int) -> Tensor:
+    """Return the first-order variance of softmax, saturated at the Bernoulli bound ``p (1 - p)``.
+
+    A softmax output lies in [0, 1], so its variance is at most ``E[p] (1 - E[p])``; the
+    linearisation alone grows without bound in the input's variance.
+    """
+    return saturate(softmax_var(p, v, dim), p * (1.0 - p))
+
+
+def attention_scores_var(scores: Tensor, p: Tensor, v_scores: Tensor, values: Tensor) -> Tensor:
+    """Return the variance that uncertain scores give ``softmax(scores) @ values``.
+
+    First order, ``d out / d s_j = p_j (values_j - out)``: the values are centred on the output,
+    which the softmax rule followed by the product rule cannot do (the weights sum to one, so a
+    shift of all values moves nothing). The slope is the expected one (statistical
+    linearisation): each score, centred on the row's mean, is shrunk by
+    ``1 / sqrt(1 + pi v / 8)`` as in the probit approximation, so a softmax saturated at the mean
+    still moves when noise can change its winner. The result is saturated at
+    ``sum_j E[p_j] (values_j - out)^2``, the most that a convex combination of the values can vary
+    (Jensen). As ``v -> 0`` it is the first-order diagonal.
+    """
+    shrink = torch.rsqrt(1.0 + (math.pi / 8.0) * v_scores)
+    centred = scores - (p * scores.nan_to_num(0.0, neginf=0.0)).sum(-1, keepdim=True)
+    p = torch.softmax(centred * shrink, -1).nan_to_num(0.0)
+    w = p.square() * shrink.square() * v_scores
+    out = torch.matmul(p, values)
+    values2 = values.square()
+    linear = (torch.matmul(w, values2) - 2.0 * out * torch.matmul(w, values)
+              + w.sum(-1, keepdim=True) * out.square()).clamp_min(0.0)
+    bound = (torch.matmul(p, values2) - out.square()).clamp_min(0.0)
+    return saturate(linear, bound)
+
+
 @rule(*aliases("softmax"))
 def _softmax(tr: VarianceTracker, func, args, kwargs):
     x = args[0]
     out = func(*args, **kwargs)
     dim = _softmax_dim(args, kwargs, x)
-    return out, softmax_var(out, tr.var(x).to(out.dtype), dim)
+    return out, saturated_softmax_var(out, tr.var(x).to(out.dtype), dim)
 
 
 @rule(*aliases("log_softmax"))
@@ -199,14 +251,41 @@ def _log_softmax(tr: VarianceTracker, func, args, kwargs):
 # --- scaled dot-product attention ----------------------------------------------------------------
 
 
+def _scores_var(p: Tensor, q: Tensor, vq: Tensor | None, k: Tensor,
+                vk: Tensor | None) -> Tensor | None:
+    """Return the variance of the scores ``q k^T``, with each query's keys centred.
+
+    Softmax ignores a shift common to a row's scores, so a query's noise moves the weights only
+    through the keys' differences: its keys are centred on their mean under that row's weights,
+    ``kbar_i = sum_j p_ij k_j``, before the product rule. Without the centring, a component that
+    all keys share (large in trained transformers) counts as independent noise per score.
+    """
+    var = None
+    if vq is not None:  # sum_d vq_id (k_jd - kbar_id)^2, without forming the centred keys
+        kbar = torch.matmul(p, k)
+        kt = k.transpose(-2, -1)
+        var = (torch.matmul(vq, kt.square()) - 2.0 * torch.matmul(vq * kbar, kt)
+               + (vq * kbar.square()).sum(-1, keepdim=True)).clamp_min(0.0)
+    if vk is not None:
+        vkt = vk.transpose(-2, -1)
+        term = torch.matmul(q.square(), vkt)
+        if vq is not None:
+            term = term + torch.matmul(vq, vkt)
+        var = term if var is None else var + term
+    return var
+
+
 @rule(F.scaled_dot_product_attention)
 def _sdpa(tr: VarianceTracker, func, args, kwargs):
-    """First order in queries, keys and values, through the explicit decomposition.
+    """Attention ``softmax(Q K^T * scale + mask) V`` as one operation (the output is the real
+    fused function's).
 
-    The decomposition is ``softmax(Q K^T * scale + mask) V``; the output itself is the real
-    (fused) function's.
-
-    The two products use the independent-operand rule (Q with K, the attention weights with V).
+    Values: ``p^2 @ VV``, exact for independent values. Scores: the independent-operand product
+    rule with each query's keys centred (:func:`_scores_var`), carried to the output by
+    :func:`attention_scores_var`. Both: ``Var(p) @ VV`` with the saturated softmax variance.
+    Uncertain keys or values alone give the first-order diagonal as the variance vanishes;
+    uncertain queries drop the correlation that centring leaves (measured against the Jacobian in
+    the tests).
     """
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
              "enable_gqa")
@@ -229,7 +308,6 @@ def _sdpa(tr: VarianceTracker, func, args, kwargs):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kt = k.transpose(-2, -1)
     scores = torch.matmul(q, kt) * scale
-    v_scores = product_var(torch.matmul, q, vq, kt, None if vk is None else vk.transpose(-2, -1))
     if is_causal:
         length, source = q.shape[-2], k.shape[-2]
         causal = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
@@ -238,6 +316,11 @@ def _sdpa(tr: VarianceTracker, func, args, kwargs):
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                   else scores + mask.to(wd))
     p = torch.softmax(scores, -1).nan_to_num(0.0)  # a fully masked row attends to nothing
-    v_p = None if v_scores is None else scale**2 * softmax_var(p, v_scores, -1)
-    var = product_var(torch.matmul, p, v_p, val, vv)
+    var = torch.zeros_like(out, dtype=wd) if vv is None else torch.matmul(p.square(), vv)
+    v_scores = _scores_var(p, q, vq, k, vk)
+    if v_scores is not None:
+        v_scores = scale**2 * v_scores
+        var = var + attention_scores_var(scores, p, v_scores, val)
+        if vv is not None:
+            var = var + torch.matmul(saturated_softmax_var(p, v_scores, -1), vv)
     return out, var.to(out.dtype)
