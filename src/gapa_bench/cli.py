@@ -6,21 +6,24 @@ Arguments are checked as they are parsed (argparse's one-line error, exit status
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
 
 from gapa.cli import inducing_points, integer
 from gapa.errors import GAPAError
+from gapa.io import atomic_path
 
 from . import classification_bench as cb
-from . import report
+from . import lm_bench, report
 from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_table
 from .classifiers import ARCHITECTURES
 from .data import DATASETS, load_csv, load_dataset
 from .data.images import load_fashion_mnist, subset
 from .demo import DemoConfig, run_demo
 from .plotting import classification_figures
+from .provenance import run_info
 
 CLASS_METHODS = cb.METHODS
 
@@ -147,6 +150,19 @@ def _bench_parsers(sub) -> None:
     c.add_argument("--figures", help="folder for the reliability, OOD-score and rotation figures")
     c.add_argument("--no-progress", dest="progress", action="store_false")
 
+    lm = sub.add_parser("lm", help="token-level uncertainty of SmolLM2-135M on Jane Austen")
+    lm.set_defaults(command_parser=lm)
+    lm.add_argument("--methods", type=_names, default=list(lm_bench.METHODS),
+                    help=f"comma-separated, from {', '.join(lm_bench.METHODS)} (default: all)")
+    lm.add_argument("--fit-sequences", type=integer(2), default=256,
+                    help="Austen sequences every method is fitted on (default %(default)s)")
+    lm.add_argument("--eval-sequences", type=integer(2), default=64,
+                    help="sequences per validation, test and OOD set (default %(default)s)")
+    lm.add_argument("--length", type=integer(2), default=128, help="tokens per sequence")
+    lm.add_argument("--batch", type=integer(1), default=8, help="sequences per forward pass")
+    lm.add_argument("--seed", type=integer(0), default=0)
+    lm.add_argument("--json", dest="json_path", help="write the record to this file")
+
 
 def _regression(args) -> None:
     methods = parse_methods(args.methods)
@@ -194,6 +210,20 @@ def _classification(args) -> None:
     print(cb.summary_table(results))
 
 
+def _lm(args) -> None:
+    unknown = sorted(set(args.methods) - set(lm_bench.METHODS))
+    if unknown:
+        args.command_parser.error(f"unknown method(s) {unknown}; use {', '.join(lm_bench.METHODS)}")
+    record = lm_bench.run_lm_benchmark(methods=args.methods, n_fit=args.fit_sequences,
+                                       n_eval=args.eval_sequences, length=args.length,
+                                       batch=args.batch, seed=args.seed)
+    record["run"] = run_info(sys.argv)
+    if args.json_path:
+        with atomic_path(args.json_path) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"record written to {args.json_path}")
+
+
 def _demo_config(args) -> DemoConfig:
     gapa_opts = {"layers": args.layers, "k": args.k, "m": args.m,
                  "propagation": args.propagation}
@@ -220,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         {"demo": lambda: run_demo(_demo_config(args)), "regression": lambda: _regression(args),
-         "classification": lambda: _classification(args)}[args.command]()
+         "classification": lambda: _classification(args), "lm": lambda: _lm(args)}[args.command]()
     except GAPAError as exc:
         print(f"gapa-bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ import numpy as np
 
 from gapa.io import atomic_path
 
+from . import lm_report
 from .errors import ReportError
 
 DEFAULT_FILES = ("benchmarks/RESULTS.md", "README.md")
@@ -591,7 +592,8 @@ def _conditioning(paths: Sequence[str], root: Path) -> str:
 #: What each kind generates from its record files.
 KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
     "regression": _regression, "classification": _classification, "summary": _summary,
-    "conditioning": _conditioning,
+    "conditioning": _conditioning, "language": lm_report.language_block,
+    "lm_propagation": lm_report.lm_propagation_block, "lm_speed": lm_report.lm_speed_block,
 }
 
 
