@@ -47,11 +47,12 @@ def monte_carlo_moments(
     NotFittedError
         When ``gm`` is not fitted.
     """
-    return monte_carlo_trace(gm, x, n_samples, generator=generator)[""]
+    return monte_carlo_trace(gm, x, n_samples, generator=generator, modules=False)[""]
 
 
 def monte_carlo_trace(
-    gm: GAPA, x: torch.Tensor, n_samples: int, *, generator: torch.Generator
+    gm: GAPA, x: torch.Tensor, n_samples: int, *, generator: torch.Generator,
+    modules: bool = True,
 ) -> dict[str, Moments]:
     """Return :func:`monte_carlo_moments` for every module's output, keyed as :meth:`GAPA.trace`.
 
@@ -65,6 +66,9 @@ def monte_carlo_trace(
         Samples per input.
     generator : torch.Generator
         Source of the noise, as for :func:`monte_carlo_moments`.
+    modules : bool, default True
+        Whether to record every module's output; ``False`` keeps only the whole model's (``""``),
+        whose memory is one output per sample instead of every activation per sample.
 
     Returns
     -------
@@ -93,8 +97,12 @@ def monte_carlo_trace(
         return out + var.sqrt() * eps
 
     # the recording hooks come after the sampling ones, so they see the sampled outputs
-    with torch.no_grad(), call_sites(gm.model, gm.layers, on_call, on_output), _recording(gm.model, outputs):
-        gm.model(reps)
+    with torch.no_grad(), call_sites(gm.model, gm.layers, on_call, on_output):
+        if modules:
+            with _recording(gm.model, outputs):
+                gm.model(reps)
+        else:
+            outputs.append(("", gm.model(reps)))
     traced: dict[str, Moments] = {}
     for name, out in outputs:
         out = output_tensor(out) if name == "" else out
