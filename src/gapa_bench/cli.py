@@ -154,9 +154,9 @@ def _bench_parsers(sub) -> None:
     lm.set_defaults(command_parser=lm)
     lm.add_argument("--methods", type=_names, default=list(lm_bench.METHODS),
                     help=f"comma-separated, from {', '.join(lm_bench.METHODS)} (default: all)")
-    lm.add_argument("--fit-sequences", type=integer(2), default=256,
+    lm.add_argument("--fit-sequences", type=integer(2), default=128,
                     help="Austen sequences every method is fitted on (default %(default)s)")
-    lm.add_argument("--eval-sequences", type=integer(2), default=64,
+    lm.add_argument("--eval-sequences", type=integer(2), default=32,
                     help="sequences per validation, test and OOD set (default %(default)s)")
     lm.add_argument("--length", type=integer(2), default=128, help="tokens per sequence")
     lm.add_argument("--batch", type=integer(1), default=8, help="sequences per forward pass")
