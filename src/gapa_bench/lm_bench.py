@@ -38,6 +38,7 @@ PRIOR_PRECISIONS = tuple(float(p) for p in np.geomspace(1e-2, 1e6, 9))
 # GAPA's lengthscale factor is not searched here: each factor's variance-scale fit reads every
 # validation logit of a 49k-word vocabulary (about 13 minutes per candidate layer on 2 cores)
 LENGTHSCALE_FACTORS = (1.0,)
+_log = partial(print, flush=True)  # progress lines, seen at once in a redirected log
 KNN_K = 50
 COVERAGES = (0.5, 0.8, 0.9)
 
@@ -372,7 +373,7 @@ def _fit_gapa(model, data: LMData, block: int | None, batch: int, **kw) -> tuple
 
 
 def fit_methods(model, data: LMData, names: Sequence[str], batch: int,
-                log: Callable[[str], None] = partial(print, flush=True),
+                log: Callable[[str], None] = _log,
                 ) -> dict[str, tuple[Method, float]]:
     """Fit every method in ``names``; return each with its fit seconds."""
     fitted: dict[str, tuple[Method, float]] = {}
@@ -444,7 +445,7 @@ METHODS = ("plain", "temperature", "mahalanobis", "knn", "lla_lastlayer", "gapa"
 
 def run_lm_benchmark(*, methods: Sequence[str] = METHODS, n_fit: int = 128, n_eval: int = 32,
                      length: int = 128, batch: int = 8, seed: int = 0,
-                     log: Callable[[str], None] = partial(print, flush=True)) -> dict:
+                     log: Callable[[str], None] = _log) -> dict:
     """Run the benchmark; return its record (config, then one entry per method)."""
     from .language import smollm2
 
