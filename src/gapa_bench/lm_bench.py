@@ -28,7 +28,7 @@ from gapa.moments import Moments
 from gapa.predictive.classification import predict_classes
 
 from .data.text import austen_novels, load_text_set
-from .metrics import ood_report
+from .metrics import ood_report, unit_interval
 
 HELD_OUT = "persuasion"
 OOD_SETS = ("fortunes-de", "fortunes-en", "foldoc")
@@ -271,7 +271,7 @@ def token_metrics(t: Tokens) -> dict:
     wrong = (1 - correct).long()
     for name, score in t.scores.items():
         s = score.flatten()
-        out["error_auroc"][name] = float(binary_auroc(s, wrong))
+        out["error_auroc"][name] = float(binary_auroc(unit_interval(s), wrong))
         order = torch.argsort(s, stable=True)  # most certain first
         hits = correct[order].cumsum(0) / torch.arange(1, s.numel() + 1, dtype=torch.float64)
         sel = {f"acc@{c:g}": float(hits[max(int(c * s.numel()) - 1, 0)]) for c in COVERAGES}

@@ -207,6 +207,18 @@ def classification_report(probs: torch.Tensor, labels: torch.Tensor) -> dict[str
     }
 
 
+def unit_interval(scores: torch.Tensor) -> torch.Tensor:
+    """Map scores monotonically onto [0, 1] (float64), keeping every order and tie.
+
+    torchmetrics reads binary scores outside [0, 1] as logits and applies a sigmoid, which in
+    float32 ties every score above about 17 at 1.0: distances and summed variances then score an
+    AUROC of 0.5 whatever they separate.
+    """
+    s = scores.double()
+    lo, hi = s.min(), s.max()
+    return (s - lo) / (hi - lo) if bool(hi > lo) else torch.zeros_like(s)
+
+
 def ood_report(score_in: torch.Tensor, score_out: torch.Tensor) -> dict[str, float]:
     """AUROC and FPR at 95% TPR of an OOD score (higher = more OOD), with out-of-distribution
     inputs as the positives (method.md): ``fpr95`` is the fraction of in-distribution inputs
@@ -217,7 +229,7 @@ def ood_report(score_in: torch.Tensor, score_out: torch.Tensor) -> dict[str, flo
     (s_out,) = _check(score_out=score_out)
     if s_in.ndim != 1 or s_out.ndim != 1:
         raise InputError(f"OOD scores must be 1-D, got {tuple(s_in.shape)} and {tuple(s_out.shape)}")
-    scores = torch.cat([s_in, s_out])
+    scores = unit_interval(torch.cat([s_in, s_out]))
     target = torch.cat([torch.zeros_like(s_in), torch.ones_like(s_out)]).long()
     fpr, tpr, _ = binary_roc(scores, target)
     return {

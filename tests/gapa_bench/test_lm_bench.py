@@ -158,3 +158,15 @@ def test_smollm2_variance_is_finite_from_an_early_block():
     with torch.no_grad():
         assert torch.equal(out.mean, model(ids[-1:]).logits)
     assert bool(torch.isfinite(out.var).all()) and bool((out.var > 0).any())
+
+
+def test_large_scores_are_not_squashed_by_a_sigmoid():
+    """torchmetrics reads scores outside [0, 1] as logits; distances in the hundreds would all
+    round to 1 after its sigmoid and score 0.5. Separated large scores must score 1."""
+    from gapa_bench.metrics import ood_report
+
+    neg, pos = torch.linspace(100.0, 200.0, 50), torch.linspace(300.0, 400.0, 50)
+    assert ood_report(neg, pos) == {"auroc": 1.0, "fpr95": 0.0}
+    t = lb.Tokens(torch.zeros(1, 4).double(), torch.tensor([[1.0, 0.0, 1.0, 0.0]]).double(),
+                  torch.ones(1, 4).double(), {"d": torch.tensor([[500.0, 900.0, 400.0, 800.0]])})
+    assert lb.token_metrics(t)["error_auroc"]["d"] == 1.0
