@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -334,14 +334,12 @@ def evaluate(method: Method, ids: Tensor, batch: int) -> tuple[Tokens, float, fl
     return Tokens.cat(parts), seconds, mem.extra_mb
 
 
-def _plain_outputs(model, ids: Tensor, batch: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """``(ids, final hidden states, logits)`` per batch."""
-    out = []
+def plain_outputs(model, ids: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield ``(ids, final hidden states, logits)`` of the plain model, batch by batch."""
     for i in range(0, ids.shape[0], batch):
         with torch.no_grad():
             o = model(ids[i:i + batch], output_hidden_states=True)
-        out.append((ids[i:i + batch], o.hidden_states[-1], o.logits))
-    return out
+        yield ids[i:i + batch], o.hidden_states[-1], o.logits
 
 
 def _cached_nll(outputs, probs: Callable[[Tensor, Tensor], Tensor]) -> float:
@@ -353,12 +351,10 @@ def _cached_nll(outputs, probs: Callable[[Tensor, Tensor], Tensor]) -> float:
 def fit_plain_features(model, ids: Tensor, batch: int) -> tuple[Tensor, Tensor]:
     """Final hidden states of every fit token, and the head's GGN diagonal over them."""
     feats, ggn = [], None
-    for i in range(0, ids.shape[0], batch):
-        with torch.no_grad():
-            out = model(ids[i:i + batch], output_hidden_states=True)
-        h = out.hidden_states[-1].reshape(-1, out.hidden_states[-1].shape[-1])
+    for _, hidden, logits in plain_outputs(model, ids, batch):  # the logits are not kept
+        h = hidden.reshape(-1, hidden.shape[-1])
         feats.append(h)
-        part = head_ggn_diagonal(h, out.logits.reshape(-1, out.logits.shape[-1]))
+        part = head_ggn_diagonal(h, logits.reshape(-1, logits.shape[-1]))
         ggn = part if ggn is None else ggn + part
     return torch.cat(feats), ggn
 
@@ -377,13 +373,15 @@ def fit_methods(model, data: LMData, names: Sequence[str], batch: int,
                 ) -> dict[str, tuple[Method, float]]:
     """Fit every method in ``names``; return each with its fit seconds."""
     fitted: dict[str, tuple[Method, float]] = {}
-    start = time.perf_counter()
-    feats, ggn = fit_plain_features(model, data.fit, batch)
-    feature_seconds = time.perf_counter() - start
-    log(f"fit features of {data.fit.numel()} tokens: {feature_seconds:.0f} s")
+    if {"mahalanobis", "knn", "lla_lastlayer"} & set(names):
+        start = time.perf_counter()
+        feats, ggn = fit_plain_features(model, data.fit, batch)
+        feature_seconds = time.perf_counter() - start
+        log(f"fit features of {data.fit.numel()} tokens: {feature_seconds:.0f} s")
     if "plain" in names:
         fitted["plain"] = (Plain(model), 0.0)
-    val = _plain_outputs(model, data.val, batch)  # the candidates of both searches reuse them
+    if {"temperature", "lla_lastlayer"} & set(names):  # both searches reuse these outputs
+        val = list(plain_outputs(model, data.val, batch))
     if "temperature" in names:
         t0 = time.perf_counter()
         nll = {t: _cached_nll(val, lambda h, z, t=t: torch.softmax(z.double() / t, -1))

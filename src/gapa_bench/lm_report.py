@@ -24,12 +24,11 @@ def _load(path: str, root: Path, kind: str) -> dict:
 
 
 def _run(rec: dict, path: str) -> str:
+    from .report import _machine  # report imports this module: read at call time
+
     run = rec.get("run") or {}
-    m = run.get("machine") or {}
-    where = ", ".join(f"{m[k]} {k}" if k in ("cores", "threads") else str(m[k])
-                      for k in ("cpu", "cores", "threads", "gpu") if m.get(k))
-    return (f"Record `{path}`: commit {run.get('commit', '?')}, {run.get('date', '?')}"
-            f"{', ' + where if where else ''}; command `{run.get('command', '?')}`.")
+    return (f"Record `{path}`: commit {run.get('commit', '?')}, {run.get('date', '?')}, "
+            f"{_machine(run.get('machine') or {})}; command `{run.get('command', '?')}`.")
 
 
 def _best_auroc(scores: dict) -> tuple[str, float]:
@@ -111,6 +110,6 @@ def lm_speed_block(paths: Sequence[str], root: Path) -> str:
         lines.append(f"| {r['block']} | {r['gapa_seconds']:.3f} | {r['plain_seconds']:.3f} | "
                      f"{r['ratio']:.2f} | {r['fit_seconds']:.1f} | "
                      f"{r['fit_inference_seconds']:.1f} | {r['fit_ratio']:.2f} |")
-    return (f"Batch 8 x 128, {rec['threads']} threads, best of the repeats; fit on "
+    return (f"Batch 8 x 128, best of the repeats; fit on "
             f"{rec['rows'][0]['fit_tokens']} tokens. " + _run(rec, path) + "\n\n"
             + "\n".join(lines))

@@ -279,12 +279,12 @@ def _scores_var(p: Tensor, q: Tensor, vq: Tensor | None, k: Tensor,
 def _sdpa(tr: VarianceTracker, func, args, kwargs):
     """Attention ``softmax(Q K^T * scale + mask) V`` as one operation.
 
-    The output is the real (fused) function's. Values: ``p^2 @ VV``, exact for independent values. Scores: the independent-operand product
-    rule with each query's keys centred (:func:`_scores_var`), carried to the output by
-    :func:`attention_scores_var`. Both: ``Var(p) @ VV`` with the saturated softmax variance.
-    Uncertain keys or values alone give the first-order diagonal as the variance vanishes;
-    uncertain queries drop the correlation that centring leaves (measured against the Jacobian in
-    the tests).
+    The output is the real (fused) function's. Values: ``p^2 @ VV``, exact for independent
+    values. Scores: the independent-operand product rule with each query's keys centred
+    (:func:`_scores_var`), carried to the output by :func:`attention_scores_var`. Both:
+    ``Var(p) @ VV`` with the saturated softmax variance. Uncertain keys or values alone give the
+    first-order diagonal as the variance vanishes; uncertain queries drop the correlation that
+    centring leaves (measured against the Jacobian in the tests).
     """
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
              "enable_gqa")
