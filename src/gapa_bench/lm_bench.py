@@ -28,7 +28,7 @@ from gapa.moments import Moments
 from gapa.predictive.classification import predict_classes
 
 from .data.text import austen_novels, load_text_set
-from .metrics import ood_report, unit_interval
+from .metrics import _check, ood_report, unit_interval
 
 HELD_OUT = "persuasion"
 OOD_SETS = ("fortunes-de", "fortunes-en", "foldoc")
@@ -260,7 +260,8 @@ def token_metrics(t: Tokens) -> dict:
     """Perplexity, NLL, top-1 ECE and Brier, error-detection AUROC and selective accuracy."""
     from torchmetrics.functional.classification import binary_auroc, binary_calibration_error
 
-    nll, correct, conf = t.nll.flatten(), t.correct.flatten(), t.confidence.flatten()
+    nll, correct, conf = _check(nll=t.nll.flatten(), correct=t.correct.flatten(),
+                                confidence=t.confidence.flatten())  # a NaN raises
     out = {
         "perplexity": float(nll.mean().exp()), "nll": float(nll.mean()),
         "accuracy": float(correct.mean()),
@@ -270,7 +271,7 @@ def token_metrics(t: Tokens) -> dict:
     }
     wrong = (1 - correct).long()
     for name, score in t.scores.items():
-        s = score.flatten()
+        (s,) = _check(**{name: score.flatten()})
         out["error_auroc"][name] = float(binary_auroc(unit_interval(s), wrong))
         order = torch.argsort(s, stable=True)  # most certain first
         hits = correct[order].cumsum(0) / torch.arange(1, s.numel() + 1, dtype=torch.float64)

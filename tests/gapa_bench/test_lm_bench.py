@@ -170,3 +170,13 @@ def test_large_scores_are_not_squashed_by_a_sigmoid():
     t = lb.Tokens(torch.zeros(1, 4).double(), torch.tensor([[1.0, 0.0, 1.0, 0.0]]).double(),
                   torch.ones(1, 4).double(), {"d": torch.tensor([[500.0, 900.0, 400.0, 800.0]])})
     assert lb.token_metrics(t)["error_auroc"]["d"] == 1.0
+
+
+def test_a_non_finite_score_raises_instead_of_scoring_half():
+    """A NaN score would map to a constant and read as AUROC 0.5: it must raise."""
+    from gapa.errors import NonFiniteError
+
+    t = lb.Tokens(torch.zeros(1, 3).double(), torch.tensor([[1.0, 0.0, 1.0]]).double(),
+                  torch.ones(1, 3).double(), {"s": torch.tensor([[1.0, float("nan"), 2.0]])})
+    with pytest.raises(NonFiniteError, match="s has 1 non-finite"):
+        lb.token_metrics(t)
