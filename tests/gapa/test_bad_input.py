@@ -459,3 +459,20 @@ def test_a_variance_that_overflows_is_refused_and_located(propagation, where):
         with pytest.raises(gapa.NonFiniteError, match=where):
             gm(query)
     assert torch.equal(gm.sites["1"].hyperparameters.lengthscale, lengthscale)
+
+
+def test_a_variance_whose_sum_overflows_is_returned():
+    """256 output variances of 1e306 each are finite, and are returned; only their sum
+    overflows, which the finiteness check must not mistake for a non-finite variance."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 256)).double().eval()
+    x = torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    gm = gapa.GAPA(model, ["1"]).fit(x)
+    query = 3 * torch.randn(1, 3, generator=gen, dtype=torch.float64)
+    v0 = gm(query).var[0]
+    with torch.no_grad():  # each output's variance scales with its weight row squared
+        model[2].weight.mul_(torch.sqrt(1e306 / v0).unsqueeze(-1))
+    var = gapa.GAPA(model, ["1"]).fit(x)(query).var  # the head does not enter the fit
+    assert bool(torch.isinf(var.sum())) and bool(torch.isfinite(var).all())
+    torch.testing.assert_close(var[0], torch.full_like(var[0], 1e306), rtol=1e-9, atol=0.0)

@@ -234,3 +234,23 @@ def test_layer_scores_rank_far_inputs_above_training_inputs():
         assert near[key].shape == far[key].shape == (50,)
         assert float(near[key].max()) < 0.05 < float(far[key].min())
         assert float(far[key].max()) <= 1.0
+
+
+def test_lengthscale_quantile_is_that_of_the_nonzero_pairwise_differences():
+    """The per-unit quantile skips zero differences (duplicated rows) and matches numpy's."""
+    import numpy as np
+
+    from gapa.gp.kernels import pairwise_difference_quantile
+
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[:20, 1] = 0.5  # half the rows share one value in unit 1
+    x[:, 4] = 2.0  # no distinct values at all
+    got = pairwise_difference_quantile(x, 0.3, 500, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)  # the same pairs
+    i = torch.randint(40, (500,), generator=g)
+    j = (i + torch.randint(1, 40, (500,), generator=g)) % 40
+    diff = (x[i] - x[j]).abs().numpy()
+    for unit in range(4):
+        d = diff[:, unit]
+        assert got[unit].item() == pytest.approx(np.quantile(d[d > 0], 0.3), rel=1e-12)
+    assert got[4].item() == 0.0

@@ -289,7 +289,12 @@ def test_batched_prediction_equals_one_batch(fitted, backbone, data, monkeypatch
     monkeypatch.setattr(lap, "PREDICT_ELEMENTS", 7 * 3 * 163)  # 7 rows x 3 classes x 163 params
     small = lap.fit_lla_kfac_classifier(backbone, data, seed=0, progress=False, train={})
     x = torch.cat([data.x_val, data.x_test])
-    torch.testing.assert_close(small.predict(x), fitted["kfac"].predict(x), rtol=1e-12, atol=0)
+    variance = fitted["kfac"].ood_scores["logit_variance"]
+    torch.testing.assert_close(small.ood_scores["logit_variance"](x), variance(x), rtol=1e-12,
+                               atol=0)
+    # the variance scale is Brent's minimiser (to 1e-6 in log space) of a validation NLL that
+    # the batching changes in its last bits, so the probabilities agree to that tolerance only
+    torch.testing.assert_close(small.predict(x), fitted["kfac"].predict(x), rtol=1e-6, atol=0)
 
 
 def test_fitted_models_predict_in_any_order(fitted, data):

@@ -107,11 +107,13 @@ def pairwise_difference_quantile(
     n = len(x)
     i = torch.randint(n, (n_pairs,), generator=generator)
     j = (i + torch.randint(1, n, (n_pairs,), generator=generator)) % n
-    diff = (x[i] - x[j]).abs().double()
+    # one contiguous row per unit: nanquantile along the last dimension is about 5x faster
+    # than along the first, with the same result
+    diff = (x[i] - x[j]).abs().double().T.contiguous()
     # duplicated rows say nothing about the spacing of distinct values: on a cache with many
     # copies the plain quantile is 0 and every new point would sit at the prior variance
     diff[diff == 0] = float("nan")
-    return torch.nanquantile(diff, q, dim=0).nan_to_num(0.0).to(x.dtype)
+    return torch.nanquantile(diff, q, dim=1).nan_to_num(0.0).to(x.dtype)
 
 
 def estimate_hyperparameters(
