@@ -1397,7 +1397,7 @@ class GAPA:
         self, x, labels: torch.Tensor, *,
         lengthscale_factors: Sequence[float] | None = LENGTHSCALE_FACTORS,
         method: Method | str = Method.ARGMAX_PRESERVING, batch_size: int | None = BATCH_SIZE,
-        next_token: bool = False, ignore_index: int = -100,
+        next_token: bool = False, ignore_index: int = -100, class_dim: int = -1,
     ) -> VarianceScaleFit:
         """Fit one scale of the logit variance on validation NLL (classification).
 
@@ -1426,6 +1426,9 @@ class GAPA:
             position has no target and the first label none of its own.
         ignore_index : int, default -100
             The label of positions left out (transformers' and PyTorch's convention).
+        class_dim : int, default -1
+            The logits' class axis: ``1`` for a segmentation network's ``(N, C, H, W)``, whose
+            labels are ``(N, H, W)`` (every pixel is scored).
 
         Returns
         -------
@@ -1448,7 +1451,7 @@ class GAPA:
 
         def fit(out: Moments) -> tuple[VarianceScaleFit, float]:
             mean, var, targets = scored_positions(out, labels, batch.mask, next_token=next_token,
-                                                  ignore_index=ignore_index)
+                                                  ignore_index=ignore_index, class_dim=class_dim)
             scale = fit_variance_scale(mean, var, targets, method=method)
             return scale, scale.nll
 
@@ -1540,6 +1543,7 @@ class GAPA:
     def classify(
         self, x: torch.Tensor, *, method: Method | str | None = None,
         ood_score: OODScore | str = OODScore.ENTROPY, batch_size: int | None = BATCH_SIZE,
+        class_dim: int = -1,
     ) -> ClassPrediction:
         """Return class probabilities and per-input uncertainty for inputs ``x``.
 
@@ -1558,6 +1562,9 @@ class GAPA:
             The quantity of ``ood_score`` (:class:`gapa.predictive.classification.OODScore`).
         batch_size : int or None, default BATCH_SIZE
             Rows per forward pass; ``None`` runs all rows at once.
+        class_dim : int, default -1
+            The logits' class axis: ``1`` for a segmentation network, whose scores then come
+            as ``(N, H, W)`` maps (``probs`` keeps ``(N, C, H, W)``).
 
         Returns
         -------
@@ -1582,7 +1589,8 @@ class GAPA:
                 "gm.calibrate_classifier(val_x, val_labels) first (or use gm(x) for the raw "
                 "logit moments)")
         return predict_classes(self.moments(x, batch_size), method or fitted.method,
-                               ood_score=ood_score, variance_scale=fitted.scale)
+                               ood_score=ood_score, variance_scale=fitted.scale,
+                               class_dim=class_dim)
 
     def _rescale_lengthscales(self, factor: float) -> None:
         for site in self._sites.values():

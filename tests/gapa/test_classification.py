@@ -491,3 +491,50 @@ def test_bad_labels_and_options_raise_typed_errors():
         monte_carlo(mu, var, 10, generator=0)  # type: ignore[arg-type]
     with pytest.raises(InputError, match=r"gapa\.Moments"):
         predict_classes((mu, var))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- class axis
+
+
+def test_class_dim_moves_the_class_axis_and_nothing_else():
+    """(N, C, H, W) logits with ``class_dim=1`` give exactly the class-last results, with
+    ``probs`` keeping the class axis at 1 and every score an (N, H, W) map."""
+    mu = _logits(2 * 5 * 6, 4, seed=40).reshape(2, 5, 6, 4)
+    var = _hetero_var(2 * 5 * 6, 4, seed=41).reshape(2, 5, 6, 4)
+    last = Moments(mu, var)
+    first = Moments(mu.movedim(-1, 1).contiguous(), var.movedim(-1, 1).contiguous())
+    for method in ("argmax_preserving", "probit", "laplace_bridge"):
+        want = predict_classes(last, method, ood_score="total_variance")
+        got = predict_classes(first, method, ood_score="total_variance", class_dim=1)
+        assert got.probs.shape == (2, 4, 5, 6)
+        assert torch.equal(got.probs, want.probs.movedim(-1, 1))
+        for field in ("predicted", "predictive_entropy", "total_logit_variance",
+                      "predicted_logit_variance", "ood_score"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+            assert getattr(got, field).shape == (2, 5, 6)
+        if method == "laplace_bridge":
+            assert torch.equal(got.concentration, want.concentration.movedim(-1, 1))
+    # a negative axis names the same dimension
+    assert torch.equal(predict_classes(first, class_dim=-3).probs,
+                       predict_classes(first, class_dim=1).probs)
+
+
+@pytest.mark.parametrize("class_dim", [4, -5, 1.0, True])
+def test_class_dim_outside_the_logits_is_refused(class_dim):
+    m = Moments(torch.zeros(2, 3, 4, 4, dtype=F64), torch.ones(2, 3, 4, 4, dtype=F64))
+    with pytest.raises(InputError, match="class_dim"):
+        predict_classes(m, class_dim=class_dim)
+
+
+def test_scored_positions_with_the_class_axis_first():
+    from gapa.predictive.classification import scored_positions
+
+    mu = _logits(3 * 4 * 4, 5, seed=42).reshape(3, 4, 4, 5)
+    var = _hetero_var(3 * 4 * 4, 5, seed=43).reshape(3, 4, 4, 5)
+    labels = torch.randint(5, (3, 4, 4), generator=_gen(44))
+    labels[0, 0, 0] = -100
+    want = scored_positions(Moments(mu, var), labels)
+    got = scored_positions(Moments(mu.movedim(-1, 1), var.movedim(-1, 1)), labels, class_dim=1)
+    assert len(got[0]) == 3 * 16 - 1
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

@@ -35,6 +35,7 @@ __all__ = [
     "OODScore",
     "TemperatureFit",
     "VarianceScaleFit",
+    "classes_last",
     "fit_temperature",
     "fit_variance_scale",
     "laplace_bridge",
@@ -237,6 +238,35 @@ def _check_scale(variance_scale: float) -> float:
     if not (math.isfinite(c) and c >= 0.0):
         raise ConfigurationError(f"variance_scale must be finite and >= 0, got {variance_scale!r}")
     return c
+
+
+def classes_last(moments: Moments, class_dim: int) -> Moments:
+    """Return ``moments`` with the class axis ``class_dim`` moved last (a view, no copy).
+
+    Dense outputs carry their classes elsewhere: a segmentation network's logits are
+    ``(N, C, H, W)``, its classes at ``class_dim=1``.
+
+    Raises
+    ------
+    InputError
+        ``class_dim`` not an int, or outside the logits' dimensions.
+    """
+    if not isinstance(moments, Moments):
+        raise InputError(f"moments must be a gapa.Moments, got {type(moments).__name__}")
+    if isinstance(class_dim, bool) or not isinstance(class_dim, int):
+        raise InputError(f"class_dim must be an int, got {type(class_dim).__name__}")
+    if class_dim == -1:
+        return moments
+    mean, var = (_check_tensor(n, t) for n, t in (("mean", moments.mean), ("var", moments.var)))
+    if not -mean.dim() <= class_dim < mean.dim():
+        raise InputError(f"class_dim={class_dim} is outside the logits' dimensions "
+                         f"{tuple(mean.shape)}")
+    if class_dim == mean.dim() - 1:
+        return moments
+    if var.dim() != mean.dim():
+        raise InputError(f"shape mismatch (broadcasting is not allowed): mean{tuple(mean.shape)}, "
+                         f"var{tuple(var.shape)}")
+    return Moments(mean.movedim(class_dim, -1), var.movedim(class_dim, -1))
 
 
 # --------------------------------------------------------------------------- predictives
@@ -514,6 +544,7 @@ def predict_classes(
     variance_scale: float = 1.0,
     n_samples: int = 1000,
     generator: torch.Generator | None = None,
+    class_dim: int = -1,
 ) -> ClassPrediction:
     """Class probabilities and per-input uncertainty from GAPA's logit moments.
 
@@ -537,6 +568,10 @@ def predict_classes(
         Samples of ``method="monte_carlo"``.
     generator : torch.Generator or None, default None
         Source of the samples of ``method="monte_carlo"`` (see :func:`monte_carlo`).
+    class_dim : int, default -1
+        The class axis of the moments: ``1`` for a segmentation network's ``(N, C, H, W)``
+        logits. ``probs`` (and ``concentration``) keep it there; every other field has the
+        remaining shape, ``(N, H, W)`` maps for a segmentation network.
 
     Returns
     -------
@@ -548,15 +583,15 @@ def predict_classes(
     InputError
         When ``moments`` is not a :class:`gapa.Moments` or its tensors are not valid logit
         moments (as for :func:`probit`); for ``"laplace_bridge"`` also a variance of 0, for
-        ``"monte_carlo"`` a bad ``generator`` (see :func:`monte_carlo`).
+        ``"monte_carlo"`` a bad ``generator`` (see :func:`monte_carlo`), or a ``class_dim``
+        outside the logits' dimensions.
     NonFiniteError
         NaN or Inf in the moments, or ``variance_scale * var`` overflows.
     ConfigurationError
         An unknown ``method`` or ``ood_score``, a negative or non-finite ``variance_scale``, or
         (``"monte_carlo"``) an ``n_samples`` that is not a positive int.
     """
-    if not isinstance(moments, Moments):
-        raise InputError(f"moments must be a gapa.Moments, got {type(moments).__name__}")
+    moments = classes_last(moments, class_dim)
     method = parse_enum(Method, method, "method")
     kind = parse_enum(OODScore, ood_score, "ood_score")
     c = _check_scale(variance_scale)
@@ -585,6 +620,9 @@ def predict_classes(
         OODScore.PREDICTED_VARIANCE: predicted_var,
         OODScore.MAX_PROB: 1.0 - probs.amax(-1),
     }[kind]
+    if class_dim not in (-1, mean.dim() - 1):
+        probs = probs.movedim(-1, class_dim)
+        concentration = None if concentration is None else concentration.movedim(-1, class_dim)
     return ClassPrediction(
         probs=probs,
         predicted=predicted,
@@ -648,20 +686,22 @@ def _check_bounds(bounds: tuple[float, float], name: str) -> tuple[float, float]
 
 def scored_positions(
     out: Moments, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
-    next_token: bool = False, ignore_index: int = -100,
+    next_token: bool = False, ignore_index: int = -100, class_dim: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return the logit moments and labels of the positions that are scored, as ``(n, C)``.
 
     With ``next_token`` the logits at position ``t`` are scored against ``labels[:, t + 1]``
     (a causal language model, labels being the input ids). A label ``ignore_index``, or a
-    target position that ``mask`` marks as padding (0), is left out.
+    target position that ``mask`` marks as padding (0), is left out. ``class_dim`` is the
+    logits' class axis (``1`` for ``(N, C, H, W)`` maps, whose labels are ``(N, H, W)``).
 
     Raises
     ------
     InputError
-        Labels that are not integers of the logits' batch shape, a mask of another shape, or
-        no position left to score.
+        Labels that are not integers of the logits' batch shape, a mask of another shape, a
+        ``class_dim`` outside the logits' dimensions, or no position left to score.
     """
+    out = classes_last(out, class_dim)
     mean, var = out.mean, out.var
     labels = _check_label_shape(labels, mean)
     keep = labels != ignore_index
