@@ -1,5 +1,6 @@
 """Figures: the demo's (where GAPA's variance comes from, and what it buys on the test set) and
-the classification benchmark's (reliability, OOD scores, rotation curves)."""
+the classification benchmark's (reliability, OOD scores, rotation curves) and the segmentation
+scenes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.colors
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -129,6 +132,39 @@ def _rotation_curves(path: Path, results, title: str) -> Path:
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def scenes_figure(path: Path, scenes: dict[str, tuple[np.ndarray, np.ndarray]],
+                  class_names: tuple[str, ...], per_set: int = 3) -> Path:
+    """A grid of composed scenes (top row of each pair) over their label maps (bottom), a few per
+    set; unknown objects (label < 0) are drawn white in the label map."""
+    n = per_set * len(scenes)
+    fig, axes = plt.subplots(2, n, figsize=(1.7 * n, 3.8), squeeze=False)
+    colors = [plt.get_cmap("tab20")(k) for k in range(len(class_names))] + [(1.0, 1.0, 1.0, 1.0)]
+    cmap = matplotlib.colors.ListedColormap(colors)
+    col = 0
+    for name, (images, labels) in scenes.items():
+        for i in range(per_set):
+            axes[0, col].imshow(images[i], cmap="gray", vmin=0, vmax=1)
+            axes[0, col].set_title(f"{name} {i}", fontsize=8)
+            shown = np.where(labels[i] < 0, len(class_names), labels[i])
+            axes[1, col].imshow(shown, cmap=cmap, vmin=-0.5, vmax=len(class_names) + 0.5,
+                                interpolation="nearest")
+            col += 1
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [matplotlib.patches.Patch(color=cmap(k), label=c) for k, c in enumerate(class_names)]
+    handles.append(matplotlib.patches.Patch(color=cmap(len(class_names)), label="unknown (OOD)"))
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.18)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
