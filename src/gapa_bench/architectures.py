@@ -89,10 +89,12 @@ class UNet(nn.Module):
 
     Two 2x2 max-pool downsamplings (widths 16/32, bottleneck 64), 2x2 stride-2 transposed
     convolutions to upsample, and skip connections joined by ``torch.cat`` so fine detail of
-    the encoder reaches the decoder. Height and width must be divisible by 4 (28 is)."""
+    the encoder reaches the decoder. Height and width must be divisible by 4 (28 is). With
+    ``dropout > 0``, channel dropout (``nn.Dropout2d``) follows the bottleneck and the last
+    decoder block (the MC-dropout baseline's network); without it there are no dropout modules."""
 
     def __init__(self, num_classes: int = 2, in_channels: int = 1,
-                 widths: tuple[int, int, int] = (16, 32, 64)):
+                 widths: tuple[int, int, int] = (16, 32, 64), dropout: float = 0.0):
         super().__init__()
         if num_classes < 1 or in_channels < 1:
             raise ConfigurationError(
@@ -108,6 +110,8 @@ class UNet(nn.Module):
         self.up1 = nn.ConvTranspose2d(w2, w1, 2, stride=2)
         self.dec1 = DoubleConv(2 * w1, w1)
         self.head = nn.Conv2d(w1, num_classes, 1)
+        self.drop_b = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.drop_d = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] % 4 or x.shape[-2] % 4:
@@ -117,7 +121,7 @@ class UNet(nn.Module):
             )
         e1 = self.enc1(x)
         e2 = self.enc2(self.pool1(e1))
-        b = self.bottleneck(self.pool2(e2))
+        b = self.drop_b(self.bottleneck(self.pool2(e2)))
         d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))
-        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        d1 = self.drop_d(self.dec1(torch.cat([self.up1(d2), e1], dim=1)))
         return self.head(d1)

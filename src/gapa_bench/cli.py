@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,13 +17,14 @@ from gapa.errors import GAPAError
 from gapa.io import atomic_path
 
 from . import classification_bench as cb
-from . import lm_bench, report
+from . import lm_bench, report, segmentation_bench
 from .bench import GAPA_DEFAULT, METHODS, parse_methods, run_benchmark, summary_table
 from .classifiers import ARCHITECTURES
 from .data import DATASETS, load_csv, load_dataset
 from .data.images import load_fashion_mnist, subset
+from .data.scenes import load_scenes
 from .demo import DemoConfig, run_demo
-from .plotting import classification_figures
+from .plotting import classification_figures, scenes_figure
 from .provenance import run_info
 
 CLASS_METHODS = cb.METHODS
@@ -150,6 +152,23 @@ def _bench_parsers(sub) -> None:
     c.add_argument("--figures", help="folder for the reliability, OOD-score and rotation figures")
     c.add_argument("--no-progress", dest="progress", action="store_false")
 
+    sg = sub.add_parser("segmentation", help="per-pixel uncertainty of a frozen U-Net on "
+                        "composed Fashion-MNIST scenes")
+    sg.set_defaults(command_parser=sg)
+    sg.add_argument("--methods", type=_names, default=list(segmentation_bench.METHODS),
+                    help=f"comma-separated, from {', '.join(segmentation_bench.METHODS)} "
+                    "(default: all)")
+    sg.add_argument("--seeds", type=integer(1), default=3, help="seeds 0..N-1 (default %(default)s)")
+    sg.add_argument("--side", type=integer(56), default=64, help="scene side in pixels")
+    sg.add_argument("--train-scenes", type=integer(1), default=3000)
+    sg.add_argument("--val-scenes", type=integer(1), default=300)
+    sg.add_argument("--test-scenes", type=integer(1), default=300)
+    sg.add_argument("--ood-scenes", type=integer(1), default=200,
+                    help="scenes per unknown kind (MNIST digits, photo patches)")
+    sg.add_argument("--json", dest="json_path", help="write one record per method and seed")
+    sg.add_argument("--figures", help="folder for the figure of scenes and label maps")
+    sg.add_argument("--no-progress", dest="progress", action="store_false")
+
     lm = sub.add_parser("lm", help="token-level uncertainty of SmolLM2-135M on Jane Austen")
     lm.set_defaults(command_parser=lm)
     lm.add_argument("--methods", type=_names, default=list(lm_bench.METHODS),
@@ -210,6 +229,28 @@ def _classification(args) -> None:
     print(cb.summary_table(results))
 
 
+def _segmentation(args) -> None:
+    unknown = sorted(set(args.methods) - set(segmentation_bench.METHODS))
+    if unknown:
+        args.command_parser.error(
+            f"unknown method(s) {unknown}; use {', '.join(segmentation_bench.METHODS)}")
+    sizes = {"side": args.side, "n_train": args.train_scenes, "n_val": args.val_scenes,
+             "n_test": args.test_scenes, "n_ood": args.ood_scenes}
+    if args.figures:
+        data = load_scenes(seed=0, **{**sizes, "n_train": 8, "n_val": 8, "n_test": 8,
+                                      "n_ood": 8})
+        sets = {"train": data.train, "test": data.test,
+                **{f"OOD {k}": v for k, v in data.ood.items()}}
+        path = scenes_figure(Path(args.figures) / "segmentation-scenes.png",
+                             {k: (v.images[:, 0].numpy(), v.labels.numpy())
+                              for k, v in sets.items()}, data.classes)
+        print(f"figure: {path}")
+    segmentation_bench.run_benchmark(args.methods, args.seeds, progress=args.progress,
+                                     json_path=args.json_path, **sizes)
+    if args.json_path:
+        print(f"records written to {args.json_path}")
+
+
 def _lm(args) -> None:
     unknown = sorted(set(args.methods) - set(lm_bench.METHODS))
     if unknown:
@@ -250,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         {"demo": lambda: run_demo(_demo_config(args)), "regression": lambda: _regression(args),
-         "classification": lambda: _classification(args), "lm": lambda: _lm(args)}[args.command]()
+         "classification": lambda: _classification(args), "lm": lambda: _lm(args),
+         "segmentation": lambda: _segmentation(args)}[args.command]()
     except GAPAError as exc:
         print(f"gapa-bench: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,468 @@
+"""``gapa-bench segmentation``: GAPA and its peers on a frozen U-Net, per pixel, over seeds.
+
+Every method maps scenes ``(N, 1, H, W)`` to per-pixel class probabilities ``(N, C, H, W)`` and
+is scored on the pixels of the test scenes (accuracy, mIoU, NLL, ECE, Brier), on the pixels of
+the out-of-distribution scenes (AUROC and FPR at 95% TPR, the unknown objects' pixels against
+every other pixel of the same scenes, by every score the method has) and on shifted test scenes
+(NLL and ECE against the strength of noise, blur and contrast loss). As in the classification
+benchmark (:mod:`gapa_bench.classification_bench`), every method with logit moments gets one
+variance scale fitted on validation NLL and the argmax-preserving predictive, so that no
+predicted label changes; every choice is made on validation from candidates declared here.
+
+Methods: ``map``; ``temperature``; ``mc_dropout`` (the U-Net trained with channel dropout);
+``ensemble`` (five U-Nets); ``lla_lastlayer`` (linearised Laplace on the 1x1-convolution head, a
+linear layer per pixel, with the full posterior of its weights: laplace-torch cannot predict a
+segmentation network, its issue #111, so the GLM predictive is computed here); ``knn`` (Sun et
+al.'s k-th neighbour distance of the normalised head features); ``gapa`` (layer chosen on
+validation), ``gapa_default`` (``GAPA(unet).fit(x)``, untouched) and ``gapa_prior`` (no
+conditioning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from gapa.core import GAPA
+from gapa.errors import ConfigurationError
+from gapa.gp.search import NeighbourIndex
+from gapa.moments import Moments
+from gapa.predictive.classification import (
+    ClassPrediction,
+    VarianceScaleFit,
+    fit_temperature,
+    fit_variance_scale,
+    predict_classes,
+)
+
+from . import bench
+from .backbones import training_seconds
+from .baselines import Fitted
+from .baselines.ensemble import member_seeds
+from .baselines.scores import LOGIT_METHOD, MemberAverage, check_ood_scores, last_pass
+from .bench import write_records
+from .data.scenes import IGNORE, SHIFTS, SceneData, load_scenes, shifted
+from .metrics import classification_report, ood_report
+from .provenance import run_info
+from .segmenters import MC_DROPOUT_P, cached_segmenter, mean_iou, segment_logits
+from .selection import Selection, select
+
+#: GAPA's candidate layers, chosen on calibrated validation NLL: the last ReLU of the last
+#: decoder block (the library's default) and of the block before it (half the resolution).
+GAPA_LAYER_CANDIDATES = {"layers": [["dec1.5"], ["dec2.5"]]}
+#: Dropout passes of MC dropout, members of the ensemble.
+MC_SAMPLES = 16
+ENSEMBLE_MEMBERS = 5
+#: kNN: Sun et al.'s k, and how many training pixels are indexed (a seeded random subset).
+KNN_K = 50
+KNN_BANK = 50_000
+#: Last-layer Laplace: training pixels whose GGN is summed (a seeded random subset, scaled to
+#: the whole training set) and the prior precisions tried, relative to the GGN's mean eigenvalue.
+LAPLACE_PIXELS = 200_000
+LAPLACE_PRIOR_GRID = tuple(10.0 ** k for k in range(-4, 5))
+#: Scenes per forward pass.
+BATCH = 32
+#: Test scenes the shift curves are measured on, and the strengths.
+SHIFT_SCENES = 100
+SHIFT_STRENGTHS = (1, 2, 3, 4, 5)
+
+
+def _pixels(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` to ``(N * H * W, C)``."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1])
+
+
+def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([fn(xb) for xb in x.split(BATCH)])
+
+
+def head_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The U-Net's logits ``(N, C, H, W)`` and the features its 1x1 head reads, in one pass."""
+    seen = []
+    hook = model.head.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            out = [(model(xb), seen.pop()) for xb in x.split(BATCH)]
+    finally:
+        hook.remove()
+    return torch.cat([o for o, _ in out]), torch.cat([f for _, f in out])
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _softmax_fitted(logits: Callable[[torch.Tensor], torch.Tensor], info: dict | None = None,
+                    **scores) -> Fitted:
+    return Fitted(lambda x: torch.softmax(logits(x), 1), info=info or {}, ood_scores=scores)
+
+
+def fit_map(model: nn.Module, data: SceneData, **_) -> Fitted:
+    """The frozen U-Net's softmax per pixel."""
+    return _softmax_fitted(lambda x: segment_logits(model, x))
+
+
+def fit_temperature_scaling(model: nn.Module, data: SceneData, **_) -> Fitted:
+    """One temperature for every pixel, fitted on the validation pixels' NLL."""
+    fit = fit_temperature(_pixels(segment_logits(model, data.val.images)),
+                          data.val.labels.reshape(-1))
+    return _softmax_fitted(lambda x: segment_logits(model, x) / fit.temperature,
+                           {"temperature": fit.temperature})
+
+
+def _dropout_average(model: nn.Module, x: torch.Tensor, samples: int, seed: int) -> MemberAverage:
+    """``samples`` passes with the dropout modules in train mode (batch norm stays in eval),
+    seeded without touching the caller's random state; classes last for the average."""
+    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    if not drops:
+        raise ConfigurationError(f"{type(model).__name__} has no dropout module to sample")
+    average = MemberAverage()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for m in drops:
+            m.train()
+        try:
+            for _ in range(samples):
+                average.add(torch.softmax(_batched(model, x), 1).movedim(1, -1))
+        finally:
+            for m in drops:
+                m.eval()
+    return average
+
+
+def _averaged(average: Callable[[torch.Tensor], MemberAverage], info: dict) -> Fitted:
+    passes = last_pass(average)
+    return Fitted(lambda x: passes(x).probs.movedim(-1, 1), info=info,
+                  ood_scores={"mutual_information": lambda x: passes(x).mutual_information})
+
+
+def fit_mc_dropout(model: nn.Module, data: SceneData, *, seed: int, progress: bool, **_) -> Fitted:
+    """The U-Net trained with channel dropout :data:`MC_DROPOUT_P` (cached), averaged over
+    :data:`MC_SAMPLES` seeded masks; its score is the mutual information."""
+    net, path, trained = cached_segmenter(data, seed=seed, dropout=MC_DROPOUT_P, progress=progress)
+    fitted = _averaged(lambda x: _dropout_average(net, x, MC_SAMPLES, seed),
+                       {"p": MC_DROPOUT_P, "samples": MC_SAMPLES, "trained_now": trained})
+    fitted.fit_s = training_seconds(path)
+    return fitted
+
+
+def fit_ensemble(model: nn.Module, data: SceneData, *, seed: int, progress: bool, **_) -> Fitted:
+    """:data:`ENSEMBLE_MEMBERS` U-Nets (the seed's own and others, cached), their softmax
+    averaged; the score is the mutual information. ``fit_s`` sums their training times."""
+    members, seconds = [], 0.0
+    for s in member_seeds(seed, ENSEMBLE_MEMBERS):
+        net, path, _ = cached_segmenter(data, seed=s, progress=progress)
+        members.append(net)
+        seconds += training_seconds(path) or math.nan
+
+    def average(x: torch.Tensor) -> MemberAverage:
+        out = MemberAverage()
+        for net in members:
+            out.add(torch.softmax(segment_logits(net, x), 1).movedim(1, -1))
+        return out
+
+    fitted = _averaged(average, {"members": ENSEMBLE_MEMBERS})
+    fitted.fit_s = seconds
+    return fitted
+
+
+def _logit_fitted(moments: Callable[[torch.Tensor], Moments], data: SceneData, info: dict,
+                  val: Moments | None = None) -> Fitted:
+    """Probabilities and summed raw logit variance at the variance scale fitted on the
+    validation pixels (the classification benchmark's calibration, per pixel)."""
+    val = moments(data.val.images) if val is None else val
+    fit: VarianceScaleFit = fit_variance_scale(_pixels(val.mean), _pixels(val.var),
+                                               data.val.labels.reshape(-1), method=LOGIT_METHOD)
+
+    @last_pass
+    def classify(x: torch.Tensor) -> ClassPrediction:
+        return predict_classes(moments(x), LOGIT_METHOD, variance_scale=fit.scale, class_dim=1)
+
+    info.update(variance_scale=fit.scale, val_nll=fit.nll, val_nll_map=fit.map_nll,
+                predictive=LOGIT_METHOD.value)
+    return Fitted(lambda x: classify(x).probs, info=info,
+                  ood_scores={"logit_variance": lambda x: classify(x).total_logit_variance})
+
+
+def _with_bias(features: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` head features with a 1 appended: the bias is the last weight."""
+    return torch.cat([features, torch.ones_like(features[:, :1])], 1)
+
+
+def last_layer_ggn(probs: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The GGN of the softmax cross-entropy in the weights ``W (C x (d+1))`` of a linear head,
+    summed over pixels: ``sum_n (diag(p_n) - p_n p_n^T) kron phi_n phi_n^T``, weights ordered
+    class-major (float64; ``probs (n, C)``, ``features (n, d+1)``)."""
+    p, f = probs.double(), features.double()
+    n_classes, d = p.shape[1], f.shape[1]
+    blocks = torch.einsum("nc,ni,nj->cij", p, f, f)  # the diag(p) part, one block per class
+    ggn = torch.block_diag(*blocks)
+    u = (p[:, :, None] * f[:, None, :]).reshape(len(p), n_classes * d)  # p kron phi
+    return ggn - u.T @ u
+
+
+def head_logit_variance(features: torch.Tensor, sigma: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``diag(J Sigma J^T)`` per pixel for the head's Jacobian ``J = I_C kron phi^T``: each
+    class reads its own block of the weight posterior, ``var_c = phi^T Sigma_cc phi``
+    (``features (n, d+1)``, ``sigma`` class-major; float64, ``(n, C)``)."""
+    d = features.shape[1]
+    blocks = torch.stack([sigma[c * d:(c + 1) * d, c * d:(c + 1) * d] for c in range(n_classes)])
+    phi = features.double()
+    return torch.einsum("ni,cij,nj->nc", phi, blocks, phi).clamp_min(0.0)
+
+
+def fit_lla_lastlayer(model: nn.Module, data: SceneData, *, seed: int, **_) -> Fitted:
+    """Linearised Laplace on the 1x1 head, whose weights act on each pixel's features as one
+    linear layer: GLM logit mean (the network's own) and variance
+    ``var_c = phi^T Sigma_cc phi`` with the full posterior ``Sigma = (GGN + delta I)^-1``. The
+    GGN sums a seeded subset of :data:`LAPLACE_PIXELS` training pixels scaled to all of them;
+    ``delta`` is chosen on validation NLL (after the variance scale) from
+    :data:`LAPLACE_PRIOR_GRID` times the GGN's mean eigenvalue."""
+    gen = torch.Generator().manual_seed(seed)
+    logits, feats = head_features(model, data.train.images)
+    n_pixels = logits.shape[0] * logits.shape[2] * logits.shape[3]
+    pick = torch.randperm(n_pixels, generator=gen)[:LAPLACE_PIXELS]
+    probs = torch.softmax(_pixels(logits)[pick].double(), -1)
+    ggn = last_layer_ggn(probs, _with_bias(_pixels(feats)[pick])) * (n_pixels / len(pick))
+    n_classes = logits.shape[1]
+    scale = float(torch.diagonal(ggn).mean())
+    eye = torch.eye(len(ggn), dtype=torch.float64)
+
+    def moments_at(delta: float) -> Callable[[torch.Tensor], Moments]:
+        sigma = torch.linalg.inv(ggn + delta * eye)
+
+        def moments(x: torch.Tensor) -> Moments:
+            out, f = head_features(model, x)
+            var = head_logit_variance(_with_bias(_pixels(f)), sigma, n_classes)
+            var = var.to(out.dtype).reshape(out.shape[0], *out.shape[2:], n_classes)
+            return Moments(out, var.movedim(-1, 1))
+
+        return moments
+
+    def fit(setting: dict) -> tuple[float, Fitted]:
+        fitted = _logit_fitted(moments_at(setting["prior"] * scale), data,
+                               {"prior_precision": setting["prior"] * scale,
+                                "ggn_pixels": len(pick), "train_pixels": n_pixels})
+        return fitted.info["val_nll"], fitted
+
+    fitted, selection = select({"prior": list(LAPLACE_PRIOR_GRID)}, fit)
+    fitted.info["selection"] = selection.record()
+    return fitted
+
+
+def fit_knn(model: nn.Module, data: SceneData, *, seed: int, **_) -> Fitted:
+    """The MAP softmax, and the distance of each pixel's normalised head features to its
+    :data:`KNN_K`-th nearest among :data:`KNN_BANK` random training pixels (exact faiss)."""
+    _, feats = head_features(model, data.train.images)
+    bank = _pixels(feats)
+    pick = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:KNN_BANK]
+    index = NeighbourIndex(_unit(bank[pick]), "faiss")
+
+    @last_pass
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, f = head_features(model, x)
+        return out, f
+
+    def distance(x: torch.Tensor) -> torch.Tensor:
+        out, f = forward(x)
+        q = _unit(_pixels(f))
+        kth = index.points[index.search(q, KNN_K)[:, -1]]
+        return (q - kth).norm(dim=1).reshape(out.shape[0], *out.shape[2:])
+
+    selection = Selection({"k": [KNN_K]}, [({"k": KNN_K}, None)], {"k": KNN_K},
+                          "declared (k changes only the OOD score; no validation data judges it)")
+    return Fitted(lambda x: torch.softmax(forward(x)[0], 1), ood_scores={"distance": distance},
+                  info={"k": KNN_K, "n_index": len(pick), "selection": selection.record()})
+
+
+def _unit(z: torch.Tensor) -> torch.Tensor:
+    return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
+    @last_pass
+    def classify(x: torch.Tensor) -> ClassPrediction:
+        return gm.classify(x, class_dim=1, batch_size=BATCH)
+
+    info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m, "queries": gm.queries.value,
+            "conditioning": gm.config.conditioning.value, "propagation": gm.propagation,
+            "lengthscale_factor": gm.lengthscale_factor, "variance_scale": fit.scale,
+            "val_nll": fit.nll, "val_nll_map": fit.map_nll, "predictive": fit.method.value, **info}
+    return Fitted(lambda x: classify(x).probs, info=info, handle=gm,
+                  ood_scores={"logit_variance": lambda x: classify(x).total_logit_variance})
+
+
+def _fit_calibrated(model: nn.Module, data: SceneData, *, seed: int, progress: bool,
+                    **options) -> tuple[GAPA, VarianceScaleFit]:
+    gm = GAPA(model, seed=seed, **options).fit(data.train.images, progress=progress)
+    return gm, gm.calibrate_classifier(data.val.images, data.val.labels, class_dim=1,
+                                       batch_size=BATCH)
+
+
+def fit_gapa(model: nn.Module, data: SceneData, *, seed: int = 0, progress: bool = False,
+             candidates=GAPA_LAYER_CANDIDATES, **fixed) -> Fitted:
+    """GAPA at each candidate layer, fitted on the training scenes and calibrated on the
+    validation pixels; the lowest calibrated validation NLL is kept."""
+    def fit(setting: dict) -> tuple[float, tuple[GAPA, VarianceScaleFit]]:
+        gm, cal = _fit_calibrated(model, data, seed=seed, progress=progress, **fixed, **setting)
+        return cal.nll, (gm, cal)
+
+    (gm, cal), selection = select(candidates, fit)
+    return _gapa_fitted(gm, cal, {"selection": selection.record()})
+
+
+def fit_gapa_default(model: nn.Module, data: SceneData, *, seed: int = 0,
+                     progress: bool = False, **_) -> Fitted:
+    """``GAPA(unet).fit(x)`` and the calibration, nothing chosen."""
+    return _gapa_fitted(*_fit_calibrated(model, data, seed=seed, progress=progress), {})
+
+
+METHODS: dict[str, Callable[..., Fitted]] = {
+    "map": fit_map,
+    "temperature": fit_temperature_scaling,
+    "mc_dropout": fit_mc_dropout,
+    "ensemble": fit_ensemble,
+    "lla_lastlayer": fit_lla_lastlayer,
+    "knn": fit_knn,
+    "gapa": fit_gapa,
+    "gapa_default": fit_gapa_default,
+    "gapa_prior": partial(fit_gapa, conditioning="prior"),
+}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class SegResult:
+    """One method on one seed: the pixel metrics, OOD per set and score, the shift curves."""
+
+    method: str
+    seed: int
+    accuracy: float
+    miou: float
+    nll: float
+    ece: float
+    brier: float
+    ood_scores: dict[str, dict[str, dict[str, float]]]
+    shift: dict[str, dict[int, dict[str, float]]]
+    fit_s: float
+    test_s: float
+    batch_s: float
+    plain_batch_s: float
+    own_score: str | None = None
+    info: dict = field(default_factory=dict)
+    data: str = ""
+    run: dict | None = None
+
+    def record(self) -> dict:
+        return {"kind": "segmentation", **{k: getattr(self, k) for k in (
+            "data", "method", "seed", "accuracy", "miou", "nll", "ece", "brier", "ood_scores",
+            "own_score", "shift", "fit_s", "test_s", "batch_s", "plain_batch_s", "info", "run")}}
+
+
+def _pixel_report(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    keep = labels.reshape(-1) != IGNORE
+    return classification_report(_pixels(probs)[keep], labels.reshape(-1)[keep])
+
+
+def _best_of(fn: Callable[[], object], repeats: int = 3) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_method(name: str, model: nn.Module, data: SceneData, *, seed: int,
+               progress: bool = False) -> SegResult:
+    """Fit, then score on the test, OOD and shifted scenes. ``test_s`` is one pass over the
+    test scenes giving the probabilities and every score; ``batch_s`` the best of three such
+    passes over one batch of :data:`BATCH` scenes, ``plain_batch_s`` the U-Net's own forward
+    on the same batch, timed in the same process."""
+    t0 = time.perf_counter()
+    fitted = METHODS[name](model, data, seed=seed, progress=progress)
+    fit_s = time.perf_counter() - t0 if fitted.fit_s is None else fitted.fit_s
+    own = check_ood_scores(fitted.ood_scores)
+
+    def score(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        probs = fitted.predict(x)
+        entropy = -torch.special.xlogy(probs, probs).sum(1)
+        out = {"entropy": entropy, "max_prob": 1.0 - probs.amax(1)}
+        out.update({k: f(x) for k, f in fitted.ood_scores.items()})
+        return probs, out
+
+    batch = data.test.images[:BATCH]
+    score(batch[:2].clone())  # warm-up
+    batch_s = _best_of(lambda: score(batch.clone()))
+    plain_batch_s = _best_of(lambda: segment_logits(model, batch))
+    t0 = time.perf_counter()
+    probs, _ = score(data.test.images)
+    test_s = time.perf_counter() - t0
+    report = _pixel_report(probs, data.test.labels)
+    report["miou"] = mean_iou(probs.argmax(1), data.test.labels, data.n_classes)
+    ood = {}
+    for kind, scenes in data.ood.items():
+        _, maps = score(scenes.images)
+        unknown, known = scenes.unknown, scenes.labels != IGNORE
+        for s, m in maps.items():
+            ood.setdefault(s, {})[kind] = ood_report(m[known], m[unknown])
+    curves: dict[str, dict[int, dict[str, float]]] = {}
+    base = data.test.images[:SHIFT_SCENES]
+    for kind in SHIFTS:
+        for strength in SHIFT_STRENGTHS:
+            r = _pixel_report(fitted.predict(shifted(base, kind, strength, seed=seed)),
+                              data.test.labels[:SHIFT_SCENES])
+            curves.setdefault(kind, {})[strength] = {"nll": r["nll"], "ece": r["ece"],
+                                                     "accuracy": r["accuracy"]}
+    return SegResult(name, seed, report["accuracy"], report["miou"], report["nll"],
+                     report["ece"], report["brier"], ood, curves, fit_s, test_s, batch_s,
+                     plain_batch_s, own, fitted.info, data.describe())
+
+
+def run_benchmark(methods: Sequence[str], seeds: int = 3, *, progress: bool = True,
+                  json_path: str | os.PathLike | None = None, log=print,
+                  **scene_sizes) -> list[SegResult]:
+    """Each method on each seed's U-Net (trained once, cached) and scenes of that seed."""
+    if seeds < 1:
+        raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+    run = run_info()
+    results: list[SegResult] = []
+    for seed in range(seeds):
+        data = load_scenes(seed=seed, **scene_sizes)
+        model, path, trained = cached_segmenter(data, seed=seed, progress=progress)
+        if seed == 0:
+            log(data.describe())
+        log(f"U-Net of seed {seed}: {'trained now' if trained else 'cached'}, "
+            f"{training_seconds(path):.0f} s of training")
+        for name in methods:
+            res = run_method(name, model, data, seed=seed, progress=progress)
+            res.run = run
+            results.append(res)
+            log(f"seed {seed} {name}: mIoU {res.miou:.3f}, NLL {res.nll:.4f}, ECE {res.ece:.4f}; "
+                f"fit {res.fit_s:.0f} s, batch x{res.batch_s / res.plain_batch_s:.2f}")
+            if json_path is not None:
+                write_records(json_path, results)
+    return results
+
+
+def parse_methods(spec: str | Sequence[str] | None) -> list[str]:
+    """``None`` or ``"all"`` for every method, else a comma-separated list of known names."""
+    return bench.parse_methods(spec, METHODS)
+
+
+def load_records(*paths: str | os.PathLike) -> list[dict]:
+    """The records of one or more ``--json`` files."""
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out += json.load(f)
+    return out

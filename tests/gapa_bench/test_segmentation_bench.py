@@ -1,0 +1,89 @@
+"""The segmentation benchmark end to end on tiny composed scenes, and its last-layer Laplace
+against the explicit Jacobian formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import gapa_bench.segmentation_bench as sb
+import gapa_bench.segmenters as sg
+from gapa_bench.data import scenes as sc
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    radius = 4 + 8 * torch.rand(n, 1, 1, generator=g)
+    blob = ((yy - 14) ** 2 + (xx - 14) ** 2).sqrt() < radius
+    return blob * (0.3 + 0.7 * torch.rand(n, 28, 28, generator=g)), torch.randint(10, (n,), generator=g)
+
+
+def _jacobian(features: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The head's Jacobian per pixel in its class-major weights: ``(n, C, C * (d + 1))``."""
+    return torch.stack([torch.kron(torch.eye(n_classes, dtype=torch.float64), f[None])
+                        for f in features.double()])
+
+
+def test_last_layer_ggn_and_logit_variance_match_the_explicit_jacobian():
+    g = torch.Generator().manual_seed(0)
+    n, c, d = 50, 4, 3
+    probs = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64), -1)
+    feats = sb._with_bias(torch.randn(n, d, generator=g, dtype=torch.float64))
+    jac = _jacobian(feats, c)
+    lam = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+    want = torch.einsum("nap,nab,nbq->pq", jac, lam, jac)
+    torch.testing.assert_close(sb.last_layer_ggn(probs, feats), want, rtol=1e-12, atol=1e-12)
+    a = torch.randn(c * (d + 1), c * (d + 1), generator=g, dtype=torch.float64)
+    sigma = a @ a.T + torch.eye(len(a), dtype=torch.float64)
+    full = torch.diagonal(jac @ sigma @ jac.transpose(1, 2), dim1=1, dim2=2)
+    torch.testing.assert_close(sb.head_logit_variance(feats, sigma, c), full, rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """Scenes from synthetic blobs, small constants, a cache of its own."""
+    monkeypatch.setenv("GAPA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(sg.TRAIN_SETTINGS, "epochs", 1)
+    for name, value in {"SHIFT_SCENES": 3, "LAPLACE_PIXELS": 4000, "KNN_BANK": 2000, "KNN_K": 5,
+                        "MC_SAMPLES": 2, "ENSEMBLE_MEMBERS": 2, "BATCH": 4}.items():
+        monkeypatch.setattr(sb, name, value)
+    pool, classes = _pool(40, 0)
+    strange, _ = _pool(10, 1)
+
+    def scenes(n, seed, **kw):
+        return sc.compose(pool, classes, n, side=64, seed=seed, **kw)
+
+    data = sc.SceneData(train=scenes(12, 1), val=scenes(6, 2), test=scenes(6, 3),
+                        ood={"odd": scenes(4, 4, unknown={"odd": strange})}, side=64, seed=0)
+    model, _, _ = sg.cached_segmenter(data, seed=0, progress=False)
+    return model, data
+
+
+def test_every_method_runs_and_keeps_or_owns_its_labels(tiny):
+    """Each method gives finite per-pixel metrics, OOD scores and shift curves; the post-hoc
+    methods' labels are the network's own, pixel for pixel."""
+    model, data = tiny
+    plain = sg.segment_logits(model, data.test.images).argmax(1)
+    for name in sb.METHODS:
+        res = sb.run_method(name, model, data, seed=0)
+        rec = res.record()
+        assert rec["kind"] == "segmentation" and rec["method"] == name
+        for key in ("accuracy", "miou", "nll", "ece", "brier", "fit_s", "test_s", "batch_s"):
+            assert math.isfinite(rec[key]), (name, key)
+        scores = {"entropy", "max_prob"} | ({res.own_score} if res.own_score else set())
+        assert set(rec["ood_scores"]) == scores, name
+        assert set(rec["shift"]) == set(sc.SHIFTS)
+        if name in ("temperature", "lla_lastlayer", "gapa_default"):  # post hoc, costly to refit
+            probs = sb.METHODS[name](model, data, seed=0).predict(data.test.images)
+            assert probs.shape == (6, 11, 64, 64)
+            assert torch.equal(probs.argmax(1), plain), name
+        if name not in ("mc_dropout", "ensemble"):
+            assert res.miou == sb.mean_iou(plain, data.test.labels, 11), name
+        if name == "gapa":
+            assert res.info["selection"]["candidates"] == sb.GAPA_LAYER_CANDIDATES
