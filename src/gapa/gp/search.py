@@ -16,8 +16,11 @@ import torch
 
 from ..errors import ConfigurationError, InputError, MissingDependencyError, parse_enum
 
-#: Query x row distances computed per chunk by the torch back end (bounds temporary memory).
-SEARCH_CHUNK_ELEMENTS = 1 << 24
+#: Query x row distances computed per chunk by the torch back end: a block that stays in cache
+#: while argmin reads it back (2 MB in float32; twice as fast as 64 MB blocks on 8-d queries).
+SEARCH_CHUNK_ELEMENTS = 1 << 19
+#: Fewest queries per chunk, so that a large cache does not make the chunks one query each.
+SEARCH_CHUNK_MIN_QUERIES = 256
 #: The recall@k the approximate back ends are tuned to reach at fit time (measured, not assumed).
 RECALL_TARGET = 0.95
 #: ``auto`` searches exactly (torch) up to this many rows and with IVF above it.
@@ -290,7 +293,7 @@ class NeighbourIndex:
                 idx[missing] = _exact_knn(self._faiss, self.points, np.arange(len(self)), q[missing], k)
             return torch.from_numpy(idx).to(queries.device)
         out = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
-        step = max(1, SEARCH_CHUNK_ELEMENTS // max(1, len(self)))
+        step = max(SEARCH_CHUNK_MIN_QUERIES, SEARCH_CHUNK_ELEMENTS // max(1, len(self)))
         for s in range(0, queries.shape[0], step):
             q = queries[s : s + step].to(self.points.device, self.points.dtype)
             # ||q - x||^2 up to the per-query constant ||q||^2, which does not change the order.
