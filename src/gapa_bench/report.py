@@ -455,10 +455,12 @@ def classification_table(records: list[dict]) -> str:
     return table(records, _classification_columns(records)[0])
 
 
-def classification_block(records: list[dict], paths: Sequence[str]) -> str:
-    """Provenance, :func:`classification_table`, settings chosen on validation, and paired
-    AUROC differences (higher is better)."""
-    columns, sets, own = _classification_columns(records)
+def classification_block(records: list[dict], paths: Sequence[str],
+                         columns: list[Column] | None = None) -> str:
+    """Provenance, :func:`classification_table` (or ``columns``), settings chosen on
+    validation, and paired AUROC differences (higher is better)."""
+    default, sets, own = _classification_columns(records)
+    columns = default if columns is None else columns
     rows = []
     for a, b, label in comparisons(_methods(records)):
         for s in sets:
@@ -474,6 +476,36 @@ def classification_block(records: list[dict], paths: Sequence[str]) -> str:
     return _block(records, paths, table(records, columns),
                   "Paired AUROC differences on shared seeds (GAPA − other; higher is better; a "
                   "win or loss is beyond one standard error of the per-seed differences):", paired)
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+
+def _shift(metric: str) -> Callable[[dict], float | None]:
+    """``metric`` averaged over every shift kind and strength of a segmentation record."""
+    def value(r: dict) -> float | None:
+        curves = [v[metric] for kind in (r.get("shift") or {}).values() for v in kind.values()]
+        return float(np.mean(curves)) if curves else None
+    return value
+
+
+def segmentation_columns(records: list[dict]) -> list[Column]:
+    """The classification columns per pixel, with mIoU after accuracy, the shift curves'
+    mean NLL and ECE, and the cost of one batch against the U-Net's own forward."""
+    columns = _classification_columns(records)[0]
+    at = next(i for i, c in enumerate(columns) if c.title == "accuracy") + 1
+    columns.insert(at, Column("mIoU", _metric("miou"), higher_better=True))
+    at = next(i for i, c in enumerate(columns) if c.title == "fit s")
+    columns[at:at] = [Column("shifted NLL", _shift("nll")), Column("shifted ECE", _shift("ece"))]
+    columns.append(Column("batch / U-Net", lambda r: r["batch_s"] / r["plain_batch_s"], 2))
+    return columns
+
+
+def _segmentation(paths: Sequence[str], root: Path) -> str:
+    records = _of_kind(load_records(paths, root), "classification", paths)
+    if not all(r.get("kind") == "segmentation" for r in records):
+        raise ReportError(f"{', '.join(paths)}: not all records are segmentation records")
+    return classification_block(records, paths, segmentation_columns(records))
 
 
 # -------------------------------------------------------------------------------- summary
@@ -594,6 +626,7 @@ KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
     "regression": _regression, "classification": _classification, "summary": _summary,
     "conditioning": _conditioning, "language": lm_report.language_block,
     "lm_propagation": lm_report.lm_propagation_block, "lm_speed": lm_report.lm_speed_block,
+    "segmentation": _segmentation,
 }
 
 

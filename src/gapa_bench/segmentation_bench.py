@@ -368,13 +368,15 @@ class SegResult:
     plain_batch_s: float
     own_score: str | None = None
     info: dict = field(default_factory=dict)
-    data: str = ""
+    dataset: str = ""
     run: dict | None = None
 
     def record(self) -> dict:
-        return {"kind": "segmentation", **{k: getattr(self, k) for k in (
-            "data", "method", "seed", "accuracy", "miou", "nll", "ece", "brier", "ood_scores",
-            "own_score", "shift", "fit_s", "test_s", "batch_s", "plain_batch_s", "info", "run")}}
+        """JSON-ready; the classification report reads it (:mod:`gapa_bench.report`)."""
+        return {"kind": "segmentation", "backbone": "unet", **{k: getattr(self, k) for k in (
+            "dataset", "method", "seed", "accuracy", "miou", "nll", "ece", "brier",
+            "ood_scores", "own_score", "shift", "fit_s", "test_s", "batch_s", "plain_batch_s",
+            "info", "run")}}
 
 
 def _pixel_report(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

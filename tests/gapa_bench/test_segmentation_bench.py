@@ -87,3 +87,20 @@ def test_every_method_runs_and_keeps_or_owns_its_labels(tiny):
             assert res.miou == sb.mean_iou(plain, data.test.labels, 11), name
         if name == "gapa":
             assert res.info["selection"]["candidates"] == sb.GAPA_LAYER_CANDIDATES
+
+
+def test_records_make_the_report_table(tiny, tmp_path):
+    from gapa_bench import report
+    from gapa_bench.bench import write_records
+
+    model, data = tiny
+    results = [sb.run_method(name, model, data, seed=0) for name in ("map", "gapa_prior")]
+    write_records(tmp_path / "seg.json", results)
+    block = report.KINDS["segmentation"](["seg.json"], tmp_path)
+    head = next(line for line in block.splitlines() if line.startswith("| method"))
+    assert "mIoU" in head and "shifted NLL" in head and "batch / U-Net" in head
+    assert "odd AUROC (own score)" in head
+    rows = [line for line in block.splitlines() if line.startswith(("| map ", "| gapa_prior "))]
+    assert len(rows) == 2 and f"{results[0].miou:.3f}" in rows[0]
+    classification = report.KINDS["classification"]
+    assert "mIoU" not in classification(["seg.json"], tmp_path)  # the plain classification view
