@@ -1001,14 +1001,52 @@ class GAPA:
         return self._require_finite(_unpadded(combine_jacobian(mean, parts, variance), batch),
                                     lambda: _jacobian_culprit(parts, variance))
 
-    def _diagonal(self, batch: Batch, carried=(), *,
-                  culprit: Callable[[], str]) -> tuple[Moments, VarianceTracker]:
+    def scored(self, x=None, /, **named) -> tuple[Moments, dict[str, torch.Tensor]]:
+        """Return ``gm(x)`` and ``gm.layer_scores(x)`` from one forward pass.
+
+        A language model wants both per token: the propagated logit variance and the GP
+        variance at the GAPA layer itself (:meth:`layer_scores`); two calls would run the
+        network twice. With ``propagation="jacobian"`` the scores take a second, shorter pass
+        that stops after the last GAPA layer.
+
+        Parameters
+        ----------
+        x : torch.Tensor or Mapping
+            Inputs, as for ``gm(x)``; ``**named`` as for ``gm(**batch)``.
+
+        Returns
+        -------
+        tuple of Moments and dict of str to torch.Tensor
+            The moments, as :meth:`__call__` returns them, and the scores per call site, as
+            :meth:`layer_scores` returns them.
+
+        Raises
+        ------
+        GAPAError
+            The errors of :meth:`__call__`.
+        """
+        batch = _batch(x, named)
+        if self.propagation == "jacobian":
+            return self(batch), self.layer_scores(batch)
+        scores: dict[str, torch.Tensor] = {}
+        out = self._diagonal(batch, culprit=lambda: self._diagonal_culprit(batch),
+                             scores=scores)[0]
+        return out, scores
+
+    def _layer_score(self, key: str, variance: torch.Tensor) -> torch.Tensor:
+        """One score per query: a site's GP variance over its prior amplitude, unit mean."""
+        rows = self._as_queries(variance)
+        return (rows / self._sites[key].hyperparameters.amplitude).mean(-1)
+
+    def _diagonal(self, batch: Batch, carried=(), *, culprit: Callable[[], str],
+                  scores: dict | None = None) -> tuple[Moments, VarianceTracker]:
         """Run the diagonal propagation of ``batch``.
 
         Returns its moments (checked finite, no variance at padding) and the tracker, whose
-        variances a key-value cache carries into the next step.
+        variances a key-value cache carries into the next step; ``scores``, when given, gets
+        each call site's :meth:`layer_scores`.
         """
-        mean, tracker = self._forward(batch, carried=carried)
+        mean, tracker = self._forward(batch, carried=carried, scores=scores)
         return self._require_finite(_unpadded(_moments(tracker, mean), batch), culprit), tracker
 
     @staticmethod
@@ -1146,11 +1184,12 @@ class GAPA:
     def _forward(
         self, x: Batch, outputs: list | None = None,
         carried: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+        scores: dict | None = None,
     ) -> tuple[torch.Tensor, VarianceTracker]:
         """Run one tracked forward pass; return the output and the tracker of every variance.
 
         ``carried``: tensors from an earlier pass (a key-value cache) and the variances they
-        carry into this one.
+        carry into this one. ``scores``, when given, gets each call site's layer score.
         """
         tracker = VarianceTracker()
         for t, var in carried:
@@ -1161,6 +1200,8 @@ class GAPA:
         def on_call(key: str, z: torch.Tensor) -> None:
             with tracker.paused():
                 pending[key] = variance(key, z)
+                if scores is not None:
+                    scores[key] = self._layer_score(key, pending[key])
 
         def on_output(key: str, out: torch.Tensor) -> None:
             with tracker.paused():
@@ -1289,8 +1330,7 @@ class GAPA:
         variance = self._variance_of(batch)  # 0 at padding
 
         def on_call(key: str, z: torch.Tensor) -> None:
-            rows = self._as_queries(variance(key, z))
-            scores[key] = (rows / self._sites[key].hyperparameters.amplitude).mean(-1)
+            scores[key] = self._layer_score(key, variance(key, z))
             remaining.discard(key)
             if not remaining:
                 raise _StopForward

@@ -245,10 +245,10 @@ class GapaMethod(Method):
         self.gm, self.name, self.choice = gm, name, choice
 
     def __call__(self, ids):
-        out = self.gm(ids)
+        out, scores = self.gm.scored(ids)  # one pass for both
         cal = self.gm.class_calibration
         pred = predict_classes(out, cal.method, variance_scale=cal.scale)
-        layer = sum(self.gm.layer_scores(ids).values())
+        layer = sum(scores.values())
         return next_token_stats(pred.probs, ids, {"logit_var": out.var.sum(-1),
                                                   "layer_var": layer})
 

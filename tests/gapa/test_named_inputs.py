@@ -122,6 +122,29 @@ def test_layer_scores_read_the_gapa_layer_itself(model, fitted):
     assert calls == []
 
 
+@pytest.mark.parametrize("propagation", ["diagonal", "jacobian"])
+def test_scored_is_the_moments_and_the_layer_scores_of_one_pass(model, fitted, propagation):
+    """``gm.scored`` gives exactly ``gm(x)`` and ``gm.layer_scores(x)``; the head runs once."""
+    gm, _ = fitted
+    batch = padded(sequences(7, [6, 4]))
+    gm.propagation = propagation
+    try:
+        calls = []
+        handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            out, scores = gm.scored(batch)
+        finally:
+            handle.remove()
+        want = gm(**batch)
+        assert torch.equal(out.mean, want.mean) and torch.equal(out.var, want.var)
+        expected = gm.layer_scores(batch)
+        assert scores.keys() == expected.keys()
+        assert all(torch.equal(scores[k], expected[k]) for k in scores)
+        assert len(calls) == 1  # the head runs once (layer scores stop before it)
+    finally:
+        gm.propagation = "diagonal"
+
+
 def test_next_token_calibration_scores_shifted_labels_and_skips_ignored_and_padding(fitted):
     """Position t predicts label t + 1; -100 labels and padded targets are left out. The fitted
     scale is the one fit_variance_scale gives on exactly those positions."""
