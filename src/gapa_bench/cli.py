@@ -166,7 +166,8 @@ def _bench_parsers(sub) -> None:
     sg.add_argument("--ood-scenes", type=integer(1), default=200,
                     help="scenes per unknown kind (MNIST digits, photo patches)")
     sg.add_argument("--json", dest="json_path", help="write one record per method and seed")
-    sg.add_argument("--figures", help="folder for the figure of scenes and label maps")
+    sg.add_argument("--figures", help="folder for the figures: scenes and label maps, per-pixel "
+                    "uncertainty maps, reliability, OOD score histograms")
     sg.add_argument("--no-progress", dest="progress", action="store_false")
 
     lm = sub.add_parser("lm", help="token-level uncertainty of SmolLM2-135M on Jane Austen")
@@ -236,7 +237,7 @@ def _segmentation(args) -> None:
             f"unknown method(s) {unknown}; use {', '.join(segmentation_bench.METHODS)}")
     sizes = {"side": args.side, "n_train": args.train_scenes, "n_val": args.val_scenes,
              "n_test": args.test_scenes, "n_ood": args.ood_scenes}
-    if args.figures:
+    if args.figures:  # the scenes with their labels; the rest come with the results
         data = load_scenes(seed=0, **{**sizes, "n_train": 8, "n_val": 8, "n_test": 8,
                                       "n_ood": 8})
         sets = {"train": data.train, "test": data.test,
@@ -246,7 +247,7 @@ def _segmentation(args) -> None:
                               for k, v in sets.items()}, data.classes)
         print(f"figure: {path}")
     segmentation_bench.run_benchmark(args.methods, args.seeds, progress=args.progress,
-                                     json_path=args.json_path, **sizes)
+                                     json_path=args.json_path, figures=args.figures, **sizes)
     if args.json_path:
         print(f"records written to {args.json_path}")
 

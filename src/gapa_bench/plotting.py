@@ -169,3 +169,62 @@ def scenes_figure(path: Path, scenes: dict[str, tuple[np.ndarray, np.ndarray]],
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def segmentation_figures(folder: Path, first: dict, scenes: dict, *, title: str = "") -> list[Path]:
+    """The segmentation benchmark's figures from each method's ``SegResult.figure`` data (one
+    seed), and ``scenes`` (``images``, ``labels``, ``unknown``, ``predicted`` of a few OOD
+    scenes):
+
+    - ``segmentation-maps.png``: per scene, the image, the labels (unknown objects white), the
+      U-Net's errors, then each method's own score map;
+    - ``segmentation-reliability.png``: pixel accuracy against confidence in 15 bins;
+    - ``segmentation-ood.png``: histograms of each method's own score on the known and the
+      unknown pixels of the OOD scenes.
+    """
+    folder = Path(folder)
+    n, names = len(scenes["images"]), list(first)
+    cols = 3 + len(names)
+    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.7 * n), squeeze=False)
+    for i in range(n):
+        labels = scenes["labels"][i]
+        errors = (scenes["predicted"][i] != labels) & ~scenes["unknown"][i]
+        panels = [("scene", scenes["images"][i], "gray"),
+                  ("labels", np.where(scenes["unknown"][i], -1, labels), "tab20"),
+                  ("U-Net errors", errors, "gray")]
+        panels += [(f"{m}\n{first[m].figure['score_name']}", first[m].figure["maps"][i], "magma")
+                   for m in names]
+        for ax, (name, image, cmap) in zip(axes[i], panels, strict=True):
+            ax.imshow(image, cmap=cmap, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+    fig.suptitle(f"OOD scenes and per-pixel uncertainty {title}", fontsize=9)
+    paths = [_save(fig, folder / "segmentation-maps.png")]
+
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, r in first.items():
+        conf, acc = r.figure["reliability"]
+        ax.plot(conf, acc, "o-", ms=3, label=f"{name} (ECE {r.ece:.3f})")
+    ax.set(xlabel="confidence (max probability)", ylabel="pixel accuracy",
+           title=f"Reliability per pixel {title}")
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, folder / "segmentation-reliability.png"))
+
+    rows = -(-len(names) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(12.6, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        known, unknown = first[name].figure["ood"]
+        bins = np.histogram_bin_edges(np.concatenate([known, unknown]), 50)
+        ax.hist(known, bins=bins, density=True, alpha=0.5, label="known pixels")
+        ax.hist(unknown, bins=bins, density=True, alpha=0.5, label="unknown objects")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(first[name].figure["score_name"].replace("_", " "), fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"Pixel OOD scores {title}")
+    paths.append(_save(fig, folder / "segmentation-ood.png"))
+    return paths

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ from .baselines.scores import LOGIT_METHOD, MemberAverage, check_ood_scores, las
 from .bench import write_records
 from .data.scenes import IGNORE, SHIFTS, SceneData, load_scenes, shifted
 from .metrics import classification_report, ood_report
+from .plotting import segmentation_figures
 from .provenance import run_info
 from .segmenters import MC_DROPOUT_P, cached_segmenter, mean_iou, segment_logits
 from .selection import Selection, select
@@ -75,6 +77,9 @@ LAPLACE_PIXELS = 200_000
 LAPLACE_PRIOR_GRID = tuple(10.0 ** k for k in range(-4, 5))
 #: Scenes per forward pass.
 BATCH = 32
+#: OOD scenes drawn in the figure of maps; pixels per histogram of the OOD figure.
+FIGURE_SCENES = 4
+FIGURE_PIXELS = 20_000
 #: Test scenes the shift curves are measured on, and the strengths.
 SHIFT_SCENES = 100
 SHIFT_STRENGTHS = (1, 2, 3, 4, 5)
@@ -370,6 +375,9 @@ class SegResult:
     info: dict = field(default_factory=dict)
     dataset: str = ""
     run: dict | None = None
+    #: What the figures need (not recorded): the own score's name and maps on the first
+    #: :data:`FIGURE_SCENES` OOD scenes, the reliability curve, OOD score samples.
+    figure: dict = field(default_factory=dict, repr=False)
 
     def record(self) -> dict:
         """JSON-ready; the classification report reads it (:mod:`gapa_bench.report`)."""
@@ -426,12 +434,18 @@ def run_method(name: str, model: nn.Module, data: SceneData, *, seed: int,
     test_s = time.perf_counter() - t0
     report = _pixel_report(probs, data.test.labels)
     report["miou"] = mean_iou(probs.argmax(1), data.test.labels, data.n_classes)
-    ood = {}
-    for kind, scenes in data.ood.items():
+    ood, headline = {}, own or "entropy"
+    figure = {"score_name": headline, "reliability": _reliability(probs, data.test.labels)}
+    for i, (kind, scenes) in enumerate(data.ood.items()):
         _, maps = score(scenes.images)
         unknown, known = scenes.unknown, scenes.labels != IGNORE
         for s, m in maps.items():
             ood.setdefault(s, {})[kind] = ood_report(m[known], m[unknown])
+        if i == 0:
+            gen = torch.Generator().manual_seed(seed)
+            figure["maps"] = maps[headline][:FIGURE_SCENES].numpy()
+            figure["ood"] = tuple(_sample(maps[headline][mask], gen).numpy()
+                                  for mask in (known, unknown))
     curves: dict[str, dict[int, dict[str, float]]] = {}
     base = data.test.images[:SHIFT_SCENES]
     for kind in SHIFTS:
@@ -442,13 +456,31 @@ def run_method(name: str, model: nn.Module, data: SceneData, *, seed: int,
                                                      "accuracy": r["accuracy"]}
     return SegResult(name, seed, report["accuracy"], report["miou"], report["nll"],
                      report["ece"], report["brier"], ood, curves, fit_s, test_s, batch_s,
-                     plain_batch_s, own, fitted.info, data.describe())
+                     plain_batch_s, own, fitted.info, data.describe(), figure=figure)
+
+
+def _sample(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    keep = torch.randperm(len(values), generator=gen)[:FIGURE_PIXELS]
+    return values[keep].double()
+
+
+def _reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15):
+    """Mean confidence and pixel accuracy in ``bins`` equal-width confidence bins (used ones)."""
+    keep = labels.reshape(-1) != IGNORE
+    p = _pixels(probs)[keep].double()
+    conf, correct = p.max(1)
+    correct = (correct == labels.reshape(-1)[keep]).double()
+    which = (conf * bins).long().clamp_max(bins - 1)
+    used = [b for b in range(bins) if bool((which == b).any())]
+    return ([float(conf[which == b].mean()) for b in used],
+            [float(correct[which == b].mean()) for b in used])
 
 
 def run_benchmark(methods: Sequence[str], seeds: int = 3, *, progress: bool = True,
-                  json_path: str | os.PathLike | None = None, log=print,
-                  **scene_sizes) -> list[SegResult]:
-    """Each method on each seed's U-Net (trained once, cached) and scenes of that seed."""
+                  json_path: str | os.PathLike | None = None, figures: str | None = None,
+                  log=print, **scene_sizes) -> list[SegResult]:
+    """Each method on each seed's U-Net (trained once, cached) and scenes of that seed; with
+    ``figures``, seed 0's figures in that folder (:func:`gapa_bench.plotting.segmentation_figures`)."""
     if seeds < 1:
         raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
     run = run_info()
@@ -468,6 +500,16 @@ def run_benchmark(methods: Sequence[str], seeds: int = 3, *, progress: bool = Tr
                 f"fit {res.fit_s:.0f} s, batch x{res.batch_s / res.plain_batch_s:.2f}")
             if json_path is not None:
                 write_records(json_path, results)
+        if seed == 0 and figures and results:
+            kind, scenes = next(iter(data.ood.items()))
+            x = scenes.images[:FIGURE_SCENES]
+            shown = {"images": x[:, 0].numpy(), "labels": scenes.labels[:FIGURE_SCENES].numpy(),
+                     "unknown": scenes.unknown[:FIGURE_SCENES].numpy(),
+                     "predicted": segment_logits(model, x).argmax(1).numpy()}
+            first = {r.method: r for r in results if r.seed == 0}
+            for path in segmentation_figures(Path(figures), first, shown,
+                                             title=f"(seed 0, OOD: {kind})"):
+                log(f"figure: {path}")
     return results
 
 

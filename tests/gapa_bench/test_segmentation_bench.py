@@ -104,3 +104,20 @@ def test_records_make_the_report_table(tiny, tmp_path):
     assert len(rows) == 2 and f"{results[0].miou:.3f}" in rows[0]
     classification = report.KINDS["classification"]
     assert "mIoU" not in classification(["seg.json"], tmp_path)  # the plain classification view
+
+
+def test_figures_are_drawn_from_the_results(tiny, tmp_path):
+    from gapa_bench.plotting import segmentation_figures
+
+    model, data = tiny
+    first = {name: sb.run_method(name, model, data, seed=0) for name in ("map", "knn")}
+    assert first["knn"].figure["score_name"] == "distance"
+    assert first["knn"].figure["maps"].shape == (4, 64, 64)
+    scenes = data.ood["odd"]
+    shown = {"images": scenes.images[:4, 0].numpy(), "labels": scenes.labels[:4].numpy(),
+             "unknown": scenes.unknown[:4].numpy(),
+             "predicted": sg.segment_logits(model, scenes.images[:4]).argmax(1).numpy()}
+    paths = segmentation_figures(tmp_path, first, shown)
+    assert [p.name for p in paths] == ["segmentation-maps.png", "segmentation-reliability.png",
+                                       "segmentation-ood.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
