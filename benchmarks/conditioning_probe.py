@@ -55,6 +55,7 @@ def main() -> None:
                    choices=["max1", "variance", "unit", "marginal_likelihood"])
     p.add_argument("--out")
     a = p.parse_args()
+    run = run_info()  # the code that runs, not the code at the end of the run
     data = load_flights(split=a.split, seed=a.seed)
     model = cached_regressor(data, seed=a.seed, progress=False)[0]
     prefix = model[: int(a.layer)]  # the layers before the activation: its pre-activation
@@ -86,7 +87,7 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"split": a.split, "seed": a.seed, "layer": a.layer, "m": a.m, **rules,
-                       "prior_val_nll": prior_val, "rows": rows, "run": run_info()}, f, indent=1)
+                       "prior_val_nll": prior_val, "rows": rows, "run": run}, f, indent=1)
 
 
 if __name__ == "__main__":

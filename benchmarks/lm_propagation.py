@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
+    run = run_info(sys.argv)  # the code that runs, not the code at the end of the run
     print(header("diagonal propagation against Monte Carlo through SmolLM2-135M"))
     model, tok = smollm2()
     fit, held = austen_chunks(tok, args.length)
@@ -80,7 +81,7 @@ def main() -> None:
     if args.json_path:
         record = {"kind": "lm_propagation", "model": "SmolLM2-135M", "samples": args.samples,
                   "fit_sequences": args.fit_sequences, "test_sequences": args.test_sequences,
-                  "length": args.length, "blocks": rows, "run": run_info(sys.argv)}
+                  "length": args.length, "blocks": rows, "run": run}
         with atomic_path(args.json_path) as tmp, open(tmp, "w") as f:
             json.dump(record, f, indent=1)
 

@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--fit-sequences", type=int, default=64)
     p.add_argument("--json", dest="json_path")
     args = p.parse_args()
+    run = run_info(sys.argv)  # the code that runs, not the code at the end of the run
     print(header("SmolLM2-135M, batch 8 x 128"))
     model, tok = smollm2()
     fit, held = austen_chunks(tok, 128)
@@ -57,7 +58,7 @@ def main() -> None:
               f"{inference:.1f} s, ratio {fit_seconds / inference:.2f}", flush=True)
     if args.json_path:
         record = {"kind": "lm_speed", "model": "SmolLM2-135M", "batch": [8, 128], "rows": rows,
-                  "threads": torch.get_num_threads(), "run": run_info(sys.argv)}
+                  "threads": torch.get_num_threads(), "run": run}
         with atomic_path(args.json_path) as tmp, open(tmp, "w") as f:
             json.dump(record, f, indent=1)
 

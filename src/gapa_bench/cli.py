@@ -256,10 +256,11 @@ def _lm(args) -> None:
     unknown = sorted(set(args.methods) - set(lm_bench.METHODS))
     if unknown:
         args.command_parser.error(f"unknown method(s) {unknown}; use {', '.join(lm_bench.METHODS)}")
+    run = run_info(sys.argv)  # the code that runs, not the code at the end of a long run
     record = lm_bench.run_lm_benchmark(methods=args.methods, n_fit=args.fit_sequences,
                                        n_eval=args.eval_sequences, length=args.length,
                                        batch=args.batch, seed=args.seed)
-    record["run"] = run_info(sys.argv)
+    record["run"] = run
     if args.json_path:
         with atomic_path(args.json_path) as tmp, open(tmp, "w") as f:
             json.dump(record, f, indent=1)
