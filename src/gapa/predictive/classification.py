@@ -241,7 +241,10 @@ def _check_scale(variance_scale: float) -> float:
 
 
 def classes_last(moments: Moments, class_dim: int) -> Moments:
-    """Return ``moments`` with the class axis ``class_dim`` moved last (a view, no copy).
+    """Return ``moments`` with the class axis ``class_dim`` moved last.
+
+    Copied contiguous: every predictive reduces over the classes, which is several times faster
+    along contiguous rows than along a strided view.
 
     Dense outputs carry their classes elsewhere: a segmentation network's logits are
     ``(N, C, H, W)``, its classes at ``class_dim=1``.
@@ -266,7 +269,8 @@ def classes_last(moments: Moments, class_dim: int) -> Moments:
     if var.dim() != mean.dim():
         raise InputError(f"shape mismatch (broadcasting is not allowed): mean{tuple(mean.shape)}, "
                          f"var{tuple(var.shape)}")
-    return Moments(mean.movedim(class_dim, -1), var.movedim(class_dim, -1))
+    return Moments(mean.movedim(class_dim, -1).contiguous(),
+                   var.movedim(class_dim, -1).contiguous())
 
 
 # --------------------------------------------------------------------------- predictives
