@@ -58,3 +58,13 @@ def assert_usage_error(main, argv: list[str], argument: str, prog: str, capsys) 
     errors = [line for line in captured.err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "Traceback" not in captured.err
     assert errors[0].startswith(f"{prog} ") and f"error: argument {argument}" in errors[0]
+
+
+def item_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` item-like 28 x 28 images (a bright blob of random size on 0, so that the scenes'
+    masks are non-trivial) and class labels 0-9: segmentation scenes without Fashion-MNIST."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    radius = 4 + 8 * torch.rand(n, 1, 1, generator=g)
+    blob = ((yy - 14) ** 2 + (xx - 14) ** 2).sqrt() < radius
+    return blob * (0.3 + 0.7 * torch.rand(n, 28, 28, generator=g)), torch.randint(10, (n,), generator=g)

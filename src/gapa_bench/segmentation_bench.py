@@ -47,6 +47,7 @@ from gapa.predictive.classification import (
 from . import bench
 from .backbones import training_seconds
 from .baselines import Fitted
+from .baselines.dropout import mc_dropout_average
 from .baselines.ensemble import member_seeds
 from .baselines.scores import LOGIT_METHOD, MemberAverage, check_ood_scores, last_pass
 from .bench import write_records
@@ -90,10 +91,6 @@ def _pixels(t: torch.Tensor) -> torch.Tensor:
     return t.movedim(1, -1).reshape(-1, t.shape[1])
 
 
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([fn(xb) for xb in x.split(BATCH)])
-
-
 def head_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The U-Net's logits ``(N, C, H, W)`` and the features its 1x1 head reads, in one pass."""
     seen = []
@@ -127,26 +124,6 @@ def fit_temperature_scaling(model: nn.Module, data: SceneData, **_) -> Fitted:
                            {"temperature": fit.temperature})
 
 
-def _dropout_average(model: nn.Module, x: torch.Tensor, samples: int, seed: int) -> MemberAverage:
-    """``samples`` passes with the dropout modules in train mode (batch norm stays in eval),
-    seeded without touching the caller's random state; classes last for the average."""
-    drops = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    if not drops:
-        raise ConfigurationError(f"{type(model).__name__} has no dropout module to sample")
-    average = MemberAverage()
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for m in drops:
-            m.train()
-        try:
-            for _ in range(samples):
-                average.add(torch.softmax(_batched(model, x), 1).movedim(1, -1))
-        finally:
-            for m in drops:
-                m.eval()
-    return average
-
-
 def _averaged(average: Callable[[torch.Tensor], MemberAverage], info: dict) -> Fitted:
     passes = last_pass(average)
     return Fitted(lambda x: passes(x).probs.movedim(-1, 1), info=info,
@@ -157,7 +134,8 @@ def fit_mc_dropout(model: nn.Module, data: SceneData, *, seed: int, progress: bo
     """The U-Net trained with channel dropout :data:`MC_DROPOUT_P` (cached), averaged over
     :data:`MC_SAMPLES` seeded masks; its score is the mutual information."""
     net, path, trained = cached_segmenter(data, seed=seed, dropout=MC_DROPOUT_P, progress=progress)
-    fitted = _averaged(lambda x: _dropout_average(net, x, MC_SAMPLES, seed),
+    fitted = _averaged(lambda x: mc_dropout_average(net, x, samples=MC_SAMPLES, seed=seed,
+                                                    class_dim=1, batch=BATCH),
                        {"p": MC_DROPOUT_P, "samples": MC_SAMPLES, "trained_now": trained})
     fitted.fit_s = training_seconds(path)
     return fitted

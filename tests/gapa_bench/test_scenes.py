@@ -11,23 +11,15 @@ import torch
 from gapa_bench.data import scenes as sc
 from gapa_bench.data.images import _FILES, FASHION_MNIST_DIR
 from gapa_bench.errors import DataError
+from helpers import item_pool
 
 needs_fashion = pytest.mark.skipif(
     not all((FASHION_MNIST_DIR / f"{s}.gz").is_file() for s in _FILES.values()),
     reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DIR}")
 
 
-def _pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Item-like images: a bright blob of random size on 0, so that masks are non-trivial."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    radius = 4 + 8 * torch.rand(n, 1, 1, generator=g)
-    blob = ((yy - 14) ** 2 + (xx - 14) ** 2).sqrt() < radius
-    return blob * (0.3 + 0.7 * torch.rand(n, 28, 28, generator=g)), torch.randint(10, (n,), generator=g)
-
-
 def test_the_same_seed_gives_the_same_scenes():
-    pool, labels = _pool(30, 0)
+    pool, labels = item_pool(30, 0)
     a, b = (sc.compose(pool, labels, 6, side=64, seed=3) for _ in range(2))
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert a.items == b.items
@@ -40,7 +32,7 @@ def test_labels_match_the_pasted_images(monkeypatch):
     background pixel the texture, the top item is pasted as it is, and the items alone give
     the label map."""
     monkeypatch.setattr(sc, "PIXEL_NOISE", 0.0)
-    pool, classes = _pool(40, 1)
+    pool, classes = item_pool(40, 1)
     s = sc.compose(pool, classes, 12, side=64, seed=5)
     assert s.images.shape == (12, 1, 64, 64) and s.labels.shape == (12, 64, 64)
     img = s.images[:, 0]
@@ -62,8 +54,8 @@ def test_labels_match_the_pasted_images(monkeypatch):
 
 
 def test_ood_scenes_mark_every_unknown_pixel():
-    pool, classes = _pool(30, 2)
-    strange, _ = _pool(10, 3)
+    pool, classes = item_pool(30, 2)
+    strange, _ = item_pool(10, 3)
     s = sc.compose(pool, classes, 10, side=64, seed=6, unknown={"odd": strange})
     assert bool(s.unknown.flatten(1).any(1).all())  # each scene shows one
     zeros = torch.zeros(64, 64)
@@ -75,7 +67,7 @@ def test_ood_scenes_mark_every_unknown_pixel():
 
 
 def test_bad_pools_and_shifts_are_refused():
-    pool, classes = _pool(5, 4)
+    pool, classes = item_pool(5, 4)
     with pytest.raises(DataError, match="pool"):
         sc.compose(pool, classes[:3], 2, side=64, seed=0)
     with pytest.raises(DataError, match="side"):
@@ -88,7 +80,7 @@ def test_bad_pools_and_shifts_are_refused():
 
 @pytest.mark.parametrize("kind", sc.SHIFTS)
 def test_shifts_grow_with_their_strength(kind):
-    pool, classes = _pool(20, 5)
+    pool, classes = item_pool(20, 5)
     images = sc.compose(pool, classes, 4, side=64, seed=7).images
     before = images.clone()
     assert torch.equal(sc.shifted(images, kind, 0), images)

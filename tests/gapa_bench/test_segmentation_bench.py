@@ -11,16 +11,9 @@ import torch
 import gapa_bench.segmentation_bench as sb
 import gapa_bench.segmenters as sg
 from gapa_bench.data import scenes as sc
+from helpers import item_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    radius = 4 + 8 * torch.rand(n, 1, 1, generator=g)
-    blob = ((yy - 14) ** 2 + (xx - 14) ** 2).sqrt() < radius
-    return blob * (0.3 + 0.7 * torch.rand(n, 28, 28, generator=g)), torch.randint(10, (n,), generator=g)
 
 
 def _jacobian(features: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -53,8 +46,8 @@ def tiny(monkeypatch, tmp_path):
     for name, value in {"SHIFT_SCENES": 3, "LAPLACE_PIXELS": 4000, "KNN_BANK": 2000, "KNN_K": 5,
                         "MC_SAMPLES": 2, "ENSEMBLE_MEMBERS": 2, "BATCH": 4}.items():
         monkeypatch.setattr(sb, name, value)
-    pool, classes = _pool(40, 0)
-    strange, _ = _pool(10, 1)
+    pool, classes = item_pool(40, 0)
+    strange, _ = item_pool(10, 1)
 
     def scenes(n, seed, **kw):
         return sc.compose(pool, classes, n, side=64, seed=seed, **kw)

@@ -172,16 +172,19 @@ def fit_mc_dropout_classifier(
                         "selection": selection.record()})
 
 
-def mc_dropout_average(model: nn.Module, x: torch.Tensor, *, samples: int,
-                       seed: int) -> MemberAverage:
-    """The ``samples`` passes of any ``model`` with its ``nn.Dropout`` modules in train mode
-    (everything else, batch norm included, stays in eval mode), as a :class:`MemberAverage`
-    (mean softmax and mutual information). The masks come from the global generator seeded with
-    ``seed`` inside ``torch.random.fork_rng``, so the caller's random state is left as it was
-    and the same ``x`` and ``seed`` give the same result."""
-    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+def mc_dropout_average(model: nn.Module, x: torch.Tensor, *, samples: int, seed: int,
+                       class_dim: int = -1, batch: int = _CLASSIFIER_BATCH) -> MemberAverage:
+    """The ``samples`` passes of any ``model`` with its dropout modules (``nn.Dropout``,
+    ``nn.Dropout2d``, ...) in train mode (everything else, batch norm included, stays in eval
+    mode), as a :class:`MemberAverage` (mean softmax and mutual information), ``batch`` inputs
+    per forward. The softmax is over ``class_dim`` (1 for a segmentation network's
+    ``(N, C, H, W)``), moved last for the average. The masks come from the global generator
+    seeded with ``seed`` inside ``torch.random.fork_rng``, so the caller's random state is left
+    as it was and the same ``x`` and ``seed`` give the same result."""
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     if not dropouts:
-        raise ConfigurationError(f"{type(model).__name__} has no nn.Dropout module to sample")
+        raise ConfigurationError(
+            f"{type(model).__name__} has no nn.Dropout (or Dropout2d, ...) module to sample")
     average = MemberAverage()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
@@ -189,8 +192,8 @@ def mc_dropout_average(model: nn.Module, x: torch.Tensor, *, samples: int,
             m.train()
         try:
             for _ in range(samples):
-                average.add(torch.cat([torch.softmax(model(xb), -1)
-                                       for xb in x.split(_CLASSIFIER_BATCH)]))
+                probs = torch.cat([torch.softmax(model(xb), class_dim) for xb in x.split(batch)])
+                average.add(probs.movedim(class_dim, -1))
         finally:
             for m in dropouts:
                 m.eval()
