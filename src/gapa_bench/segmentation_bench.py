@@ -40,8 +40,6 @@ from gapa.predictive.classification import (
     ClassPrediction,
     VarianceScaleFit,
     fit_temperature,
-    fit_variance_scale,
-    predict_classes,
 )
 
 from . import bench
@@ -49,7 +47,8 @@ from .backbones import training_seconds
 from .baselines import Fitted
 from .baselines.dropout import mc_dropout_average
 from .baselines.ensemble import member_seeds
-from .baselines.scores import LOGIT_METHOD, MemberAverage, check_ood_scores, last_pass
+from .baselines.knn import normalised
+from .baselines.scores import MemberAverage, check_ood_scores, fit_logit_predictive, last_pass
 from .bench import write_records
 from .data.scenes import IGNORE, SHIFTS, SceneData, load_scenes, shifted
 from .metrics import classification_report, ood_report
@@ -161,24 +160,6 @@ def fit_ensemble(model: nn.Module, data: SceneData, *, seed: int, progress: bool
     return fitted
 
 
-def _logit_fitted(moments: Callable[[torch.Tensor], Moments], data: SceneData, info: dict,
-                  val: Moments | None = None) -> Fitted:
-    """Probabilities and summed raw logit variance at the variance scale fitted on the
-    validation pixels (the classification benchmark's calibration, per pixel)."""
-    val = moments(data.val.images) if val is None else val
-    fit: VarianceScaleFit = fit_variance_scale(_pixels(val.mean), _pixels(val.var),
-                                               data.val.labels.reshape(-1), method=LOGIT_METHOD)
-
-    @last_pass
-    def classify(x: torch.Tensor) -> ClassPrediction:
-        return predict_classes(moments(x), LOGIT_METHOD, variance_scale=fit.scale, class_dim=1)
-
-    info.update(variance_scale=fit.scale, val_nll=fit.nll, val_nll_map=fit.map_nll,
-                predictive=LOGIT_METHOD.value)
-    return Fitted(lambda x: classify(x).probs, info=info,
-                  ood_scores={"logit_variance": lambda x: classify(x).total_logit_variance})
-
-
 def _with_bias(features: torch.Tensor) -> torch.Tensor:
     """``(n, d)`` head features with a 1 appended: the bias is the last weight."""
     return torch.cat([features, torch.ones_like(features[:, :1])], 1)
@@ -235,9 +216,10 @@ def fit_lla_lastlayer(model: nn.Module, data: SceneData, *, seed: int, **_) -> F
         return moments
 
     def fit(setting: dict) -> tuple[float, Fitted]:
-        fitted = _logit_fitted(moments_at(setting["prior"] * scale), data,
-                               {"prior_precision": setting["prior"] * scale,
-                                "ggn_pixels": len(pick), "train_pixels": n_pixels})
+        fitted = fit_logit_predictive(
+            moments_at(setting["prior"] * scale), data.val.images, data.val.labels, class_dim=1,
+            info={"prior_precision": setting["prior"] * scale, "ggn_pixels": len(pick),
+                  "train_pixels": n_pixels})
         return fitted.info["val_nll"], fitted
 
     fitted, selection = select({"prior": list(LAPLACE_PRIOR_GRID)}, fit)
@@ -251,7 +233,7 @@ def fit_knn(model: nn.Module, data: SceneData, *, seed: int, **_) -> Fitted:
     _, feats = head_features(model, data.train.images)
     bank = _pixels(feats)
     pick = torch.randperm(len(bank), generator=torch.Generator().manual_seed(seed))[:KNN_BANK]
-    index = NeighbourIndex(_unit(bank[pick]), "faiss")
+    index = NeighbourIndex(normalised(bank[pick]), "faiss")
 
     @last_pass
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +242,7 @@ def fit_knn(model: nn.Module, data: SceneData, *, seed: int, **_) -> Fitted:
 
     def distance(x: torch.Tensor) -> torch.Tensor:
         out, f = forward(x)
-        q = _unit(_pixels(f))
+        q = normalised(_pixels(f))
         kth = index.points[index.search(q, KNN_K)[:, -1]]
         return (q - kth).norm(dim=1).reshape(out.shape[0], *out.shape[2:])
 
@@ -268,10 +250,6 @@ def fit_knn(model: nn.Module, data: SceneData, *, seed: int, **_) -> Fitted:
                           "declared (k changes only the OOD score; no validation data judges it)")
     return Fitted(lambda x: torch.softmax(forward(x)[0], 1), ood_scores={"distance": distance},
                   info={"k": KNN_K, "n_index": len(pick), "selection": selection.record()})
-
-
-def _unit(z: torch.Tensor) -> torch.Tensor:
-    return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:

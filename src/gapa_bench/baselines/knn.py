@@ -69,12 +69,12 @@ def fit_knn(backbone: nn.Module, data: ImageData, *, seed: int, progress: bool, 
     (k,) = candidates
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(data.x_train):
         raise ConfigurationError(f"k must be an int in [1, {len(data.x_train)}], got {k!r}")
-    index = NeighbourIndex(_normalised(penultimate_features(backbone, data.x_train)), "faiss")
+    index = NeighbourIndex(normalised(penultimate_features(backbone, data.x_train)), "faiss")
 
     @last_pass
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, feats = logits_and_features(backbone, x)
-        return torch.softmax(out, -1), _normalised(feats)
+        return torch.softmax(out, -1), normalised(feats)
 
     def distance(x: torch.Tensor) -> torch.Tensor:
         q = forward(x)[1]
@@ -87,5 +87,6 @@ def fit_knn(backbone: nn.Module, data: ImageData, *, seed: int, progress: bool, 
                   info={"k": k, "n_index": len(index), "selection": selection.record()})
 
 
-def _normalised(z: torch.Tensor) -> torch.Tensor:
+def normalised(z: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (Sun et al.'s normalised features)."""
     return z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -31,6 +31,7 @@ from gapa.predictive.classification import (
     ClassPrediction,
     Method,
     VarianceScaleFit,
+    classes_last,
     fit_variance_scale,
     predict_classes,
 )
@@ -155,6 +156,7 @@ def fit_logit_predictive(
     info: dict,
     handle: Any = None,
     val_moments: Moments | None = None,
+    class_dim: int = -1,
 ) -> Fitted:
     """The benchmark's classifier from a method's logit moments: the variance scale fitted on
     the validation NLL (:func:`~gapa.predictive.classification.fit_variance_scale` with
@@ -175,6 +177,9 @@ def fit_logit_predictive(
         ``Fitted.handle``.
     val_moments : Moments, optional
         The moments of ``x_val`` when the method already has them (saves a pass).
+    class_dim : int, default -1
+        The logits' class axis: 1 for a segmentation network's ``(N, C, H, W)``, whose labels
+        are ``(N, H, W)`` maps (every pixel is scored, and the scores are maps).
 
     Returns
     -------
@@ -183,12 +188,14 @@ def fit_logit_predictive(
         one pass per input tensor.
     """
     val = logit_moments(x_val) if val_moments is None else val_moments
-    fit: VarianceScaleFit = fit_variance_scale(val.mean, val.var, y_val.to(val.mean.device),
+    last = classes_last(val, class_dim)
+    fit: VarianceScaleFit = fit_variance_scale(last.mean, last.var, y_val.to(val.mean.device),
                                                method=LOGIT_METHOD)
 
     @last_pass
     def classify(x: torch.Tensor) -> ClassPrediction:
-        return predict_classes(logit_moments(x), LOGIT_METHOD, variance_scale=fit.scale)
+        return predict_classes(logit_moments(x), LOGIT_METHOD, variance_scale=fit.scale,
+                               class_dim=class_dim)
 
     info.update(variance_scale=fit.scale, val_nll=fit.nll, val_nll_map=fit.map_nll,
                 predictive=LOGIT_METHOD.value, scale_val_rows=len(y_val))
