@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from _common import best_of, header
 from gapa import GAPA
+from gapa_bench.memory import peak_rss_mib
 
 IN_FEATURES = 16
 BATCH = 8192
@@ -52,11 +53,6 @@ class SyntheticBatches(Dataset):
 def network(width: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(IN_FEATURES, width), nn.Tanh(), nn.Linear(width, 1)).eval()
-
-
-def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def fit_one(n: int, width: int, mode: str) -> dict:

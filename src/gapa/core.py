@@ -47,7 +47,7 @@ from .errors import (
 from .gp.kernels import check_overrides
 from .gp.search import SearchBackend
 from .gp.site import Conditioning, GPConfig, GPSite, Inducing
-from .moments import Moments
+from .moments import Moments, all_finite
 from .persistence import load_state, model_device, model_fingerprint, same_model, save_state
 from .plan import Plan, machine_memory, plan_fit
 from .predictive.classification import (
@@ -1056,11 +1056,9 @@ class GAPA:
         Then raise a NonFiniteError naming where the first non-finite value appeared
         (``culprit()``, run only on this failing path).
         """
-        if bool(torch.isfinite(out.var.sum())):
-            return out  # a sum is finite only if every term is: one pass, no mask to allocate
+        if all_finite(out.var):
+            return out
         bad = ~torch.isfinite(out.var)
-        if not bool(bad.any()):
-            return out  # the sum overflowed
         network = "" if bool(torch.isfinite(out.mean).all()) else (
             " The network's own output is not finite on these inputs either.")
         raise NonFiniteError(

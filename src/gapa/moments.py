@@ -31,3 +31,12 @@ class Moments:
     def to(self, *args, **kwargs) -> Moments:
         """Return both tensors moved or cast as :meth:`torch.Tensor.to` with these arguments."""
         return Moments(self.mean.to(*args, **kwargs), self.var.to(*args, **kwargs))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, in one reduction when they are.
+
+    A sum is finite only if every term is, so the elementwise mask is built only when the sum
+    is not finite: then either an entry is NaN or Inf, or finite entries overflowed the sum.
+    """
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

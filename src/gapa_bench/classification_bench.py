@@ -99,12 +99,16 @@ def gapa_candidates(backbone: nn.Module, x: torch.Tensor,
     return out
 
 
-def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
-    """The benchmark's view of a calibrated GAPA: probabilities and the summed raw logit
-    variance (the epistemic part alone) from one :meth:`gapa.GAPA.classify` pass per input."""
+def gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict,
+                predict: Mapping | None = None) -> Fitted:
+    """The benchmarks' view of a calibrated GAPA: probabilities and the summed raw logit
+    variance (the epistemic part alone) from one :meth:`gapa.GAPA.classify` pass per input
+    (``predict``: its keyword arguments, for example a class axis and a batch size)."""
+    predict = dict(predict or {})
+
     @last_pass
     def classify(x: torch.Tensor) -> ClassPrediction:
-        return gm.classify(x)
+        return gm.classify(x, **predict)
 
     def probs(x: torch.Tensor) -> torch.Tensor:
         return classify(x).probs
@@ -113,7 +117,8 @@ def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
         return classify(x).total_logit_variance
 
     info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m,
-            "queries": gm.queries.value, "conditioning": gm.config.conditioning.value,
+            "queries": gm.queries.value, "search": gm.config.search.value,
+            "conditioning": gm.config.conditioning.value,
             "propagation": gm.propagation, "lengthscale_factor": gm.lengthscale_factor,
             "lengthscale_rule": gm.config.lengthscale_rule.value,
             "amplitude_rule": gm.config.amplitude_rule.value,
@@ -122,12 +127,13 @@ def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
     return Fitted(probs, info=info, handle=gm, ood_scores={"logit_variance": variance})
 
 
-def _fit_calibrated(backbone: nn.Module, data: ImageData, *, seed: int, progress: bool,
-                    **options) -> tuple[GAPA, VarianceScaleFit]:
-    """``GAPA(backbone, seed=seed, **options)`` fitted on the training images and calibrated
-    on validation as a user would (:meth:`gapa.GAPA.calibrate_classifier`)."""
-    gm = GAPA(backbone, seed=seed, **options).fit(data.x_train, progress=progress)
-    return gm, gm.calibrate_classifier(data.x_val, data.y_val)
+def fit_calibrated(model: nn.Module, x_train: torch.Tensor, x_val: torch.Tensor,
+                   y_val: torch.Tensor, *, seed: int, progress: bool,
+                   predict: Mapping | None = None, **options) -> tuple[GAPA, VarianceScaleFit]:
+    """``GAPA(model, seed=seed, **options)`` fitted on the training inputs and calibrated on
+    validation as a user would (:meth:`gapa.GAPA.calibrate_classifier`, with ``predict``)."""
+    gm = GAPA(model, seed=seed, **options).fit(x_train, progress=progress)
+    return gm, gm.calibrate_classifier(x_val, y_val, **(predict or {}))
 
 
 def fit_gapa(backbone: nn.Module, data: ImageData, *, seed: int = 0, progress: bool = False,
@@ -143,19 +149,20 @@ def fit_gapa(backbone: nn.Module, data: ImageData, *, seed: int = 0, progress: b
     tried = gapa_candidates(backbone, data.x_train, candidates, **fixed)
 
     def fit(setting: dict) -> tuple[float, tuple[GAPA, VarianceScaleFit]]:
-        gm, cal = _fit_calibrated(backbone, data, seed=seed, progress=progress,
-                                  **fixed, **setting)
+        gm, cal = fit_calibrated(backbone, data.x_train, data.x_val, data.y_val, seed=seed,
+                                 progress=progress, **fixed, **setting)
         return cal.nll, (gm, cal)
 
     (gm, cal), selection = select(tried, fit)
-    return _gapa_fitted(gm, cal, {"selection": selection.record()})
+    return gapa_fitted(gm, cal, {"selection": selection.record()})
 
 
 def fit_gapa_default(backbone: nn.Module, data: ImageData, *, seed: int = 0,
                      progress: bool = False, train: dict | None = None) -> Fitted:
     """The library's defaults, untouched: ``GAPA(backbone).fit(x_train)`` and
     :meth:`gapa.GAPA.calibrate_classifier` on validation, nothing chosen."""
-    return _gapa_fitted(*_fit_calibrated(backbone, data, seed=seed, progress=progress), {})
+    return gapa_fitted(*fit_calibrated(backbone, data.x_train, data.x_val, data.y_val,
+                                       seed=seed, progress=progress), {})
 
 
 METHODS: dict[str, FitFn] = {

@@ -158,7 +158,9 @@ def _bench_parsers(sub) -> None:
     sg.add_argument("--methods", type=_names, default=list(segmentation_bench.METHODS),
                     help=f"comma-separated, from {', '.join(segmentation_bench.METHODS)} "
                     "(default: all)")
-    sg.add_argument("--seeds", type=integer(1), default=3, help="seeds 0..N-1 (default %(default)s)")
+    sg.add_argument("--seeds", type=seeds_arg, default=3,
+                    help="N for seeds 0..N-1 (default %(default)s), a list such as 1,2 or a "
+                    "range 1-2 (records of separate runs are reported together)")
     sg.add_argument("--side", type=integer(56), default=64, help="scene side in pixels")
     sg.add_argument("--train-scenes", type=integer(1), default=3000)
     sg.add_argument("--val-scenes", type=integer(1), default=300)

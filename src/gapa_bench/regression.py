@@ -8,7 +8,6 @@ and the test metrics come from :mod:`gapa_bench.metrics`.
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from gapa.predictive.regression import fit_scale_and_noise
 
 from .baselines import FitFn, Fitted
 from .data import RegressionData
+from .memory import peak_rss_mib, reset_peak_rss
 from .metrics import regression_report
 from .selection import select
 
@@ -144,7 +144,7 @@ def run_method(
     ``fit_s`` covers the method's fit and the calibration (for methods that train networks, the
     recorded training seconds instead of the fit call); ``test_s`` one pass over the test inputs.
     """
-    _reset_peak_rss()
+    reset_peak_rss()
     t0 = time.perf_counter()
     fitted = fit(backbone, data, seed=seed, progress=progress, train=dict(train or {}))
     fit_call_s = time.perf_counter() - t0
@@ -162,27 +162,8 @@ def run_method(
         name, **regression_report(mean, std, y), fit_s=fit_s, test_s=test_s, mean=mean, std=std,
         dataset=data.name, split=data.split, seed=seed, scale=cal.scale, noise=cal.noise,
         val_nll=cal.nll,
-        peak_rss_mib=_peak_rss_mib(),
+        peak_rss_mib=peak_rss_mib(),
         info=fitted.info, fitted=fitted,
     )
 
 
-def _reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS counter (Linux), so the next reading is this method's."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
-        pass
-
-
-def _peak_rss_mib() -> float:
-    """Peak resident memory since the last reset (``VmHWM``), else the process's ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -33,11 +33,9 @@ import torch
 from torch import nn
 
 from gapa.core import GAPA
-from gapa.errors import ConfigurationError
 from gapa.gp.search import NeighbourIndex
 from gapa.moments import Moments
 from gapa.predictive.classification import (
-    ClassPrediction,
     VarianceScaleFit,
     fit_temperature,
 )
@@ -50,11 +48,12 @@ from .baselines.ensemble import member_seeds
 from .baselines.knn import normalised
 from .baselines.scores import MemberAverage, check_ood_scores, fit_logit_predictive, last_pass
 from .bench import write_records
+from .classification_bench import fit_calibrated, gapa_fitted
 from .data.scenes import IGNORE, SHIFTS, SceneData, load_scenes, shifted
 from .metrics import classification_report, ood_report
 from .plotting import segmentation_figures
 from .provenance import run_info
-from .segmenters import MC_DROPOUT_P, cached_segmenter, mean_iou, segment_logits
+from .segmenters import cached_segmenter, mean_iou, segment_logits
 from .selection import Selection, select
 
 #: GAPA's candidate layers, chosen on calibrated validation NLL: the last ReLU of the last
@@ -65,7 +64,8 @@ GAPA_LAYER_CANDIDATES = {"layers": [["dec1.5"], ["dec2.5"]]}
 #: batch (a tie between equidistant neighbours may resolve the other way; gapa_default keeps
 #: the library's default).
 GAPA_FIXED = {"search": "faiss"}
-#: Dropout passes of MC dropout, members of the ensemble.
+#: MC dropout: the rates tried (one U-Net each, chosen on validation NLL) and the passes.
+MC_DROPOUT_RATES = (0.05, 0.1, 0.2)
 MC_SAMPLES = 16
 ENSEMBLE_MEMBERS = 5
 #: kNN: Sun et al.'s k, and how many training pixels are indexed (a seeded random subset).
@@ -129,14 +129,29 @@ def _averaged(average: Callable[[torch.Tensor], MemberAverage], info: dict) -> F
                   ood_scores={"mutual_information": lambda x: passes(x).mutual_information})
 
 
-def fit_mc_dropout(model: nn.Module, data: SceneData, *, seed: int, progress: bool, **_) -> Fitted:
-    """The U-Net trained with channel dropout :data:`MC_DROPOUT_P` (cached), averaged over
-    :data:`MC_SAMPLES` seeded masks; its score is the mutual information."""
-    net, path, trained = cached_segmenter(data, seed=seed, dropout=MC_DROPOUT_P, progress=progress)
-    fitted = _averaged(lambda x: mc_dropout_average(net, x, samples=MC_SAMPLES, seed=seed,
-                                                    class_dim=1, batch=BATCH),
-                       {"p": MC_DROPOUT_P, "samples": MC_SAMPLES, "trained_now": trained})
-    fitted.fit_s = training_seconds(path)
+def fit_mc_dropout(model: nn.Module, data: SceneData, *, seed: int, progress: bool,
+                   rates: Sequence[float] = MC_DROPOUT_RATES, **_) -> Fitted:
+    """The U-Net trained with channel dropout at each rate of ``rates`` (cached), averaged over
+    :data:`MC_SAMPLES` seeded masks; the rate of lowest validation pixel NLL is kept. Its score
+    is the mutual information; ``fit_s`` sums every candidate's training and validation pass."""
+    seconds = [0.0]
+
+    def average(net: nn.Module, x: torch.Tensor) -> MemberAverage:
+        return mc_dropout_average(net, x, samples=MC_SAMPLES, seed=seed, class_dim=1, batch=BATCH)
+
+    def fit(setting: dict) -> tuple[float, tuple[nn.Module, bool]]:
+        net, path, trained = cached_segmenter(data, seed=seed, dropout=setting["p"],
+                                              progress=progress)
+        t0 = time.perf_counter()
+        probs = average(net, data.val.images).probs.movedim(-1, 1)
+        seconds[0] += training_seconds(path) + time.perf_counter() - t0
+        return _pixel_report(probs, data.val.labels)["nll"], (net, trained)
+
+    (net, trained), selection = select({"p": list(rates)}, fit)
+    fitted = _averaged(partial(average, net),
+                       {"p": selection.chosen["p"], "samples": MC_SAMPLES, "trained_now": trained,
+                        "selection": selection.record()})
+    fitted.fit_s = seconds[0]
     return fitted
 
 
@@ -252,25 +267,9 @@ def fit_knn(model: nn.Module, data: SceneData, *, seed: int, **_) -> Fitted:
                   info={"k": KNN_K, "n_index": len(pick), "selection": selection.record()})
 
 
-def _gapa_fitted(gm: GAPA, fit: VarianceScaleFit, info: dict) -> Fitted:
-    @last_pass
-    def classify(x: torch.Tensor) -> ClassPrediction:
-        return gm.classify(x, class_dim=1, batch_size=BATCH)
-
-    info = {"layers": gm.layers, "k": gm.config.k, "m": gm.config.m, "queries": gm.queries.value,
-            "search": gm.config.search.value,
-            "conditioning": gm.config.conditioning.value, "propagation": gm.propagation,
-            "lengthscale_factor": gm.lengthscale_factor, "variance_scale": fit.scale,
-            "val_nll": fit.nll, "val_nll_map": fit.map_nll, "predictive": fit.method.value, **info}
-    return Fitted(lambda x: classify(x).probs, info=info, handle=gm,
-                  ood_scores={"logit_variance": lambda x: classify(x).total_logit_variance})
-
-
-def _fit_calibrated(model: nn.Module, data: SceneData, *, seed: int, progress: bool,
-                    **options) -> tuple[GAPA, VarianceScaleFit]:
-    gm = GAPA(model, seed=seed, **options).fit(data.train.images, progress=progress)
-    return gm, gm.calibrate_classifier(data.val.images, data.val.labels, class_dim=1,
-                                       batch_size=BATCH)
+#: How the segmentation GAPA predicts and calibrates: classes on axis 1, :data:`BATCH` scenes
+#: per pass.
+GAPA_PREDICT = {"class_dim": 1, "batch_size": BATCH}
 
 
 def fit_gapa(model: nn.Module, data: SceneData, *, seed: int = 0, progress: bool = False,
@@ -281,17 +280,21 @@ def fit_gapa(model: nn.Module, data: SceneData, *, seed: int = 0, progress: bool
     fixed = {**GAPA_FIXED, **fixed}
 
     def fit(setting: dict) -> tuple[float, tuple[GAPA, VarianceScaleFit]]:
-        gm, cal = _fit_calibrated(model, data, seed=seed, progress=progress, **fixed, **setting)
+        gm, cal = fit_calibrated(model, data.train.images, data.val.images, data.val.labels,
+                                 seed=seed, progress=progress, predict=GAPA_PREDICT,
+                                 **fixed, **setting)
         return cal.nll, (gm, cal)
 
     (gm, cal), selection = select(candidates, fit)
-    return _gapa_fitted(gm, cal, {"selection": selection.record()})
+    return gapa_fitted(gm, cal, {"selection": selection.record()}, GAPA_PREDICT)
 
 
 def fit_gapa_default(model: nn.Module, data: SceneData, *, seed: int = 0,
                      progress: bool = False, **_) -> Fitted:
     """``GAPA(unet).fit(x)`` and the calibration, nothing chosen."""
-    return _gapa_fitted(*_fit_calibrated(model, data, seed=seed, progress=progress), {})
+    return gapa_fitted(*fit_calibrated(model, data.train.images, data.val.images,
+                                       data.val.labels, seed=seed, progress=progress,
+                                       predict=GAPA_PREDICT), {}, GAPA_PREDICT)
 
 
 METHODS: dict[str, Callable[..., Fitted]] = {
@@ -432,16 +435,17 @@ def _reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15):
             [float(correct[which == b].mean()) for b in used])
 
 
-def run_benchmark(methods: Sequence[str], seeds: int = 3, *, progress: bool = True,
-                  json_path: str | os.PathLike | None = None, figures: str | None = None,
-                  log=print, **scene_sizes) -> list[SegResult]:
-    """Each method on each seed's U-Net (trained once, cached) and scenes of that seed; with
-    ``figures``, seed 0's figures in that folder (:func:`gapa_bench.plotting.segmentation_figures`)."""
-    if seeds < 1:
-        raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+def run_benchmark(methods: Sequence[str], seeds: int | Sequence[int] = 3, *,
+                  progress: bool = True, json_path: str | os.PathLike | None = None,
+                  figures: str | None = None, log=print, **scene_sizes) -> list[SegResult]:
+    """Each method on each seed's U-Net (trained once, cached) and scenes of that seed
+    (``seeds``: N for 0..N-1, or the seeds themselves, :func:`gapa_bench.bench.seed_list`);
+    with ``figures``, seed 0's figures in that folder
+    (:func:`gapa_bench.plotting.segmentation_figures`)."""
+    seeds = bench.seed_list(seeds)
     run = run_info()
     results: list[SegResult] = []
-    for seed in range(seeds):
+    for seed in seeds:
         data = load_scenes(seed=seed, **scene_sizes)
         model, path, trained = cached_segmenter(data, seed=seed, progress=progress)
         if seed == 0:

@@ -26,8 +26,6 @@ from .data.scenes import IGNORE, SceneData
 WIDTHS = (8, 16, 32)
 #: Training settings (see :func:`train_segmenter`).
 TRAIN_SETTINGS: dict = {"epochs": 10, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4}
-#: Dropout rate of the MC-dropout network.
-MC_DROPOUT_P = 0.1
 _EVAL_BATCH = 128
 
 

@@ -538,3 +538,19 @@ def test_scored_positions_with_the_class_axis_first():
     assert len(got[0]) == 3 * 16 - 1
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_finite_moments_whose_sums_overflow_are_accepted():
+    """The finiteness checks reduce by a sum first; finite values that overflow it still pass,
+    and an empty batch has nothing to check."""
+    from gapa.moments import all_finite
+
+    big = torch.full((64, 3), 3e38, dtype=torch.float32)
+    assert not bool(torch.isfinite(big.sum())) and all_finite(big)
+    assert not all_finite(torch.tensor([1.0, float("nan")]))
+    assert not all_finite(torch.tensor([1.0, -float("inf")]))
+    mean = torch.zeros(64, 3, dtype=torch.float32)
+    out = predict_classes(Moments(mean, big))
+    assert out.total_logit_variance.isinf().all()  # a sum of the caller's own finite values
+    empty = predict_classes(Moments(torch.zeros(0, 3, dtype=F64), torch.zeros(0, 3, dtype=F64)))
+    assert empty.probs.shape == (0, 3)

@@ -80,6 +80,9 @@ def test_every_method_runs_and_keeps_or_owns_its_labels(tiny):
             assert res.miou == sb.mean_iou(plain, data.test.labels, 11), name
         if name == "gapa":
             assert res.info["selection"]["candidates"] == sb.GAPA_LAYER_CANDIDATES
+        if name == "mc_dropout":  # one U-Net per declared rate, chosen on validation
+            assert res.info["selection"]["candidates"] == {"p": list(sb.MC_DROPOUT_RATES)}
+            assert res.info["p"] in sb.MC_DROPOUT_RATES
 
 
 def test_records_make_the_report_table(tiny, tmp_path):

@@ -148,8 +148,10 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
     shape : tuple of int or None
         The shape of one input (without the batch axis); None skips the check.
     any_length : bool, default False
-        Token ids (integer inputs) may have any length, only their rank is fixed: what a GP
-        query is (a position's units) does not depend on the sequence length.
+        Per-position queries: token ids (integer inputs) may have any length, only their rank
+        is fixed, and images (floating inputs ``(batch, C, *spatial)`` with two or more spatial
+        axes) any spatial size, only their rank and channels are fixed: what a GP query is (a
+        position's units) depends on neither. Other floating inputs keep the fit's shape.
 
     Raises
     ------
@@ -168,6 +170,12 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
                 f"token ids of shape {tuple(x.shape)} do not have the training ids' rank: "
                 f"(batch, {', '.join(map(str, shape))}); any length is accepted, another "
                 "number of axes is not")
+    elif shape is not None and any_length and x.is_floating_point() and len(shape) >= 3:
+        if x.dim() != len(shape) + 1 or x.shape[1] != shape[0]:
+            raise InputError(
+                f"inputs of shape {tuple(x.shape)} do not match the training inputs, which were "
+                f"(batch, {', '.join(map(str, shape))}); with per-position queries the rank and "
+                f"the channels (axis 1, {shape[0]}) must be the fit's, the spatial size may differ")
     elif shape is not None and (x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape):
         what, fix = (("token ids", "with queries='per_input' every input must have the fit's "
                       "length (a GP query is a whole input)") if ids

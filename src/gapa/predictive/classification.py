@@ -25,7 +25,7 @@ import torch
 
 from ..capture.inputs import real_positions
 from ..errors import ConfigurationError, InputError, NonFiniteError, parse_enum
-from ..moments import Moments
+from ..moments import Moments, all_finite
 from .regression import argmin_log
 
 __all__ = [
@@ -172,8 +172,8 @@ def _check_logits(name: str, t: object) -> torch.Tensor:
         raise InputError(
             f"{name} must have shape (..., C) with C >= 2 classes, got {tuple(t.shape)}"
         )
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
+    if not all_finite(t):
+        bad = ~torch.isfinite(t)
         raise NonFiniteError(f"{name} has {int(bad.sum())} non-finite (NaN/Inf) entries")
     return t
 
@@ -196,11 +196,11 @@ def _check_moments(mean: object, var: object) -> None:
         raise InputError(f"device mismatch: mean on {mean.device}, var on {var.device}")
     _check_logits("mean", mean)
     _check_logits("var", var)
-    neg = var < 0
-    if bool(neg.any()):
+    lowest = float(var.min()) if var.numel() else 0.0  # finite here: one reduction, no mask
+    if lowest < 0:
         raise InputError(
-            f"var must be non-negative; {int(neg.sum())} entries are < 0 "
-            f"(min {float(var.min()):.3g})"
+            f"var must be non-negative; {int((var < 0).sum())} entries are < 0 "
+            f"(min {lowest:.3g})"
         )
 
 
@@ -602,7 +602,7 @@ def predict_classes(
     mean = moments.mean
     _check_moments(mean, moments.var)
     var = moments.var if c == 1.0 else c * moments.var
-    if c != 1.0 and not bool(torch.isfinite(var).all()):
+    if c != 1.0 and not all_finite(var):
         raise NonFiniteError(f"variance_scale={c:g} times var overflows {var.dtype}")
     concentration = None
     if method is Method.ARGMAX_PRESERVING:

@@ -1,0 +1,108 @@
+"""Issue 18's speed and memory targets: GAPA's test pass against the U-Net's own forward.
+
+At batch 32 of 64x64 scenes, in one process, plain and GAPA interleaved, best of
+``--repeats``: ``gm(x)`` (the logit moments) and ``gm.classify(x, class_dim=1)`` (the
+calibrated per-pixel predictive, every score) over the plain forward, for the segmentation
+benchmark's U-Net of seed 0 with GAPA as the benchmark fits it (layer ``dec1.5``, exact faiss
+search) and with the library's defaults, and for the same architecture at 4x the widths (random
+weights: a probe of how the ratio falls as the network's work per pixel grows; the cost does
+not depend on the weights). Then the peak resident memory of a 96x96 batch of 32 (11 classes)
+above the resident memory before it, for the forward and for classify.
+
+Usage: python benchmarks/segmentation_speed.py [--repeats 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from _common import best_of, header
+from gapa import GAPA
+from gapa.io import atomic_path
+from gapa_bench.architectures import UNet
+from gapa_bench.data.scenes import load_scenes
+from gapa_bench.memory import peak_rss_mib, reset_peak_rss, rss_mib
+from gapa_bench.provenance import run_info
+from gapa_bench.segmentation_bench import BATCH, GAPA_FIXED
+from gapa_bench.segmenters import WIDTHS, cached_segmenter
+
+#: The scenes of the benchmark's defaults (``gapa-bench segmentation``).
+SCENES = {"side": 64, "n_train": 3000, "n_val": 300, "n_test": 300, "n_ood": 200}
+
+
+def fitted(model, data, **options) -> GAPA:
+    gm = GAPA(model, seed=0, **options).fit(data.train.images, progress=False)
+    gm.calibrate_classifier(data.val.images, data.val.labels, class_dim=1, batch_size=BATCH)
+    return gm
+
+
+def timings(model, gm: GAPA, x: torch.Tensor, repeats: int) -> dict:
+    with torch.no_grad():
+        model(x[:2])
+        gm.classify(x[:2], class_dim=1)  # warm-up
+        plain = best_of(lambda: model(x), repeats)
+        moments = best_of(lambda: gm(x), repeats)
+        classify = best_of(lambda: gm.classify(x, class_dim=1, batch_size=None), repeats)
+    return {"plain_s": plain, "moments_s": moments, "classify_s": classify,
+            "moments_ratio": moments / plain, "classify_ratio": classify / plain}
+
+
+def peak_above(fn) -> float:
+    """MiB of resident memory that ``fn()`` needs above what the process holds before it."""
+    before = rss_mib()
+    reset_peak_rss()
+    fn()
+    return peak_rss_mib() - before
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", dest="json_path")
+    args = p.parse_args()
+    run = run_info(sys.argv)
+    print(header(f"U-Net on {SCENES['side']}x{SCENES['side']} scenes, batch {BATCH}"))
+    data = load_scenes(seed=0, **SCENES)
+    model, _, _ = cached_segmenter(data, seed=0, progress=False)
+    torch.manual_seed(0)
+    wide = UNet(num_classes=data.n_classes, widths=tuple(4 * w for w in WIDTHS)).eval()
+    x = data.test.images[:BATCH].clone()
+    rows = []
+    for name, net, widths, options in [
+            ("benchmark U-Net, gapa (dec1.5, faiss)", model, WIDTHS,
+             {"layers": ["dec1.5"], **GAPA_FIXED}),
+            ("benchmark U-Net, gapa_default", model, WIDTHS, {}),
+            ("4x wider U-Net (random weights), gapa (dec1.5, faiss)", wide,
+             tuple(4 * w for w in WIDTHS), {"layers": ["dec1.5"], **GAPA_FIXED})]:
+        gm = fitted(net, data, **options)
+        row = {"setting": name, "widths": list(widths),
+               "layers": gm.layers, "m": gm.config.m, "k": gm.config.k,
+               "search": gm.config.search.value, **timings(net, gm, x, args.repeats)}
+        rows.append(row)
+        print(f"{name}: plain {row['plain_s']:.3f} s, gm(x) x{row['moments_ratio']:.2f}, "
+              f"classify x{row['classify_ratio']:.2f}", flush=True)
+    big = load_scenes(seed=0, side=96, n_train=64, n_val=8, n_test=BATCH, n_ood=1)
+    gm = fitted(model, data, layers=["dec1.5"], **GAPA_FIXED)
+    xb = big.test.images
+    with torch.no_grad():
+        memory = {"shape": list(xb.shape), "classes": data.n_classes,
+                  "input_mib": xb.numel() * xb.element_size() / 2**20,
+                  "logits_mib": xb.numel() * data.n_classes * xb.element_size() / 2**20,
+                  "forward_mib": peak_above(lambda: model(xb)),
+                  "classify_mib": peak_above(lambda: gm.classify(xb, class_dim=1,
+                                                                 batch_size=None))}
+    print(f"96x96 batch of {BATCH}: forward +{memory['forward_mib']:.0f} MiB, classify "
+          f"+{memory['classify_mib']:.0f} MiB (the logits alone: {memory['logits_mib']:.0f} MiB)")
+    if args.json_path:
+        record = {"kind": "segmentation_speed", "batch": BATCH, "side": SCENES["side"],
+                  "rows": rows, "memory": memory, "threads": torch.get_num_threads(), "run": run}
+        with atomic_path(args.json_path) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
