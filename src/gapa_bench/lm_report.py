@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import ReportError
 
 
-def _load(path: str, root: Path, kind: str) -> dict:
+def load_record(path: str, root: Path, kind: str) -> dict:
     try:
         rec = json.loads((root / path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -23,7 +23,7 @@ def _load(path: str, root: Path, kind: str) -> dict:
     return rec
 
 
-def _run(rec: dict, path: str) -> str:
+def run_line(rec: dict, path: str) -> str:
     from .report import _machine  # report imports this module: read at call time
 
     run = rec.get("run") or {}
@@ -39,12 +39,12 @@ def _best_auroc(scores: dict) -> tuple[str, float]:
 def language_block(paths: Sequence[str], root: Path) -> str:
     """Token-level predictive, error detection, selection, cost and OOD tables of one record."""
     (path,) = paths
-    rec = _load(path, root, "language")
+    rec = load_record(path, root, "language")
     methods = rec["methods"]
     head = (f"SmolLM2-135M, fit on {rec['n_fit']} sequences of {rec['length']} Austen tokens; "
             f"validation and test: {rec['n_eval']} sequences each from the two halves of "
             f"*{rec['held_out'].capitalize()}*; one seed ({rec['seed']}), so no standard errors. "
-            + _run(rec, path))
+            + run_line(rec, path))
     lines = ["| method | NLL | ECE | Brier | error AUROC (entropy) | error AUROC (own best) | "
              "AURC (entropy) | acc @ 80% (entropy) | fit s | test × plain | test peak MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -85,7 +85,7 @@ def language_block(paths: Sequence[str], root: Path) -> str:
 def lm_propagation_block(paths: Sequence[str], root: Path) -> str:
     """Per block: finite or not, and diagonal / Monte-Carlo ratios of the logit variance."""
     (path,) = paths
-    rec = _load(path, root, "lm_propagation")
+    rec = load_record(path, root, "lm_propagation")
     lines = ["| GAPA at block | finite | per logit: median (5–95%) | per token: median (5–95%) |",
              "|---|---|---|---|"]
     for r in rec["blocks"]:
@@ -97,13 +97,13 @@ def lm_propagation_block(paths: Sequence[str], root: Path) -> str:
                      f"{t[1]:.2f} ({t[0]:.2f}–{t[2]:.2f}) |")
     return (f"{rec['test_sequences']} held-out sequences of {rec['length']} tokens, GAPA fitted "
             f"on {rec['fit_sequences']}; Monte Carlo with {rec['samples']} samples. "
-            + _run(rec, path) + "\n\n" + "\n".join(lines))
+            + run_line(rec, path) + "\n\n" + "\n".join(lines))
 
 
 def lm_speed_block(paths: Sequence[str], root: Path) -> str:
     """Per block: ``gm(x)`` over the plain forward, and the fit over one inference pass."""
     (path,) = paths
-    rec = _load(path, root, "lm_speed")
+    rec = load_record(path, root, "lm_speed")
     lines = ["| GAPA at block | gm(x) s | plain s | ratio | fit s | inference pass s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
@@ -111,5 +111,5 @@ def lm_speed_block(paths: Sequence[str], root: Path) -> str:
                      f"{r['ratio']:.2f} | {r['fit_seconds']:.1f} | "
                      f"{r['fit_inference_seconds']:.1f} | {r['fit_ratio']:.2f} |")
     return (f"Batch 8 x 128, best of the repeats; fit on "
-            f"{rec['rows'][0]['fit_tokens']} tokens. " + _run(rec, path) + "\n\n"
+            f"{rec['rows'][0]['fit_tokens']} tokens. " + run_line(rec, path) + "\n\n"
             + "\n".join(lines))

@@ -621,12 +621,33 @@ def _conditioning(paths: Sequence[str], root: Path) -> str:
     return "\n\n".join(blocks)
 
 
+def _segmentation_speed(paths: Sequence[str], root: Path) -> str:
+    """GAPA's test pass over the U-Net's forward per setting, and the 96x96 memory."""
+    (path,) = paths
+    rec = lm_report.load_record(path, root, "segmentation_speed")
+    lines = ["| setting | layer | M | search | U-Net forward s | gm(x) / forward | "
+             "classify / forward |", "|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        lines.append(f"| {r['setting']} | {', '.join(r['layers'])} | {r['m']} | {r['search']} | "
+                     f"{r['plain_s']:.3f} | {r['moments_ratio']:.2f} | "
+                     f"{r['classify_ratio']:.2f} |")
+    m = rec["memory"]
+    shape = "x".join(map(str, m["shape"]))
+    memory = (f"Memory of one {shape} batch ({m['classes']} classes; its logits alone "
+              f"{m['logits_mib']:.0f} MiB), peak resident memory above the process's before "
+              f"the call, each in a fresh process: U-Net forward {m['forward_mib']:.0f} MiB, "
+              f"`classify` {m['classify_mib']:.0f} MiB.")
+    return (f"Batch {rec['batch']} of {rec['side']}x{rec['side']} scenes, best of the repeats, "
+            f"{rec['threads']} thread(s). " + lm_report.run_line(rec, path) + "\n\n"
+            + "\n".join(lines) + "\n\n" + memory)
+
+
 #: What each kind generates from its record files.
 KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
     "regression": _regression, "classification": _classification, "summary": _summary,
     "conditioning": _conditioning, "language": lm_report.language_block,
     "lm_propagation": lm_report.lm_propagation_block, "lm_speed": lm_report.lm_speed_block,
-    "segmentation": _segmentation,
+    "segmentation": _segmentation, "segmentation_speed": _segmentation_speed,
 }
 
 

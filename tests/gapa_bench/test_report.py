@@ -354,3 +354,26 @@ def test_a_verdict_never_stands_beside_a_zero_standard_error():
             for r in records]
     text = report._paired(wide, "gapa", "map", lambda r: r["nll"])[1]
     assert re.fullmatch(r"\+\d+\.\d{3} ± \d+\.\d{3}", text), text  # a visible SE keeps three
+
+
+def test_speed_blocks(tmp_path):
+    """The LM and segmentation speed records make their tables; another kind is refused."""
+    run = {"commit": "abc", "date": "2026-12-07", "machine": {}, "command": "x"}
+    seg = {"kind": "segmentation_speed", "batch": 32, "side": 64, "threads": 1, "run": run,
+           "rows": [{"setting": "u-net", "layers": ["dec1.5"], "m": 512, "search": "faiss",
+                     "plain_s": 0.08, "moments_ratio": 1.75, "classify_ratio": 2.125}],
+           "memory": {"shape": [32, 1, 96, 96], "classes": 11, "logits_mib": 12.4,
+                      "forward_mib": 60.0, "classify_mib": 150.0}}
+    lm = {"kind": "lm_speed", "run": run, "rows": [
+        {"block": 29, "gapa_seconds": 5.0, "plain_seconds": 4.0, "ratio": 1.25,
+         "fit_seconds": 50.0, "fit_inference_seconds": 40.0, "fit_ratio": 1.25,
+         "fit_tokens": 8192}]}
+    (tmp_path / "seg.json").write_text(json.dumps(seg))
+    (tmp_path / "lm.json").write_text(json.dumps(lm))
+    out = report.fill("<!-- report segmentation_speed seg.json -->\n<!-- /report -->\n"
+                      "<!-- report lm_speed lm.json -->\n<!-- /report -->\n", tmp_path)
+    assert "| u-net | dec1.5 | 512 | faiss | 0.080 | 1.75 | 2.12 |" in out
+    assert "32x1x96x96 batch" in out and "`classify` 150 MiB" in out
+    assert "| 29 | 5.000 | 4.000 | 1.25 | 50.0 | 40.0 | 1.25 |" in out
+    with pytest.raises(ReportError, match="not a segmentation_speed record"):
+        report.fill("<!-- report segmentation_speed lm.json -->\n<!-- /report -->\n", tmp_path)
