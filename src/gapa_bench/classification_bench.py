@@ -302,7 +302,7 @@ def run_benchmark(
     data: ImageData,
     arch: str,
     methods: Sequence[str],
-    seeds: int = 3,
+    seeds: int | Sequence[int] = 3,
     *,
     sets: EvalSets | None = None,
     train: dict | None = None,
@@ -310,19 +310,19 @@ def run_benchmark(
     json_path: str | os.PathLike | None = None,
     log=print,
 ) -> list[ClassResult]:
-    """Each method on each seed's backbone (trained once, cached). With ``json_path`` the
+    """Each method on each seed's backbone (trained once, cached; ``seeds``: N for 0..N-1, or
+    the seeds themselves, :func:`gapa_bench.bench.seed_list`). With ``json_path`` the
     records are rewritten after every result; a method whose optional dependency is missing, or
     that does not apply to the backbone (all-weights KFAC on the ResNet), is reported and
     skipped, never faked. Every record carries the run's provenance (``run``), taken once."""
-    if seeds < 1:
-        raise ConfigurationError(f"seeds must be >= 1, got {seeds}")
+    seeds = bench.seed_list(seeds)
     sets = sets or eval_sets(data)
     train = {"arch": arch, **(train or {})}
     run = run_info()
     results: list[ClassResult] = []
     backbones: dict[int, nn.Module] = {}
     for name in methods:
-        for seed in tqdm(range(seeds), desc=name, disable=not progress):
+        for seed in tqdm(seeds, desc=name, disable=not progress):
             if seed not in backbones:
                 backbones[seed] = cached_classifier(data, seed=seed, progress=progress, **train)[0]
             try:

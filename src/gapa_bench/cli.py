@@ -138,8 +138,9 @@ def _bench_parsers(sub) -> None:
                    help="test images rotated at each angle (default %(default)s)")
     c.add_argument("--methods", default="all",
                    help=f"comma-separated, from {', '.join(CLASS_METHODS)} (default: all)")
-    c.add_argument("--seeds", type=integer(1), default=3,
-                   help="seeds 0..N-1 (default %(default)s)")
+    c.add_argument("--seeds", type=seeds_arg, default=3,
+                   help="N for seeds 0..N-1 (default %(default)s), a list such as 1,2 or a "
+                   "range 1-2 (records of separate runs are reported together)")
     c.add_argument("--test-size", type=integer(1), help="score on N class-balanced test images "
                    "and N MNIST digits (for methods too slow for the whole sets)")
     c.add_argument("--subset", type=integer(1), help="a quick look: N class-balanced training "

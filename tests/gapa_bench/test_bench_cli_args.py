@@ -28,6 +28,9 @@ CASES = [
     (["regression", "--max-epochs", "0"], "--max-epochs"),
     # gapa-bench classification
     (["classification", "--seeds", "-1"], "--seeds"),
+    (["classification", "--seeds", "2,2"], "--seeds"),
+    (["segmentation", "--seeds", "0"], "--seeds"),
+    (["segmentation", "--seeds", "3-1"], "--seeds"),
     (["classification", "--rotated-size", "0"], "--rotated-size"),
     (["classification", "--test-size", "-10"], "--test-size"),
     (["classification", "--subset", "0"], "--subset"),
