@@ -154,6 +154,7 @@ def test_default_preserves_argmax_exactly(dtype, scale):
     assert torch.equal(probs[tied], top_p[tied])  # tied logits get identical probabilities
     pred = predict_classes(Moments(mu, var))
     assert torch.equal(pred.predicted, mu.argmax(-1))
+    assert torch.equal(pred.predicted, pred.probs.argmax(-1))  # the field is the probs' argmax
 
 
 def test_per_class_probit_can_change_the_argmax():

@@ -276,7 +276,8 @@ def classes_last(moments: Moments, class_dim: int) -> Moments:
 # --------------------------------------------------------------------------- predictives
 
 
-def _pin_argmax(probs: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+def _pin_argmax(probs: torch.Tensor, mean: torch.Tensor,
+                top_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Make ``probs.argmax(-1)`` equal ``mean.argmax(-1)`` bit for bit, ties included.
 
     Mathematically a single positive factor per input keeps the order of the logits, but in
@@ -284,8 +285,9 @@ def _pin_argmax(probs: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     up to the top one, and ``argmax`` then returns the first of the tied indices. Such entries are
     set one ulp below the top probability (their exact value lies within rounding of it), and
     classes tied with the top logit get the top probability exactly. Nothing else changes.
+    ``top_idx`` is ``mean.argmax(-1, keepdim=True)`` when the caller has it.
     """
-    top_idx = mean.argmax(-1, keepdim=True)
+    top_idx = mean.argmax(-1, keepdim=True) if top_idx is None else top_idx
     top_logit = mean.gather(-1, top_idx)
     top_p = probs.gather(-1, top_idx)
     tied = mean == top_logit
@@ -375,9 +377,10 @@ def probit_argmax_preserving(mean: torch.Tensor, var: torch.Tensor) -> torch.Ten
     return _argmax_preserving(mean, var)
 
 
-def _argmax_preserving(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+def _argmax_preserving(mean: torch.Tensor, var: torch.Tensor,
+                       top_idx: torch.Tensor | None = None) -> torch.Tensor:
     scale = torch.sqrt(1.0 + _PI_OVER_8 * var.mean(-1, keepdim=True))
-    return _pin_argmax(torch.softmax(mean / scale, dim=-1), mean)
+    return _pin_argmax(torch.softmax(mean / scale, dim=-1), mean, top_idx)
 
 
 def monte_carlo(
@@ -605,8 +608,10 @@ def predict_classes(
     if c != 1.0 and not all_finite(var):
         raise NonFiniteError(f"variance_scale={c:g} times var overflows {var.dtype}")
     concentration = None
-    if method is Method.ARGMAX_PRESERVING:
-        probs = _argmax_preserving(mean, var)
+    predicted = None
+    if method is Method.ARGMAX_PRESERVING:  # the predicted class is the mean's, by construction
+        top_idx = mean.argmax(-1, keepdim=True)
+        probs, predicted = _argmax_preserving(mean, var, top_idx), top_idx.squeeze(-1)
     elif method is Method.PROBIT:
         probs = _probit(mean, var)
     elif method is Method.MONTE_CARLO:
@@ -614,16 +619,17 @@ def predict_classes(
     else:
         bridge = _laplace_bridge(mean, var, correct=False)
         probs, concentration = bridge.probs, bridge.concentration
-    predicted = probs.argmax(-1)
+    if predicted is None:
+        predicted = probs.argmax(-1)
     entropy = _entropy(probs)
     total_var = moments.var.sum(-1)
     predicted_var = moments.var.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
     score = {
-        OODScore.ENTROPY: entropy,
-        OODScore.TOTAL_VARIANCE: total_var,
-        OODScore.PREDICTED_VARIANCE: predicted_var,
-        OODScore.MAX_PROB: 1.0 - probs.amax(-1),
-    }[kind]
+        OODScore.ENTROPY: lambda: entropy,
+        OODScore.TOTAL_VARIANCE: lambda: total_var,
+        OODScore.PREDICTED_VARIANCE: lambda: predicted_var,
+        OODScore.MAX_PROB: lambda: 1.0 - probs.amax(-1),
+    }[kind]()
     if class_dim not in (-1, mean.dim() - 1):
         probs = probs.movedim(-1, class_dim)
         concentration = None if concentration is None else concentration.movedim(-1, class_dim)
