@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from .baselines.dropout import DROPOUT_RATES, fit_mc_dropout
 from .baselines.ella import fit_ella
 from .baselines.ensemble import fit_ensemble
 from .baselines.laplace import fit_lla_diag, fit_lla_kfac, fit_lla_lastlayer
+from .baselines.valla import fit_valla
 from .data import RegressionData
 from .provenance import run_info
 from .regression import MethodResult, fit_gapa, fit_map, run_method, selected
@@ -52,6 +54,9 @@ METHODS: dict[str, FitFn] = {
     "lla_kfac": fit_lla_kfac,
     "lla_lastlayer": fit_lla_lastlayer,
     "ella": fit_ella,
+    # VaLLA (Ortega et al., ICML 2024) with M = 100 and 200 inducing inputs
+    "valla_100": partial(fit_valla, m=100),
+    "valla_200": partial(fit_valla, m=200),
     "mc_dropout": selected(fit_mc_dropout, {"p": list(DROPOUT_RATES)}),
     "ensemble": fit_ensemble,
     "gapa": selected(fit_gapa, GAPA_CANDIDATES, **GAPA_FIXED,

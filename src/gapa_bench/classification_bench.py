@@ -39,6 +39,7 @@ from .baselines.ensemble import fit_ensemble_classifier
 from .baselines.knn import fit_knn
 from .baselines.laplace import fit_lla_kfac_classifier, fit_lla_lastlayer_classifier
 from .baselines.scores import check_ood_scores, last_pass, probability_scores
+from .baselines.valla import fit_valla_classifier
 from .bench import write_records
 from .classifiers import cached_classifier, logits
 from .data.images import ROTATION_ANGLES, ImageData, load_mnist, rotated, subset
@@ -171,6 +172,9 @@ METHODS: dict[str, FitFn] = {
     "lla_lastlayer": fit_lla_lastlayer_classifier,
     "lla_kfac": fit_lla_kfac_classifier,
     "ella": fit_ella_classifier,
+    # VaLLA (Ortega et al., ICML 2024) with M = 100 and 200 inducing (input, class) rows
+    "valla_100": partial(fit_valla_classifier, m=100),
+    "valla_200": partial(fit_valla_classifier, m=200),
     "mc_dropout": fit_mc_dropout_classifier,
     "ensemble": fit_ensemble_classifier,
     "knn": fit_knn,

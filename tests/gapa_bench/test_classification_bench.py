@@ -31,6 +31,7 @@ FAST_METHODS = [m for m in cb.METHODS if m != "lla_kfac"]
 #: The epistemic score each method must have (None: only entropy and max-prob).
 OWN_SCORES = {"map": None, "temperature": None, "lla_lastlayer": "logit_variance",
               "lla_kfac": "logit_variance", "ella": "logit_variance",
+              "valla_100": "logit_variance", "valla_200": "logit_variance",
               "mc_dropout": "mutual_information", "ensemble": "mutual_information",
               "knn": "distance", "gapa": "logit_variance", "gapa_default": "logit_variance",
               "gapa_prior": "logit_variance", "gapa_ml": "logit_variance"}
