@@ -16,6 +16,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import output_tensor
+from .capture.distributed import (
+    RANKS,
+    joined_rows,
+    on_every_rank,
+    process_group,
+    rank_store_name,
+    rank_stores,
+    read_ranks,
+    write_ranks,
+)
 from .capture.hooks import call_sites, require_calls
 from .capture.inputs import (
     Batch,
@@ -31,10 +41,11 @@ from .capture.inputs import (
     weights_stamp,
 )
 from .capture.prefix import replaying_prefix
-from .capture.store import ActivationStore
+from .capture.store import MANIFEST, ActivationStore
 from .capture.streaming import stream_to_store
 from .errors import (
     ConfigurationError,
+    DistributedError,
     EmptyDataError,
     InputError,
     LayerError,
@@ -618,7 +629,7 @@ class GAPA:
     def fit(
         self, data=None, *, batch_size: int | None = None, progress: bool = False,
         store: str | os.PathLike | ActivationStore | None = None, store_dtype: str = "float32",
-        memory_budget: int | str | None = None,
+        memory_budget: int | str | None = None, distributed: bool | None = None,
     ) -> GAPA:
         """Cache the pre-activations of every GAPA call site over ``data`` and build the GPs.
 
@@ -653,6 +664,14 @@ class GAPA:
         memory_budget : int or str or None, default None
             Bytes, or a string such as ``"4GiB"``: refuse before anything is cached when
             :meth:`plan` expects the fit to need more resident memory.
+        distributed : bool or None, default None
+            Fit across the ranks of the initialised ``torch.distributed`` process group
+            (:mod:`gapa.capture.distributed`): ``data`` is this rank's part of the training set
+            (a ``DistributedSampler``), ``store`` a directory every rank sees, and every rank
+            ends with the same fitted state, that of one process fitted on rank 0's inputs,
+            then rank 1's, ... Every rank must call ``fit``. ``None`` (default): so when a
+            process group of more than one process is initialised; ``False``: this process
+            alone on its ``data``, as outside a process group.
 
         Returns
         -------
@@ -684,9 +703,20 @@ class GAPA:
         StateFileError
             A store of another model, layer set or data order
             (:class:`gapa.errors.StoreMismatchError`), or a corrupt or locked store.
+        DistributedError
+            Across a process group: another rank failed (the failing rank raises its own
+            error), the ranks could not communicate, or they fitted other weights or the same
+            inputs.
         """
         # Everything is built aside and installed at the end: a fit that fails leaves the
         # GAPA exactly as it was (an earlier fit keeps working and saving).
+        group = process_group(distributed)
+        if group is not None and store is None:
+            raise ConfigurationError(
+                f"a fit across the {group[1]} processes of a torch.distributed process group "
+                "needs store=DIR, a directory every rank sees (each rank caches its own part "
+                "of the data there); to fit this process alone on its own data, pass "
+                "distributed=False")
         batch_size = fit_batch_size(data, batch_size)
         if memory_budget is not None:
             if data is None:
@@ -708,6 +738,12 @@ class GAPA:
                         self._refuse_beyond_memory(n_train, cache, len(batch))
             sources = {key: torch.cat(cache.pop(key)) for key in list(cache)}
             sites = self._build_sites(sources, progress)
+        elif group is not None:
+            sites, seen = self._fit_across_ranks(data, store, store_dtype, batch_size, progress,
+                                                 fingerprint, *group)
+        elif data is None and _ranks_only(store):
+            sites, seen = self._refit_from_ranks(Path(getattr(store, "path", store)),
+                                                 fingerprint, progress)
         else:
             if not isinstance(store, ActivationStore):
                 store = ActivationStore(store, store_dtype)
@@ -861,8 +897,7 @@ class GAPA:
         Shards it already holds are checked against the inputs' digest and skipped without
         running the model.
         """
-        finished = store.open({"model": fingerprint, "layers": self.layers,
-                               "queries": self.queries.value})
+        finished = store.open(self._store_signature(fingerprint))
         if data is None:
             if not store.complete:
                 raise InputError(f"the activation store {store.path} is not complete; pass the "
@@ -884,6 +919,64 @@ class GAPA:
             stream_to_store(lambda x: run(Batch(x)), tensors(), cache, store, finished)
         store.finish(seen.shape)
         return seen
+
+    def _store_signature(self, fingerprint: dict) -> dict:
+        """Return what an activation store is of: the model, the layers, the queries."""
+        return {"model": fingerprint, "layers": self.layers, "queries": self.queries.value}
+
+    def _fit_across_ranks(self, data, store, store_dtype: str, batch_size: int, progress: bool,
+                          fingerprint: dict, rank: int,
+                          world: int) -> tuple[dict[str, GPSite], Seen]:
+        """Capture this rank's ``data`` into its own store, then build from every rank's.
+
+        See :mod:`gapa.capture.distributed`. Every rank reads all ranks' shards in rank order
+        and builds the same sites; rank 0 then writes the rank list. The ranks agree after the
+        capture and after the build, so a failure on one rank is raised on all.
+        """
+        if isinstance(store, ActivationStore):
+            root, store_dtype, shard_rows = store.path, store.dtype, store.shard_rows
+        else:
+            root, shard_rows = Path(store), None
+        names = [rank_store_name(r, world) for r in range(world)]
+
+        def capture() -> dict:
+            mine = ActivationStore(root / names[rank], store_dtype, shard_rows)
+            try:
+                seen = self._capture_to_store(data, mine, batch_size, progress, fingerprint)
+            finally:
+                mine.close()
+            return {"inputs": seen.inputs, "shape": seen.shape, "training": sorted(seen.training),
+                    "model": fingerprint, "keys": mine.keys,
+                    "digests": [shard["digest"] for shard in mine.manifest["shards"]]}
+
+        reports = on_every_rank("in the capture", capture, rank, world)
+        _check_reports(reports)
+        sites: dict[str, GPSite] = {}
+
+        def build() -> None:
+            stores = rank_stores(root, names, self._store_signature(fingerprint))
+            device = model_device(self.model)
+            sites.update(self._build_sites(
+                {key: joined_rows(stores, key, device) for key in reports[0]["keys"]}, progress))
+            if rank == 0:
+                write_ranks(root, world, [r["inputs"] for r in reports], reports[0]["shape"])
+
+        on_every_rank("in building the GPs", build, rank, world)
+        return sites, Seen(shape=reports[0]["shape"], inputs=sum(r["inputs"] for r in reports),
+                           training=frozenset(reports[0]["training"]))
+
+    def _refit_from_ranks(self, root: Path, fingerprint: dict,
+                          progress: bool) -> tuple[dict[str, GPSite], Seen]:
+        """Build the sites in this process alone from the finished rank stores under ``root``.
+
+        The same sites as the fit across the process group that wrote them.
+        """
+        record = read_ranks(root)
+        stores = rank_stores(root, record["stores"], self._store_signature(fingerprint))
+        device = model_device(self.model)
+        sites = self._build_sites({key: joined_rows(stores, key, device)
+                                   for key in stores[0].keys}, progress)
+        return sites, Seen(shape=tuple(record["input_shape"]), inputs=sum(record["inputs"]))
 
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[Callable[[Batch], None]]:
@@ -1667,6 +1760,43 @@ class GAPA:
             )
         out = self.moments(x, batch_size)
         return torch.distributions.Normal(out.mean, self._calibration.predictive_std(out.var))
+
+
+def _ranks_only(store) -> bool:
+    """Return whether ``store`` is the directory of a distributed fit (rank stores only)."""
+    path = Path(getattr(store, "path", store))
+    return (path / RANKS).exists() and not (path / MANIFEST).exists()
+
+
+def _check_reports(reports: list[dict]) -> None:
+    """Refuse rank captures that cannot make one fit (the same check on every rank).
+
+    Raises
+    ------
+    DistributedError
+        Other weights, call sites or modules in training mode than rank 0's, or two ranks that
+        captured the same inputs.
+    InputError
+        Inputs of another shape than rank 0's.
+    """
+    first = reports[0]
+    for rank, report in enumerate(reports[1:], start=1):
+        if report["shape"] != first["shape"]:
+            raise InputError(f"rank {rank}'s inputs are of shape {report['shape']}, rank 0's of "
+                             f"{first['shape']}: every rank must fit on the same kind of input")
+        for what, key in (("weights", "model"), ("GAPA call sites", "keys"),
+                          ("modules in training mode", "training")):
+            if report[key] != first[key]:
+                raise DistributedError(f"rank {rank} captured with other {what} than rank 0: "
+                                       "every rank must fit the same network")
+    seen: dict[tuple, int] = {}
+    for rank, report in enumerate(reports):
+        other = seen.setdefault(tuple(report["digests"]), rank)
+        if other != rank:
+            raise DistributedError(
+                f"ranks {other} and {rank} captured the same inputs: each rank must fit on its "
+                "own part of the data (a DataLoader with a DistributedSampler), or pass "
+                "distributed=False to fit each process alone")
 
 
 class _StopForward(Exception):  # a signal, not an error

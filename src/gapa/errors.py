@@ -106,6 +106,15 @@ class MemoryBudgetError(GAPAError, MemoryError):
     """The fit's plan exceeds the memory budget the user set."""
 
 
+class DistributedError(GAPAError, RuntimeError):
+    """A fit across the ranks of a ``torch.distributed`` process group failed on another rank.
+
+    Also raised when the ranks cannot agree at all (a rank died, did not call ``fit`` or timed
+    out), or when they captured inconsistent things (other weights, input shapes or the same
+    inputs).
+    """
+
+
 def parse_enum(kind, value, name: str):
     """Return ``kind(value)``: an option given as its enum member or as its value.
 

@@ -91,6 +91,7 @@ BUILTIN = {
     gapa.errors.StoreLockedError: OSError,
     gapa.ModelChangedError: RuntimeError,
     gapa.errors.MemoryBudgetError: MemoryError,
+    gapa.errors.DistributedError: RuntimeError,
 }
 
 

@@ -62,8 +62,9 @@ class StoredRows:
 
     Parameters
     ----------
-    root : Path
-        The store's directory.
+    root : Path or list of Path
+        The store's directory, or one directory per shard (the rows of several stores read as
+        one, as a fit across the ranks of a process group reads every rank's store).
     shards : list of dict
         The site's manifest entries, one per shard, in order.
     width : int
@@ -76,18 +77,22 @@ class StoredRows:
         The device rows are returned on.
     """
 
-    def __init__(self, root: Path, shards: list[dict], width: int, file_dtype: str,
+    def __init__(self, root: Path | list[Path], shards: list[dict], width: int, file_dtype: str,
                  dtype: torch.dtype, device: torch.device):
-        self.root, self.shards, self.file_dtype = Path(root), shards, file_dtype
+        self.roots = ([Path(r) for r in root] if isinstance(root, (list, tuple))
+                      else [Path(root)] * len(shards))
+        if len(self.roots) != len(shards):
+            raise ValueError(f"{len(self.roots)} directories for {len(shards)} shards")
+        self.shards, self.file_dtype = shards, file_dtype
         self.sizes = [s["rows"] for s in shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.width, self.dtype, self.device = width, dtype, device
-        self._verified: set[str] = set()
+        self._verified: set[tuple[Path, str]] = set()
 
     @property
     def paths(self) -> list[Path]:
         """The shard files, in order."""
-        return [self.root / s["file"] for s in self.shards]
+        return [root / s["file"] for root, s in zip(self.roots, self.shards, strict=True)]
 
     def __len__(self) -> int:
         """Return the number of rows, N."""
@@ -100,11 +105,11 @@ class StoredRows:
 
     def _path(self, shard: int) -> Path:
         """Return the shard's file, verified once per object (hashing reads the whole file)."""
-        spec = self.shards[shard]
-        if spec["file"] in self._verified:
-            return self.root / spec["file"]
-        path = verify_shard(self.root, spec, self.file_dtype)
-        self._verified.add(spec["file"])
+        spec, root = self.shards[shard], self.roots[shard]
+        if (root, spec["file"]) in self._verified:
+            return root / spec["file"]
+        path = verify_shard(root, spec, self.file_dtype)
+        self._verified.add((root, spec["file"]))
         return path
 
     def _read(self, shard: int, rows=None) -> torch.Tensor:
@@ -264,6 +269,29 @@ class ActivationStore:
             self.close()
             raise
         return list(self.manifest["shards"])
+
+    def read(self) -> ActivationStore:
+        """Load the manifest without taking the lock, to read a store another process wrote.
+
+        The dtype becomes the store's own. For the finished stores of the other ranks of a
+        fit across a process group (:mod:`gapa.capture.distributed`), which nothing writes
+        any more; a capture goes through :meth:`open`.
+
+        Returns
+        -------
+        ActivationStore
+            This store, its manifest loaded.
+
+        Raises
+        ------
+        CorruptStoreError
+            The manifest is missing, unreadable or malformed.
+        StoreMismatchError
+            The store is in another format.
+        """
+        self.manifest = self._load_manifest()
+        self.dtype = self.manifest["dtype"]
+        return self
 
     def close(self) -> None:
         """Release the lock if this object holds it (idempotent).
