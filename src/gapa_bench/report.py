@@ -147,14 +147,23 @@ def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
     return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None
 
 
+#: Paired differences smaller than this are rounding, not a result: the same probabilities
+#: computed twice (a post-hoc method whose variance scale is 0 and the network itself) differ
+#: by a few ulps, consistently, which a standard error alone would call a win.
+NIL_DIFFERENCE = 1e-6
+
+
 def verdict(differences: Sequence[float], higher_better: bool = False) -> str:
     """``win``, ``loss`` or ``tie`` of paired differences (GAPA − other): a win is a mean
-    difference more than one standard error in the better direction. With one seed there is no
-    error to judge by, so the verdict is ``1 seed``."""
+    difference more than one standard error in the better direction (and more than
+    :data:`NIL_DIFFERENCE`). With one seed there is no error to judge by, so the verdict is
+    ``1 seed``."""
     mean, se = mean_se(differences)
     if se is None:
         return "1 seed"
     gain = mean if higher_better else -mean
+    if abs(gain) <= NIL_DIFFERENCE:
+        return "tie"
     return "win" if gain > se else "loss" if gain < -se else "tie"
 
 

@@ -50,6 +50,7 @@ def classification() -> str:
     ([-1, -1.1, -0.9], True, "loss"),  # AUROC: higher is better, so the same numbers lose
     ([1, 1.2, 0.8], True, "win"),
     ([0.3], False, "1 seed"),
+    ([2e-8, 3e-8, 2.5e-8], True, "tie"),  # a few ulps of the same probabilities: rounding
 ])
 def test_verdict(diffs, higher_better, expected):
     assert report.verdict(diffs, higher_better) == expected
