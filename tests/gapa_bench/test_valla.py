@@ -16,8 +16,10 @@ from helpers import mlp
 N_TRAIN = 30
 SIGMA2, DELTA = 0.05, 2.0  # held fixed where VaLLA is compared with exact LLA
 #: M = N with the ELBO's optimum: the same variance as exact LLA up to float64 rounding through
-#: the whitening by J_Z J_Zᵀ (condition number ~1e8 here) and 200 Adam steps at the optimum.
-EXACT_RTOL = 1e-4
+#: the whitening by J_Z J_Zᵀ (condition number ~1e8 here) and 200 Adam steps at the optimum,
+#: which move it by about their step size where the gradient is only rounding (Adam normalises
+#: it): the gap is 1e-4 to 2e-4 depending on the thread count, against 0.68 at M = 15.
+EXACT_RTOL = 1e-3
 #: Adam from S = I (the prior) after 3000 steps: within this of the optimum's variance.
 ADAM_RTOL = 0.05
 
