@@ -68,3 +68,14 @@ def item_pool(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     radius = 4 + 8 * torch.rand(n, 1, 1, generator=g)
     blob = ((yy - 14) ** 2 + (xx - 14) ** 2).sqrt() < radius
     return blob * (0.3 + 0.7 * torch.rand(n, 28, 28, generator=g)), torch.randint(10, (n,), generator=g)
+
+
+def jacobian_by_rows(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Full Jacobian ``(n, P)`` of a single-output ``net``, one reverse pass per row:
+    independent of the vmap/jacrev paths the Laplace-type peers use."""
+    params = list(net.parameters())
+    rows = []
+    for xi in x:
+        grads = torch.autograd.grad(net(xi[None]).sum(), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)

@@ -14,25 +14,25 @@ def reset_peak_rss() -> None:
         pass
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory since the last reset (``VmHWM``), else the process's ``ru_maxrss``."""
+def _status_mib(field: str) -> float | None:
+    """``field`` of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB, or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory since the last reset (``VmHWM``), else the process's ``ru_maxrss``."""
+    peak = _status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 def rss_mib() -> float:
     """Resident memory now (``VmRSS``), else the peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mib()
+    now = _status_mib("VmRSS")
+    return peak_rss_mib() if now is None else now

@@ -19,7 +19,7 @@ from gapa_bench.baselines.ella import (
     fit_ella,
 )
 from gapa_bench.data.regression import RegressionData
-from helpers import mlp
+from helpers import jacobian_by_rows, mlp
 
 N_TRAIN = 50
 FEATURE_RTOL = 1e-12  # JVPs against products with full Jacobians: same sums, other order
@@ -56,16 +56,6 @@ def _data(dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[torch.nn.M
     return net, data
 
 
-def _jacobian_by_rows(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Full Jacobian, one reverse pass per row: independent of the module's vmap/jacrev path."""
-    params = list(net.parameters())
-    rows = []
-    for xi in x:
-        grads = torch.autograd.grad(net(xi[None]).sum(), params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
-
-
 def _ella_variance(net: torch.nn.Module, data, k: int, x: torch.Tensor) -> torch.Tensor:
     """ELLA with M = all training inputs, top-k eigenpairs, at the fixed (SIGMA2, DELTA)."""
     lin = _Linearised(net)
@@ -79,7 +69,7 @@ def test_jvp_features_equal_full_jacobian_times_directions():
     lin = _Linearised(net)
     directions, evals = _nystrom_directions(lin, data.x_train[:20], 5)
     x = torch.cat([data.x_train, data.x_test])
-    expected = _jacobian_by_rows(net, x) @ directions
+    expected = jacobian_by_rows(net, x) @ directions
     got = _features(lin, directions, x)
     assert got.shape == (len(x), 5)
     torch.testing.assert_close(got, expected, rtol=FEATURE_RTOL, atol=FEATURE_RTOL)
@@ -90,8 +80,8 @@ def test_jvp_features_equal_full_jacobian_times_directions():
 
 def test_exact_reference_matches_function_space_form():
     net, data = _data()
-    jac = _jacobian_by_rows(net, data.x_train)
-    jac_q = _jacobian_by_rows(net, data.x_test)
+    jac = jacobian_by_rows(net, data.x_train)
+    jac_q = jacobian_by_rows(net, data.x_test)
     # GP view of LLA with prior N(0, I/δ): k_qq - k_qX (K_XX + σ² I)⁻¹ k_Xq, k = J Jᵀ / δ.
     k_xx = jac @ jac.T / DELTA
     k_qx = jac_q @ jac.T / DELTA
@@ -105,7 +95,7 @@ def test_exact_reference_matches_function_space_form():
 def test_full_span_matches_exact_lla_at_training_inputs_and_bounds_it_elsewhere():
     net, data = _data()
     fitted = fit_ella(net, data, seed=0, progress=False, train={}, m=N_TRAIN, k=N_TRAIN)
-    rank = int(torch.linalg.matrix_rank(_jacobian_by_rows(net, data.x_train)))
+    rank = int(torch.linalg.matrix_rank(jacobian_by_rows(net, data.x_train)))
     assert fitted.info["k_used"] == rank
     sigma2, delta = fitted.info["sigma2"], fitted.info["prior_precision"]
 
@@ -121,9 +111,9 @@ def test_full_span_matches_exact_lla_at_training_inputs_and_bounds_it_elsewhere(
     test_var = fitted.predict(data.x_test).var
     exact_test = exact_lla_variance(net, data.x_train, data.x_test, sigma2, delta)
     assert (test_var <= exact_test * (1 + SPAN_RTOL)).all()
-    _, s, vh = torch.linalg.svd(_jacobian_by_rows(net, data.x_train), full_matrices=False)
+    _, s, vh = torch.linalg.svd(jacobian_by_rows(net, data.x_train), full_matrices=False)
     basis = vh[: int((s > s[0] * 1e-12).sum())]
-    jac_q = _jacobian_by_rows(net, data.x_test)
+    jac_q = jacobian_by_rows(net, data.x_test)
     outside = ((jac_q - jac_q @ basis.T @ basis) ** 2).sum(1, keepdim=True) / delta
     assert (outside > 0).all()
     # Both sides are differences of O(exact) numbers: compare with a floor relative to exact.

@@ -11,7 +11,7 @@ from gapa.errors import ConfigurationError, GAPAError
 from gapa_bench.baselines.valla import VallaClassifier, fit_valla, fit_valla_classifier
 from gapa_bench.data.images import ImageData
 from gapa_bench.data.regression import RegressionData
-from helpers import mlp
+from helpers import jacobian_by_rows, mlp
 
 N_TRAIN = 30
 SIGMA2, DELTA = 0.05, 2.0  # held fixed where VaLLA is compared with exact LLA
@@ -40,19 +40,9 @@ def _data(seed: int = 0) -> tuple[nn.Module, RegressionData]:
     return net, data
 
 
-def _jacobian(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Full Jacobian ``(n, P)``, one reverse pass per row (independent of torch.func)."""
-    params = list(net.parameters())
-    rows = []
-    for xi in x:
-        grads = torch.autograd.grad(net(xi[None]).sum(), params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
-    return torch.stack(rows)
-
-
 def _exact_lla(net: nn.Module, x_train: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``J_x (JᵀJ/σ² + δ I)⁻¹ J_xᵀ`` from the full GGN, diagonal ``(n,)``."""
-    jac, jac_x = _jacobian(net, x_train), _jacobian(net, x)
+    jac, jac_x = jacobian_by_rows(net, x_train), jacobian_by_rows(net, x)
     precision = jac.T @ jac / SIGMA2 + DELTA * torch.eye(jac.shape[1], dtype=torch.float64)
     return (jac_x @ torch.linalg.solve(precision, jac_x.T)).diagonal()
 

@@ -170,13 +170,14 @@ class _Linearised:
         return vmap(along)(directions).T
 
 
-def _check_single_output(lin: _Linearised, x: torch.Tensor) -> None:
+def _check_single_output(lin: _Linearised, x: torch.Tensor, method: str = "ELLA") -> None:
+    """Raise unless the regressor maps one row of ``x`` to ``(1, 1)`` (also VaLLA's check)."""
     with torch.no_grad():
         out = lin.model(x[:1].to(lin.device, lin.dtype))
     if out.shape != (1, 1):
         raise ConfigurationError(
-            f"ELLA here handles single-output regressors with output (N, 1); this model returns "
-            f"{tuple(out.shape)} for one row."
+            f"{method} here handles single-output regressors with output (N, 1); this model "
+            f"returns {tuple(out.shape)} for one row."
         )
 
 
@@ -462,15 +463,16 @@ def exact_lla_variance(
 # --------------------------------------------------------------------------- classification
 
 
-def _check_classifier(lin: _Linearised, backbone: nn.Module, data: ImageData) -> int:
+def _check_classifier(lin: _Linearised, backbone: nn.Module, data: ImageData,
+                      method: str = "ELLA") -> int:
     """The number of classes ``C``; raises unless the backbone is in eval mode and maps one
-    image to ``(1, C)`` logits with ``C = data.n_classes >= 2``."""
+    image to ``(1, C)`` logits with ``C = data.n_classes >= 2`` (also VaLLA's check)."""
     training = [name or type(backbone).__name__ for name, mod in backbone.named_modules()
                 if mod.training]
     if training:
         raise ConfigurationError(
-            "ELLA linearises the frozen classifier at its eval-mode function (batch norm on its "
-            f"running statistics, no dropout); these modules are in training mode: "
+            f"{method} linearises the frozen classifier at its eval-mode function (batch norm on "
+            f"its running statistics, no dropout); these modules are in training mode: "
             f"{', '.join(training[:5])}{' ...' if len(training) > 5 else ''}. Call .eval() first."
         )
     c = data.n_classes
@@ -478,7 +480,7 @@ def _check_classifier(lin: _Linearised, backbone: nn.Module, data: ImageData) ->
         out = lin.model(data.x_train[:1].to(lin.device, lin.dtype))
     if c < 2 or out.shape != (1, c):
         raise ConfigurationError(
-            f"ELLA classification needs logits (N, C) with C = data.n_classes = {c} >= 2; the "
+            f"{method} classification needs logits (N, C) with C = data.n_classes = {c} >= 2; the "
             f"backbone returns {tuple(out.shape)} for one image."
         )
     return c

@@ -64,7 +64,7 @@ from gapa.moments import Moments
 from ..data import RegressionData
 from ..data.images import ImageData
 from . import Fitted
-from .ella import _Linearised
+from .ella import _check_classifier, _check_single_output, _Linearised
 from .scores import fit_logit_predictive
 
 __all__ = ["VallaClassifier", "fit_valla", "fit_valla_classifier"]
@@ -169,7 +169,9 @@ def _gaussian_energy(r2: torch.Tensor, var: torch.Tensor, sigma2: torch.Tensor,
             - 0.5 * torch.log(2 * math.pi * total) - r2 / (2 * total)) / alpha
 
 
-def _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train: int) -> None:
+def _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train: int,
+                  prior_precision) -> float | None:
+    """Check the settings both fits share; return ``prior_precision`` when it is held fixed."""
     for name, value in (("m", m), ("steps", steps), ("batch_size", batch_size),
                         ("fit_points", fit_points)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -181,6 +183,13 @@ def _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train: int) -> 
                                      f"{'> 0' if name == 'lr' else '>= 0'}, got {value!r}.")
     if n_train < 1:
         raise ConfigurationError("VaLLA needs at least one training input.")
+    delta_fixed = _check_positive("prior_precision", prior_precision)
+    if alpha == 0 and delta_fixed is None:
+        raise ConfigurationError(
+            "VaLLA: with alpha = 0 (the ELBO) and the mean fixed to the network, the ELBO rises "
+            "monotonically with the prior precision (for a softmax too: log softmax is "
+            "concave), so it cannot be fitted; give prior_precision or use alpha > 0.")
+    return delta_fixed
 
 
 def _check_positive(name: str, value) -> float | None:
@@ -246,22 +255,13 @@ def fit_valla(
     """
     del train
     n_train = len(data.x_train)
-    _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train)
-    delta_fixed = _check_positive("prior_precision", prior_precision)
+    delta_fixed = _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train,
+                                prior_precision)
     sigma2_fixed = _check_positive("sigma2", sigma2)
     if init not in ("ggn", "prior"):
         raise ConfigurationError(f"VaLLA: init must be 'ggn' or 'prior', got {init!r}.")
-    if alpha == 0 and delta_fixed is None:
-        raise ConfigurationError(
-            "VaLLA: with alpha = 0 (the ELBO) and the mean fixed to the network, the ELBO rises "
-            "monotonically with the prior precision, so it cannot be fitted; give "
-            "prior_precision or use alpha > 0.")
     lin = _Linearised(backbone)
-    with torch.no_grad():
-        out = lin.model(data.x_train[:1].to(lin.device, lin.dtype))
-    if out.shape != (1, 1):
-        raise ConfigurationError(f"VaLLA regression needs a single-output regressor (N, 1); this "
-                                 f"model returns {tuple(out.shape)} for one row.")
+    _check_single_output(lin, data.x_train, "VaLLA")
     if data.y_train.shape != (n_train, 1):
         raise ConfigurationError(f"VaLLA: y_train must be (N, 1), got {tuple(data.y_train.shape)}")
 
@@ -347,23 +347,10 @@ def fit_valla(
 # --------------------------------------------------------------------------- classification
 
 
-def _check_classifier(lin: _Linearised, backbone: nn.Module, data: ImageData) -> int:
-    """The number of classes ``C``; raises unless the backbone is in eval mode and maps one
-    image to ``(1, C)`` logits with ``C = data.n_classes >= 2``."""
-    training = [name or type(backbone).__name__ for name, mod in backbone.named_modules()
-                if mod.training]
-    if training:
-        raise ConfigurationError(
-            "VaLLA linearises the frozen classifier at its eval-mode function; these modules are "
-            f"in training mode: {', '.join(training[:5])}{' ...' if len(training) > 5 else ''}. "
-            "Call .eval() first.")
-    c = data.n_classes
-    with torch.no_grad():
-        out = lin.model(data.x_train[:1].to(lin.device, lin.dtype))
-    if c < 2 or out.shape != (1, c):
-        raise ConfigurationError(
-            f"VaLLA classification needs logits (N, C) with C = data.n_classes = {c} >= 2; the "
-            f"backbone returns {tuple(out.shape)} for one image.")
+def _check_classifier_labels(lin: _Linearised, backbone: nn.Module, data: ImageData) -> int:
+    """ELLA's classifier check (:func:`gapa_bench.baselines.ella._check_classifier`) and
+    ``y_train`` as ``(N,)`` class indices; the number of classes ``C``."""
+    c = _check_classifier(lin, backbone, data, "VaLLA")
     if data.y_train.shape != (len(data.x_train),) or (
             len(data.y_train) and not (int(data.y_train.min()) >= 0 and int(data.y_train.max()) < c)):
         raise ConfigurationError(f"VaLLA: y_train must be (N,) class indices in [0, {c}).")
@@ -423,17 +410,12 @@ def fit_valla_classifier(
     """
     del train
     n_train = len(data.x_train)
-    _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train)
+    delta_fixed = _check_common(m, steps, lr, batch_size, alpha, fit_points, n_train,
+                                prior_precision)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ConfigurationError(f"VaLLA: samples must be a positive integer, got {samples!r}.")
-    delta_fixed = _check_positive("prior_precision", prior_precision)
-    if alpha == 0 and delta_fixed is None:
-        raise ConfigurationError(
-            "VaLLA: with alpha = 0 (the ELBO) and the mean fixed to the network, the ELBO rises "
-            "monotonically with the prior precision (log softmax is concave), so it cannot be "
-            "fitted; give prior_precision or use alpha > 0.")
     lin = _Linearised(backbone)
-    c = _check_classifier(lin, backbone, data)
+    c = _check_classifier_labels(lin, backbone, data)
 
     gen = torch.Generator().manual_seed(seed)
     m_used = min(m, n_train)
