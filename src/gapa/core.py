@@ -905,18 +905,9 @@ class GAPA:
             return Seen(shape=store.input_shape,
                          inputs=sum(shard["inputs"] for shard in store.manifest["shards"]))
         batches, seen = self._training_batches(data, batch_size, progress)
-
-        def tensors() -> Iterator[torch.Tensor]:
-            for batch in batches:
-                if batch.named:
-                    raise InputError(
-                        "a fit with store= takes tensor inputs; named inputs (a dict, a "
-                        "BatchEncoding) are cached in memory: fit without store=")
-                yield batch.main
-
         cache: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._capture(cache) as run:
-            stream_to_store(lambda x: run(Batch(x)), tensors(), cache, store, finished)
+            stream_to_store(run, batches, cache, store, finished)
         store.finish(seen.shape)
         return seen
 

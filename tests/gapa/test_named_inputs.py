@@ -18,6 +18,7 @@ from test_transformers_models import DT, llama_config  # noqa: E402
 from transformers import BatchEncoding, LlamaForCausalLM  # noqa: E402
 
 import gapa  # noqa: E402
+from gapa.capture.store import ActivationStore  # noqa: E402
 
 LAYER = "model.layers.0.mlp.act_fn"
 
@@ -90,8 +91,42 @@ def test_named_inputs_that_cannot_be_right_are_refused(model, fitted, tmp_path):
     whole = gapa.GAPA(model, [LAYER], m=None, queries="per_input")
     with pytest.raises(gapa.InputError, match="per_input"):
         whole.fit([padded(sequences(4, [4, 4]))])
-    with pytest.raises(gapa.InputError, match="store="):
-        gapa.GAPA(model, [LAYER]).fit([batch], store=tmp_path / "cache")
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_fit_into_a_store_takes_named_inputs_and_resumes(model, fitted, tmp_path):
+    """store= caches what memory caches (padding left out); a resumed capture hashes the
+    finished shards' named inputs instead of running them, and refuses another mask."""
+    gm, train = fitted
+    batches = [padded(train[i : i + 2]) for i in range(0, 6, 2)]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+
+    def store():
+        return ActivationStore(tmp_path / "store", shard_rows=8)
+
+    def interrupted():
+        yield from batches[:2]
+        raise Interrupted
+
+    try:
+        with pytest.raises(Interrupted):
+            gapa.GAPA(model, [LAYER], m=None).fit(interrupted(), store=store(), progress=False)
+        calls.clear()
+        resumed = gapa.GAPA(model, [LAYER], m=None).fit(batches, store=store(), progress=False)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the two finished batches were hashed, not run
+    # the store holds float32 (its default)
+    assert torch.equal(resumed.sites[LAYER].rows, gm.sites[LAYER].rows.float().to(DT))
+    other = [dict(b) for b in batches]
+    other[0] = {**other[0], "attention_mask": other[0]["attention_mask"].flip(1)}
+    with pytest.raises(gapa.errors.StoreMismatchError, match="shard 0"):
+        gapa.GAPA(model, [LAYER], m=None).fit(other, store=ActivationStore(
+            tmp_path / "store", shard_rows=8), progress=False)
 
 
 def test_layer_scores_read_the_gapa_layer_itself(model, fitted):

@@ -81,6 +81,13 @@ class Batch:
         return Batch({k: fn(v) if isinstance(v, torch.Tensor) else v
                       for k, v in self.inputs.items()})
 
+    def rows(self, start: int, stop: int | None = None) -> Batch:
+        """Return rows ``start:stop`` (named tensors without the batch axis go whole)."""
+        if not self.named:
+            return Batch(self.inputs[start:stop])
+        n = len(self)
+        return Batch({k: v[start:stop] if has_batch_axis(v, n) else v for k, v in self.inputs.items()})
+
     def split(self, size: int | None) -> list[Batch]:
         """Return batches of ``size`` rows: ``[self]`` for None or ``size >= len(self)``.
 
@@ -89,10 +96,7 @@ class Batch:
         n = len(self)
         if size is None or n <= size:
             return [self]
-        if not self.named:
-            return [Batch(x) for x in self.inputs.split(size)]
-        return [Batch({k: v[i:i + size] if _batched(v, n) else v for k, v in self.inputs.items()})
-                for i in range(0, n, size)]
+        return [self.rows(i, i + size) for i in range(0, n, size)]
 
 
 def is_token_ids(x: torch.Tensor) -> bool:
@@ -109,7 +113,8 @@ def real_positions(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return real.reshape(*mask.shape, *[1] * (like.dim() - mask.dim()))
 
 
-def _batched(value, n: int) -> bool:
+def has_batch_axis(value, n: int) -> bool:
+    """Return whether ``value`` is a tensor whose first axis is a batch's of ``n`` rows."""
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n
 
 

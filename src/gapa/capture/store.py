@@ -38,7 +38,7 @@ from ..errors import (
     StoreLockedError,
     StoreMismatchError,
 )
-from ..io import atomic_path, raw_bytes
+from ..io import atomic_path
 
 #: Bytes of cached rows (all call sites together, float32) a shard holds: what a capture keeps
 #: in memory before writing, and at most what a read maps at once.
@@ -378,7 +378,7 @@ class ActivationStore:
         batches, inputs : int
             How many batches and inputs the rows were captured from.
         digest : str
-            The digest of those inputs (:class:`Shard`), checked when a capture resumes.
+            The digest of those inputs (:class:`gapa.capture.streaming.Shard`), checked when a capture resumes.
 
         Raises
         ------
@@ -676,44 +676,3 @@ def _file_key(key: str) -> str:
     """
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return f"{safe}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-
-
-class Shard:
-    """The inputs of one store shard: how many batches and rows, and a digest of their bytes.
-
-    The digest tells a resumed capture that the data did not change, whatever its batch size.
-    """
-
-    def __init__(self):
-        self.digest = hashlib.blake2b(digest_size=16)
-        self.batches = 0
-        self.inputs = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Count the batch ``x`` and add its bytes to the digest."""
-        self.digest.update(raw_bytes(x))
-        self.batches += 1
-        self.inputs += x.shape[0]
-
-    def check(self, entry: dict, index: int, store: ActivationStore) -> None:
-        """Refuse a resumed shard whose inputs differ from those that wrote it.
-
-        Parameters
-        ----------
-        entry : dict
-            The shard's manifest entry.
-        index : int
-            The shard's position in the store (for the message).
-        store : ActivationStore
-            The store (for the message).
-
-        Raises
-        ------
-        StoreMismatchError
-            The digest or the number of inputs differs: the data or its order changed.
-        """
-        if self.digest.hexdigest() != entry["digest"] or self.inputs != entry["inputs"]:
-            raise StoreMismatchError(
-                f"the inputs of shard {index} differ from those that wrote it to {store.path} "
-                f"({entry['inputs']} inputs): the data or its order (a shuffling DataLoader?) "
-                "changed; resume with the same data in the same order, or use a new store")
