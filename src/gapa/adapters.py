@@ -6,6 +6,7 @@ out of the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
@@ -25,7 +26,7 @@ def output_tensor(out: Any) -> Tensor:
     -------
     Tensor
         ``out`` itself when it is a tensor, else the ``logits`` tensor of a ``transformers``
-        output, else the first element of a tuple or list.
+        output or of a dict, else the first element of a tuple or list.
 
     Raises
     ------
@@ -37,9 +38,12 @@ def output_tensor(out: Any) -> Tensor:
     logits = getattr(out, "logits", None)
     if isinstance(logits, Tensor):
         return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
     if isinstance(out, tuple | list) and out and isinstance(out[0], Tensor):
         return out[0]
     raise InputError(
         f"the model returned {type(out).__name__}; GAPA needs a Tensor, an output with a "
-        "'logits' tensor, or a tuple whose first element is a Tensor"
+        "'logits' tensor (an attribute or a dict key), or a tuple whose first element is a "
+        "Tensor"
     )
