@@ -64,8 +64,9 @@ def jacobian_parts(model: nn.Module, layers: Sequence[str],
     watch = GraphWatch()
 
     def on_call(key: str, z: torch.Tensor) -> None:
+        # a copy: an in-place activation (ReLU(inplace=True)) overwrites z with its output
         with untracked():
-            pending[key] = z.detach()
+            pending[key] = z.detach().clone()
 
     def on_output(key: str, out: torch.Tensor) -> torch.Tensor:
         # gradients are taken with respect to the output itself, so that a later GAPA
