@@ -508,6 +508,8 @@ class GAPA:
             Before a fit.
         ModelChangedError
             When the model's weights changed since the fit (nothing is written).
+        StateFileError
+            When ``path`` is a directory (nothing is written).
         """
         self._require_fitted("save")
         return save_state(self, path)

@@ -127,9 +127,14 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         When ``gm`` is not fitted.
     ModelChangedError
         When the model's weights changed since the fit; nothing is written.
+    StateFileError
+        When ``path`` is a directory; nothing is written.
     """
     state = gm.state_dict()
     path = Path(path)
+    if path.is_dir():
+        raise StateFileError(f"cannot save to {path}: it is a directory; give a file path "
+                             f"such as {path / 'model.gapa'}")
     now = model_fingerprint(gm.model)
     fitted = state["model"] or now
     if not same_model(fitted, now):

@@ -105,6 +105,15 @@ def test_unfitted_cannot_save(tmp_path):
         gapa.GAPA(mlp([3, 8, 1])).save(tmp_path / "x.gapa")
 
 
+def test_save_to_a_directory_is_refused_by_name(tmp_path):
+    gm, model, x = _fitted()
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(gapa.StateFileError, match=r"is a directory.*model\.gapa"):
+        gm.save(tmp_path / "sub")
+    assert sorted(os.listdir(tmp_path)) == ["sub"] and not os.listdir(tmp_path / "sub")
+    _same_outputs(gm, gapa.GAPA.load(gm.save(tmp_path / "sub" / "model.gapa"), model), x)
+
+
 def test_interrupted_save_keeps_previous_state(tmp_path, monkeypatch):
     gm, model, x = _fitted()
     path = gm.save(tmp_path / "state.gapa")
