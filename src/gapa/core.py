@@ -301,6 +301,7 @@ class GAPA:
             raise ConfigurationError(f"m must be a positive integer or None, got {m!r}")
         self.model = model
         self.layers = self._resolve_layers(model, layers)
+        self._auto_layer = layers is None or layers == "auto"
         self.config = GPConfig(
             k=k, m=m, conditioning=parse_enum(Conditioning, conditioning, "conditioning"),
             search=parse_enum(SearchBackend, search, "search"),
@@ -781,12 +782,16 @@ class GAPA:
                         compute_dtype=str(chunk.dtype).removeprefix("torch."))
         plan.check(limit, what=f"the {chunk.device.type} memory of this machine")
 
+    def _never_called(self) -> LayerError:
+        which = (f"the default GAPA layer {self.layers[0]!r} (the last elementwise activation "
+                 "module in model.named_modules())" if self._auto_layer
+                 else f"the GAPA layers {self.layers}")
+        return LayerError(f"{which} never ran in model.forward; pass layers=[...] naming "
+                          "activation modules the forward pass calls")
+
     def _build_sites(self, sources: dict, progress: bool) -> dict[str, GPSite]:
         if not sources:
-            raise LayerError(
-                f"the GAPA layers {self.layers} were never called in model.forward; "
-                "choose activation modules the forward pass actually uses"
-            )
+            raise self._never_called()
         sites = {}
         for key, rows in tqdm(sources.items(), desc="gapa: building GPs", disable=not progress,
                               leave=False):
@@ -848,8 +853,7 @@ class GAPA:
                 with self._capture(seen) as run:
                     run(example)
             if not seen:
-                raise LayerError(f"the GAPA layers {self.layers} were never called in "
-                                 "model.forward")
+                raise self._never_called()
             sites = {key: (chunks[0].shape[1], sum(len(c) for c in chunks) // len(example))
                      for key, chunks in seen.items()}
             dtype = example.main.dtype if example.main.is_floating_point() else torch.float32

@@ -176,6 +176,26 @@ def test_model_without_activation_and_default_layers():
     assert isinstance(info.value, ValueError)
 
 
+class UnusedLastActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.spare = nn.Linear(3, 4), nn.Tanh(), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+@pytest.mark.parametrize("layers", [None, ["spare"]])
+def test_a_layer_the_forward_never_calls_is_named_and_the_default_says_how_it_was_chosen(
+        layers):
+    gm = gapa.GAPA(UnusedLastActivation(), layers=layers)
+    for call in (lambda: gm.plan(100, torch.randn(4, 3)), lambda: gm.fit(torch.randn(20, 3))):
+        with pytest.raises(gapa.LayerError, match=r"'spare'.* never ran in model.forward") as info:
+            call()
+        assert ("default" in str(info.value)) == (layers is None)
+    assert not gm.is_fitted
+
+
 # --- inputs at predict -------------------------------------------------------------------------
 
 
