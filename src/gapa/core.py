@@ -74,7 +74,7 @@ from .predictive.regression import Calibration, fit_scale_and_noise
 from .predictive.validation import parse_lengthscale_factors
 from .propagation import VarianceTracker, tracking
 from .propagation.elementwise import TRANSFORMERS_ACTIVATIONS
-from .propagation.engine import untracked
+from .propagation.engine import plain_fast_paths, untracked
 from .propagation.jacobian import combine_jacobian, jacobian_parts
 
 #: Activation modules GAPA can turn into GP activations (elementwise, one input, one output).
@@ -1300,6 +1300,8 @@ class GAPA:
         # tracking first: its hooks set a module's propagated variance before on_output adds
         # the GP variance to it
         with self._predict_pass(x) as x, tracking(self.model, tracker, outputs), \
+                plain_fast_paths(self.model, self.layers,
+                                 lambda args, kwargs: not tracker.any_uncertain(args, kwargs)), \
                 call_sites(self.model, self.layers, on_call, on_output):
             mean = output_tensor(x.run(self.model))
         require_calls(ran, self.layers)

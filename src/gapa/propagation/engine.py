@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -783,6 +783,55 @@ def thread_hooks() -> Iterator[Callable[..., None]]:
             h.remove()
 
 
+#: torch modules whose no-grad forward takes a fast path (another kernel) unless a torch
+#: function mode is active or gradients are on: see :func:`plain_fast_paths`.
+FAST_PATH_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+@contextlib.contextmanager
+def plain_fast_paths(model: nn.Module, sites: Collection[str],
+                     plain: Callable[[tuple, dict], bool]) -> Iterator[None]:
+    """Run the :data:`FAST_PATH_MODULES` that nothing uncertain reaches as a prediction runs them.
+
+    Such a module (without a GAPA layer of ``sites`` inside it) whose inputs satisfy
+    ``plain(args, kwargs)`` (they carry no variance, need no gradient) runs with no torch
+    function mode and no gradients, in this thread: its output, which carries no variance
+    either way, is then that of ``model(x)`` under ``torch.no_grad`` bit for bit. Tracked, or
+    with gradients on, torch would run another kernel, equal only to rounding.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    sites : collection of str
+        Names of the GAPA layers.
+    plain : callable
+        ``plain(args, kwargs)``: whether a call's inputs are certain.
+    """
+    entered: list[contextlib.ExitStack | None] = []
+
+    def before(mod, args, kwargs) -> None:
+        stack = None
+        if plain(args, kwargs):
+            stack = contextlib.ExitStack()
+            stack.enter_context(untracked())
+            stack.enter_context(torch.no_grad())
+        entered.append(stack)
+
+    def after(mod, args, out) -> None:
+        stack = entered.pop()
+        if stack is not None:
+            stack.close()
+
+    with thread_hooks() as add:
+        for name, module in model.named_modules():
+            if isinstance(module, FAST_PATH_MODULES) and not any(
+                    not name or site == name or site.startswith(f"{name}.") for site in sites):
+                add(module, before, pre=True, with_kwargs=True)
+                add(module, after, always_call=True)
+        yield
+
+
 @contextlib.contextmanager
 def tracking(
     model: nn.Module, tracker: VarianceTracker, outputs: list[tuple[str, Any]] | None = None
@@ -829,16 +878,16 @@ def tracking(
 def _enter(
     tr: VarianceTracker, label: str, mrule: ModuleRule | None, args: tuple, kwargs: dict
 ) -> None:
+    # every stack gets its entry first: _leave pops them even when this hook raises
     tr.module_path.append(label)
+    tr._module_rule_active.append(False)
     ruled = mrule is not None and not tr._paused
     if ruled and tr.any_uncertain(kwargs):
-        tr._module_rule_active.append(False)
         # module rules read their input from args; the function rules would compose an
         # inexact variance without saying so
         raise tr.unsupported(f"{label} called with an uncertain keyword argument")
-    uncertain = ruled and tr.any_uncertain(args)
-    tr._module_rule_active.append(uncertain)
-    if uncertain:
+    if ruled and tr.any_uncertain(args):
+        tr._module_rule_active[-1] = True
         tr._paused += 1
 
 

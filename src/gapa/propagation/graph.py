@@ -69,6 +69,14 @@ class GraphWatch(TorchFunctionMode):
                                                      operation_name(func)))
         return out
 
+    def reaches(self, *objs: Any) -> bool:
+        """Return whether a tensor among ``objs`` depends on a watched tensor.
+
+        Tuples, lists and dicts are searched inside.
+        """
+        flat, _ = tree_flatten(objs)
+        return any(self._get(t) is not None for t in flat)
+
     def check(self, y: Tensor) -> None:
         """Refuse an output ``y`` that lost (part of) its gradient path to the watched tensors.
 
