@@ -323,6 +323,7 @@ class GAPA:
         #: model_fingerprint() of the network when the cache was captured (None before a fit)
         self._fingerprint: dict | None = None
         self._input_shape: tuple[int, ...] | None = None
+        self._input_ids: bool | None = None  # whether the fit's inputs were integer ids
         self._fit_inputs = 0  # training inputs of the last fit
         self._calibration: Calibration | None = None
         self._class_calibration: VarianceScaleFit | None = None
@@ -561,7 +562,7 @@ class GAPA:
         Returns
         -------
         dict
-            Keys ``"options"``, ``"model"``, ``"input_shape"``, ``"fit_inputs"``,
+            Keys ``"options"``, ``"model"``, ``"input_shape"``, ``"input_ids"``, ``"fit_inputs"``,
             ``"training_ok"``, ``"lengthscale_factor"``, ``"calibration"``,
             ``"class_calibration"`` and ``"sites"``.
 
@@ -573,7 +574,8 @@ class GAPA:
         self._require_fitted("export its state")
         return {
             "options": self.options(), "model": dict(self._fingerprint or {}),
-            "input_shape": self._input_shape, "fit_inputs": self._fit_inputs,
+            "input_shape": self._input_shape, "input_ids": self._input_ids,
+            "fit_inputs": self._fit_inputs,
             "training_ok": sorted(self._training_ok), "lengthscale_factor": self._factor,
             "calibration": self._calibration, "class_calibration": self._class_calibration,
             "sites": dict(self._sites),
@@ -588,8 +590,8 @@ class GAPA:
         Parameters
         ----------
         state : Mapping
-            A dict as :meth:`state_dict` returns it; ``"model"``, ``"fit_inputs"`` and
-            ``"training_ok"`` may be left out.
+            A dict as :meth:`state_dict` returns it; ``"model"``, ``"input_ids"``,
+            ``"fit_inputs"`` and ``"training_ok"`` may be left out.
 
         Returns
         -------
@@ -607,6 +609,9 @@ class GAPA:
             shape = state["input_shape"]
             factor = float(state["lengthscale_factor"])
             fit_inputs = int(state.get("fit_inputs", 0))
+            ids = state.get("input_ids")
+            if ids not in (None, True, False):
+                raise ValueError(f"input_ids must be True, False or None, got {ids!r}")
             training_ok = frozenset(state.get("training_ok", ()))
             calibration, class_calibration = state["calibration"], state["class_calibration"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -617,6 +622,7 @@ class GAPA:
         self._sites, self._fingerprint = sites, dict(fingerprint)
         self._stamp = weights_stamp(self.model)
         self._input_shape = tuple(shape) if shape is not None else None
+        self._input_ids = ids
         self._fit_inputs, self._training_ok, self._factor = fit_inputs, training_ok, factor
         self._calibration, self._class_calibration = calibration, class_calibration
         return self
@@ -758,7 +764,7 @@ class GAPA:
             finally:
                 store.close()
         self._sites = sites
-        self._input_shape, self._fit_inputs = seen.shape, seen.inputs
+        self._input_shape, self._input_ids, self._fit_inputs = seen.shape, seen.ids, seen.inputs
         self._training_ok = seen.training
         self._fingerprint, self._stamp = fingerprint, weights_stamp(self.model)
         self._calibration = None
@@ -875,7 +881,7 @@ class GAPA:
         first = None if first is None else Batch(first)
         if first is None or len(first) == 0:
             raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
-        seen = Seen(shape=tuple(first.main.shape[1:]))
+        seen = Seen(shape=tuple(first.main.shape[1:]), ids=is_token_ids(first.main))
         self._check_batch(first, 0, seen.shape)
         with torch.no_grad():
             seen.training = check_deterministic(self.model, first)
@@ -908,13 +914,13 @@ class GAPA:
             if not store.complete:
                 raise InputError(f"the activation store {store.path} is not complete; pass the "
                                  "training data to finish the capture")
-            return Seen(shape=store.input_shape,
+            return Seen(shape=store.input_shape, ids=store.input_ids,
                          inputs=sum(shard["inputs"] for shard in store.manifest["shards"]))
         batches, seen = self._training_batches(data, batch_size, progress)
         cache: dict[str, list[torch.Tensor]] = {}
         with torch.no_grad(), self._capture(cache) as run:
             stream_to_store(run, batches, cache, store, finished)
-        store.finish(seen.shape)
+        store.finish(seen.shape, seen.ids)
         return seen
 
     def _store_signature(self, fingerprint: dict) -> dict:
@@ -942,7 +948,8 @@ class GAPA:
                 seen = self._capture_to_store(data, mine, batch_size, progress, fingerprint)
             finally:
                 mine.close()
-            return {"inputs": seen.inputs, "shape": seen.shape, "training": sorted(seen.training),
+            return {"inputs": seen.inputs, "shape": seen.shape, "ids": seen.ids,
+                    "training": sorted(seen.training),
                     "model": fingerprint, "keys": mine.keys,
                     "digests": [shard["digest"] for shard in mine.manifest["shards"]]}
 
@@ -956,11 +963,12 @@ class GAPA:
             sites.update(self._build_sites(
                 {key: joined_rows(stores, key, device) for key in reports[0]["keys"]}, progress))
             if rank == 0:
-                write_ranks(root, world, [r["inputs"] for r in reports], reports[0]["shape"])
+                write_ranks(root, world, [r["inputs"] for r in reports], reports[0]["shape"],
+                            reports[0]["ids"])
 
         on_every_rank("in building the GPs", build, rank, world)
         return sites, Seen(shape=reports[0]["shape"], inputs=sum(r["inputs"] for r in reports),
-                           training=frozenset(reports[0]["training"]))
+                           training=frozenset(reports[0]["training"]), ids=reports[0]["ids"])
 
     def _refit_from_ranks(self, root: Path, fingerprint: dict,
                           progress: bool) -> tuple[dict[str, GPSite], Seen]:
@@ -973,7 +981,9 @@ class GAPA:
         device = model_device(self.model)
         sites = self._build_sites({key: joined_rows(stores, key, device)
                                    for key in stores[0].keys}, progress)
-        return sites, Seen(shape=tuple(record["input_shape"]), inputs=sum(record["inputs"]))
+        ids = record.get("input_ids")  # not in records written before it
+        return sites, Seen(shape=tuple(record["input_shape"]), inputs=sum(record["inputs"]),
+                           ids=ids if isinstance(ids, bool) else None)
 
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[Callable[[Batch], None]]:
@@ -1465,7 +1475,8 @@ class GAPA:
         ``shape``: True for the fitted inputs' shape, a tuple, or None to skip the shape check.
         """
         check_input(x, self.model, self._input_shape if shape is True else shape or None,
-                    any_length=self.queries is Queries.PER_POSITION)
+                    any_length=self.queries is Queries.PER_POSITION,
+                    ids=self._input_ids if shape is True else None)
 
     # --- calibrated predictives (regression, classification) ------------------------------------------------------------------
 
@@ -1780,9 +1791,11 @@ def _check_reports(reports: list[dict]) -> None:
     """
     first = reports[0]
     for rank, report in enumerate(reports[1:], start=1):
-        if report["shape"] != first["shape"]:
-            raise InputError(f"rank {rank}'s inputs are of shape {report['shape']}, rank 0's of "
-                             f"{first['shape']}: every rank must fit on the same kind of input")
+        if report["shape"] != first["shape"] or report["ids"] != first["ids"]:
+            kind = {True: " (integer ids)", False: " (values)", None: ""}
+            raise InputError(f"rank {rank}'s inputs are of shape {report['shape']}"
+                             f"{kind[report['ids']]}, rank 0's of {first['shape']}"
+                             f"{kind[first['ids']]}: every rank must fit on the same kind of input")
         for what, key in (("weights", "model"), ("GAPA call sites", "keys"),
                           ("modules in training mode", "training")):
             if report[key] != first[key]:

@@ -167,6 +167,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         "model": dict(fitted),
         "options": state["options"],
         "input_shape": list(shape) if shape is not None else None,
+        "input_ids": state["input_ids"],
         "fit_inputs": state["fit_inputs"],
         "training_ok": state["training_ok"],
         "lengthscale_factor": state["lengthscale_factor"],
@@ -282,6 +283,9 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
         if shape is not None and not (isinstance(shape, list) and all(
                 _is_int(s) and s > 0 for s in shape)):
             raise _Invalid(f"input_shape {shape!r} is not a list of positive integers")
+        ids = metadata.get("input_ids")  # not in files written before it: not checked
+        if ids not in (None, True, False):
+            raise _Invalid(f"input_ids {ids!r} is not true, false or null")
         fit_inputs = metadata.get("fit_inputs", 0)  # not in format 1
         if not _is_int(fit_inputs) or fit_inputs < 0:
             raise _Invalid(f"fit_inputs {fit_inputs!r} is not a non-negative integer")
@@ -299,7 +303,7 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
         with _rebuilding(path, f"site {key!r}"):
             sites[key] = _site(gm, key, meta, tensors, factor, device)
     return gm.load_state_dict({
-        "sites": sites, "model": metadata["model"], "input_shape": shape,
+        "sites": sites, "model": metadata["model"], "input_shape": shape, "input_ids": ids,
         "fit_inputs": fit_inputs, "training_ok": training_ok, "lengthscale_factor": factor,
         "calibration": calibration, "class_calibration": class_cal})
 

@@ -217,6 +217,22 @@ def test_wrong_input_dtype(fitted):
     assert isinstance(info.value, ValueError)
 
 
+def test_integer_inputs_after_a_fit_on_values_and_the_reverse(fitted, tmp_path):
+    """The kind of the fit's inputs is kept (and saved): integers where floats were fitted
+    are refused by name, not by torch inside the model."""
+    with pytest.raises(gapa.InputError, match=r"torch\.int64 \(integer ids\).*floating values"):
+        fitted(torch.randint(0, 5, (4, 3)))
+    torch.manual_seed(0)
+    embedded = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 8), nn.Tanh(),
+                             nn.Linear(8, 2))
+    ids = gapa.GAPA(embedded, m=None).fit(torch.randint(0, 10, (30, 3)), progress=False)
+    loaded = gapa.GAPA.load(ids.save(tmp_path / "ids.gapa"), embedded)
+    for gm in (ids, loaded):
+        with pytest.raises(gapa.InputError, match=r"torch\.float32 \(floating values\).*integer"):
+            gm(torch.randn(4, 3))
+        assert gm(torch.randint(0, 10, (4, 3))).var.shape == (4, 2)
+
+
 def test_calibrate_with_targets_of_the_wrong_shape(fitted, x20):
     with pytest.raises(gapa.InputError, match=re.escape("(20,)") + r".*" + re.escape("(20, 2)")) as info:
         fitted.calibrate(x20, torch.zeros(20))

@@ -188,11 +188,11 @@ def rank_stores(root: Path, names: Sequence[str], signature: dict) -> list[Activ
 
 
 def write_ranks(root: Path, world: int, inputs: Sequence[int],
-                input_shape: tuple[int, ...]) -> None:
+                input_shape: tuple[int, ...], input_ids: bool | None = None) -> None:
     """Write :data:`RANKS` in the shared store directory ``root`` (rank 0 only), atomically."""
     record = {"format": RANKS_FORMAT, "world_size": world,
               "stores": [rank_store_name(r, world) for r in range(world)],
-              "inputs": list(inputs), "input_shape": list(input_shape)}
+              "inputs": list(inputs), "input_shape": list(input_shape), "input_ids": input_ids}
     with atomic_path(root / RANKS) as tmp, open(tmp, "w") as f:
         json.dump(record, f, indent=1)
 

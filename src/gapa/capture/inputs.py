@@ -141,7 +141,7 @@ def check_mask(batch: Batch) -> None:
 
 
 def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
-                any_length: bool = False) -> None:
+                any_length: bool = False, ids: bool | None = None) -> None:
     """Refuse inputs that are not a tensor of the model's dtype and device, or not ``shape``.
 
     Parameters
@@ -157,17 +157,25 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
         is fixed, and images (floating inputs ``(batch, C, *spatial)`` with two or more spatial
         axes) any spatial size, only their rank and channels are fixed: what a GP query is (a
         position's units) depends on neither. Other floating inputs keep the fit's shape.
+    ids : bool or None, default None
+        Whether the fit's inputs were integer ids (None: unknown, not checked).
 
     Raises
     ------
     InputError
-        ``x`` is not a tensor, has another shape, or another floating dtype or device.
+        ``x`` is not a tensor, has another shape, another floating dtype or device, or holds
+        integers where the fit's inputs were floating (or the reverse).
     """
     if isinstance(x, Batch):
         check_mask(x)
         x = x.main
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+    if ids is not None and is_token_ids(x) != ids:
+        kind = {True: "integer ids", False: "floating values"}
+        raise InputError(
+            f"inputs are {x.dtype} ({kind[not ids]}) but the training inputs were "
+            f"{kind[ids]}; pass inputs of the kind the model was fitted on")
     ids = is_token_ids(x)
     if shape is not None and ids and any_length:
         if x.dim() != len(shape) + 1:
@@ -221,13 +229,14 @@ def check_finite(x: torch.Tensor, what: str, offset: int = 0) -> None:
 class Seen:
     """What the training inputs of a fit showed.
 
-    Their shape (without the batch axis), their number, and the modules in training mode that
-    proved deterministic on them.
+    Their shape (without the batch axis), their number, the modules in training mode that
+    proved deterministic on them, and whether they were token ids.
     """
 
     shape: tuple[int, ...] | None = None
     inputs: int = 0
     training: frozenset[str] = frozenset()
+    ids: bool | None = None  #: whether they were integer ids (None: not seen, a refit from disk)
 
 
 def weights_stamp(model: nn.Module) -> tuple:

@@ -408,16 +408,19 @@ class ActivationStore:
         self.manifest["shards"].append(entry)
         self._save_manifest()
 
-    def finish(self, input_shape: tuple[int, ...]) -> None:
+    def finish(self, input_shape: tuple[int, ...], input_ids: bool | None = None) -> None:
         """Mark the capture complete (the lock stays held until :meth:`close`).
 
         Parameters
         ----------
         input_shape : tuple of int
             The shape of one training input (without the batch axis), kept in the manifest.
+        input_ids : bool or None, default None
+            Whether the training inputs were integer ids, kept in the manifest.
         """
         self.manifest["complete"] = True
         self.manifest["input_shape"] = list(input_shape)
+        self.manifest["input_ids"] = input_ids
         self._save_manifest()
 
     # --- reading ------------------------------------------------------------------------------
@@ -438,6 +441,15 @@ class ActivationStore:
         """The shape of one training input that :meth:`finish` recorded, else None."""
         shape = self.manifest.get("input_shape")
         return None if shape is None else tuple(shape)
+
+    @property
+    def input_ids(self) -> bool | None:
+        """Whether the training inputs were integer ids, as :meth:`finish` recorded them.
+
+        None where the manifest does not say.
+        """
+        ids = self.manifest.get("input_ids")
+        return ids if isinstance(ids, bool) else None
 
     def rows(self, key: str, device: torch.device | str = "cpu") -> StoredRows:
         """Return one call site's rows, read on demand.
