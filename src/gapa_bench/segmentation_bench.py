@@ -43,7 +43,7 @@ from gapa.predictive.classification import (
 from . import bench
 from .backbones import training_seconds
 from .baselines import Fitted
-from .baselines.dropout import mc_dropout_average
+from .baselines.dropout import choose_dropout_rate, mc_dropout_average
 from .baselines.ensemble import member_seeds
 from .baselines.knn import normalised
 from .baselines.scores import MemberAverage, check_ood_scores, fit_logit_predictive, last_pass
@@ -134,24 +134,18 @@ def fit_mc_dropout(model: nn.Module, data: SceneData, *, seed: int, progress: bo
     """The U-Net trained with channel dropout at each rate of ``rates`` (cached), averaged over
     :data:`MC_SAMPLES` seeded masks; the rate of lowest validation pixel NLL is kept. Its score
     is the mutual information; ``fit_s`` sums every candidate's training and validation pass."""
-    seconds = [0.0]
 
     def average(net: nn.Module, x: torch.Tensor) -> MemberAverage:
         return mc_dropout_average(net, x, samples=MC_SAMPLES, seed=seed, class_dim=1, batch=BATCH)
 
-    def fit(setting: dict) -> tuple[float, tuple[nn.Module, bool]]:
-        net, path, trained = cached_segmenter(data, seed=seed, dropout=setting["p"],
-                                              progress=progress)
-        t0 = time.perf_counter()
-        probs = average(net, data.val.images).probs.movedim(-1, 1)
-        seconds[0] += training_seconds(path) + time.perf_counter() - t0
-        return _pixel_report(probs, data.val.labels)["nll"], (net, trained)
-
-    (net, trained), selection = select({"p": list(rates)}, fit)
-    fitted = _averaged(partial(average, net),
-                       {"p": selection.chosen["p"], "samples": MC_SAMPLES, "trained_now": trained,
-                        "selection": selection.record()})
-    fitted.fit_s = seconds[0]
+    choice = choose_dropout_rate(
+        rates, lambda p: cached_segmenter(data, seed=seed, dropout=p, progress=progress),
+        lambda net: _pixel_report(average(net, data.val.images).probs.movedim(-1, 1),
+                                  data.val.labels)["nll"])
+    fitted = _averaged(partial(average, choice.model),
+                       {"p": choice.p, "samples": MC_SAMPLES, "trained_now": choice.trained_now,
+                        "selection": choice.selection.record()})
+    fitted.fit_s = choice.seconds
     return fitted
 
 

@@ -14,7 +14,8 @@ and never switches the model to train mode.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from ..backbones import cached_regressor, training_seconds
 from ..classifiers import MC_DROPOUT_P, cached_classifier
 from ..data import RegressionData
 from ..metrics import classification_report
-from ..selection import select
+from ..selection import Selection, select
 from . import Fitted
 from .scores import MemberAverage, last_pass
 
@@ -146,30 +147,53 @@ def fit_mc_dropout_classifier(
     """
     if samples < 1:
         raise ConfigurationError(f"MC dropout needs >= 1 sample, got {samples}.")
-    for p in rates:
-        if not 0.0 < p < 1.0:
-            raise ConfigurationError(f"MC dropout needs a dropout rate in (0, 1), got p={p!r}.")
-    seconds = [0.0]
-
-    def fit(setting: dict) -> tuple[float, tuple]:
-        model, path, trained = cached_classifier(data, seed=seed, dropout=setting["p"],
-                                                 progress=progress, **train)
-        t0 = time.perf_counter()
-        probs = mc_dropout_average(model, data.x_val, samples=samples, seed=seed).probs
-        nll = classification_report(probs, data.y_val)["nll"]
-        seconds[0] += training_seconds(path) + time.perf_counter() - t0
-        return nll, (model, setting["p"], trained)
-
-    (model, p, trained), selection = select({"p": list(rates)}, fit)
+    choice = choose_dropout_rate(
+        rates, lambda p: cached_classifier(data, seed=seed, dropout=p, progress=progress, **train),
+        lambda model: classification_report(mc_dropout_average(
+            model, data.x_val, samples=samples, seed=seed).probs, data.y_val)["nll"])
+    model = choice.model
 
     @last_pass
     def passes(x: torch.Tensor) -> MemberAverage:
         return mc_dropout_average(model, x, samples=samples, seed=seed)
 
-    return Fitted(lambda x: passes(x).probs, fit_s=seconds[0],
+    return Fitted(lambda x: passes(x).probs, fit_s=choice.seconds,
                   ood_scores={"mutual_information": lambda x: passes(x).mutual_information},
-                  info={"p": p, "samples": samples, "trained_now": trained,
-                        "selection": selection.record()})
+                  info={"p": choice.p, "samples": samples, "trained_now": choice.trained_now,
+                        "selection": choice.selection.record()})
+
+
+@dataclass
+class RateChoice:
+    """The network of the dropout rate chosen on validation, and what choosing it cost."""
+
+    model: nn.Module
+    p: float
+    trained_now: bool
+    seconds: float  #: every candidate's recorded training time and validation pass
+    selection: Selection
+
+
+def choose_dropout_rate(rates: Sequence[float], load: Callable[[float], tuple],
+                        val_nll: Callable[[nn.Module], float]) -> RateChoice:
+    """Load (or train) the network of each rate of ``rates`` and keep the one of lowest
+    validation NLL. ``load(p)`` returns ``(network, cache path, trained now)`` as the cached
+    trainers do; ``val_nll(network)`` scores it with dropout on."""
+    for p in rates:
+        if not 0.0 < p < 1.0:
+            raise ConfigurationError(f"MC dropout needs a dropout rate in (0, 1), got p={p!r}.")
+    seconds = 0.0
+
+    def fit(setting: dict) -> tuple[float, tuple]:
+        nonlocal seconds
+        model, path, trained = load(setting["p"])
+        t0 = time.perf_counter()
+        nll = val_nll(model)
+        seconds += training_seconds(path) + time.perf_counter() - t0
+        return nll, (model, trained)
+
+    (model, trained), selection = select({"p": list(rates)}, fit)
+    return RateChoice(model, selection.chosen["p"], trained, seconds, selection)
 
 
 def mc_dropout_average(model: nn.Module, x: torch.Tensor, *, samples: int, seed: int,
