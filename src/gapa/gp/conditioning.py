@@ -24,6 +24,16 @@ EXACT_MAX_ROWS = 4096
 #: Elements per chunk of batched Gram matrices, bounding temporary memory (~128 MiB in float32).
 CHUNK_ELEMENTS = 1 << 25
 
+#: Dtypes whose Gram matrices are formed and factorised in float32: torch has no half-precision
+#: Cholesky, and a K x K solve needs more bits than they hold. The variances come back in the
+#: input's dtype.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _solve_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype Gram matrices of ``dtype`` values are factorised in."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
 
 def _correlation(u: torch.Tensor, v: torch.Tensor, lengthscale: torch.Tensor) -> torch.Tensor:
     """``exp(-(u - v)^2 / (2 l^2))``, broadcasting, with ``l`` over the last axis."""
@@ -91,6 +101,10 @@ def local_variance(
     b, k, d = neighbours.shape
     if k == 1:
         return nearest_variance(z, neighbours[:, 0], r[:, 0], hp)
+    dtype = _solve_dtype(z.dtype)
+    if dtype != z.dtype:
+        return local_variance(z.to(dtype), neighbours.to(dtype), r.to(dtype),
+                              hp.to(dtype=dtype)).to(z.dtype)
     out = torch.empty_like(z)
     step = max(1, CHUNK_ELEMENTS // (d * k * k))
     eye = torch.eye(k, dtype=z.dtype, device=z.device)
@@ -135,6 +149,8 @@ class ExactConditioner:
                 f"{n} x {n}; the limit is {EXACT_MAX_ROWS} rows. Use conditioning='local' "
                 f"(K nearest neighbours) or m=<number of inducing points>."
             )
+        dtype = _solve_dtype(x.dtype)
+        x, r, hp = x.to(dtype), r.to(dtype), hp.to(dtype=dtype)
         self.x, self.hp = x, hp
         xt = x.T  # (d, N)
         gram = _correlation(xt.unsqueeze(-1), xt.unsqueeze(-2), hp.lengthscale[:, None, None])
@@ -142,7 +158,12 @@ class ExactConditioner:
         self.chol = safe_cholesky(gram)  # (d, N, N)
 
     def variance(self, z: torch.Tensor) -> torch.Tensor:
-        """Return the posterior variance (B, d) per unit at the queries ``z`` (B, d)."""
+        """Return the posterior variance (B, d) per unit at the queries ``z`` (B, d).
+
+        In ``z``'s dtype (computed in float32 for :data:`LOW_PRECISION` dtypes).
+        """
+        if z.dtype != self.x.dtype:
+            return self.variance(z.to(self.x.dtype)).to(z.dtype)
         b, d = z.shape
         out = torch.empty_like(z)
         n = self.x.shape[0]
