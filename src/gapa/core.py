@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +30,7 @@ from .capture.hooks import call_sites, require_calls
 from .capture.inputs import (
     Batch,
     Seen,
+    check_batch_size,
     check_deterministic,
     check_finite,
     check_input,
@@ -163,6 +164,7 @@ def fit_batch_size(data, batch_size: int | None) -> int:
     per pass.
     """
     if batch_size is not None:
+        check_batch_size(batch_size)
         return batch_size
     if isinstance(data, torch.Tensor) and data.dim() >= 2 and is_token_ids(data):
         return max(1, min(BATCH_SIZE, FIT_TOKENS // math.prod(data.shape[1:])))
@@ -346,7 +348,12 @@ class GAPA:
                     f"({', '.join(t.__name__ for t in ELEMENTWISE_ACTIVATIONS)}); pass layers=[...]"
                 )
             return [found[-1]]
-        names = [layers] if isinstance(layers, str) else list(layers)
+        names = [layers] if isinstance(layers, str) else \
+            list(layers) if isinstance(layers, Iterable) else None
+        if names is None or not all(isinstance(name, str) for name in names):
+            raise LayerError(
+                "layers must be 'auto', a module name or a sequence of module names (from "
+                f"model.named_modules()), got {layers!r}")
         if not names:
             raise LayerError("layers is empty; give at least one activation module name")
         for name in names:
@@ -542,6 +549,8 @@ class GAPA:
         ------
         StateFileError
             A subclass of :class:`gapa.StateFileError` says what is wrong with the file.
+        ConfigurationError
+            A ``map_location`` that is not a device this torch can use.
 
         Warns
         -----
@@ -798,6 +807,12 @@ class GAPA:
     def _build_sites(self, sources: dict, progress: bool) -> dict[str, GPSite]:
         if not sources:
             raise self._never_called()
+        unused = [key for key in self._overrides if key not in self.layers and key not in sources]
+        if unused:  # a call-site key ("act#1") of a call the forward pass never made
+            raise LayerError(
+                f"hyperparameters given for the call sites {unused}, which the forward pass "
+                f"never reached; its call sites are {list(sources)} (a layer's first call is its "
+                "name, the next ones name#1, name#2, ...)")
         sites = {}
         for key, rows in tqdm(sources.items(), desc="gapa: building GPs", disable=not progress,
                               leave=False):
@@ -882,7 +897,7 @@ class GAPA:
         if first is None or len(first) == 0:
             raise EmptyDataError("the training data yielded no rows; GAPA needs training inputs")
         seen = Seen(shape=tuple(first.main.shape[1:]), ids=is_token_ids(first.main))
-        self._check_batch(first, 0, seen.shape)
+        self._check_batch(first, 0, seen.shape, seen.ids)
         with torch.no_grad():
             seen.training = check_deterministic(self.model, first)
 
@@ -891,15 +906,16 @@ class GAPA:
             offset = len(first)
             for x in batches:
                 x = Batch(x)
-                self._check_batch(x, offset, seen.shape)
+                self._check_batch(x, offset, seen.shape, seen.ids)
                 offset += len(x)
                 yield x
             seen.inputs = offset
 
         return checked(), seen
 
-    def _check_batch(self, x: Batch, offset: int, shape: tuple[int, ...] | None) -> None:
-        self._check_input(x, shape)
+    def _check_batch(self, x: Batch, offset: int, shape: tuple[int, ...] | None,
+                     ids: bool) -> None:
+        self._check_input(x, shape, ids=ids)  # every batch of the kind of the first
         check_finite(x, "training inputs", offset)
 
     def _capture_to_store(self, data, store: ActivationStore, batch_size: int,
@@ -1469,14 +1485,16 @@ class GAPA:
             run(x)
         return {key: torch.cat(chunks) for key, chunks in seen.items()}
 
-    def _check_input(self, x, shape: tuple[int, ...] | bool | None = True) -> None:
+    def _check_input(self, x, shape: tuple[int, ...] | bool | None = True,
+                     ids: bool | None = None) -> None:
         """Refuse inputs unlike the fitted ones or unlike the model's dtype and device.
 
-        ``shape``: True for the fitted inputs' shape, a tuple, or None to skip the shape check.
+        ``shape``: True for the fitted inputs' shape and kind (ids or values), a tuple, or None
+        to skip the shape check; ``ids``: the kind to require with a tuple or None.
         """
         check_input(x, self.model, self._input_shape if shape is True else shape or None,
                     any_length=self.queries is Queries.PER_POSITION,
-                    ids=self._input_ids if shape is True else None)
+                    ids=self._input_ids if shape is True else ids)
 
     # --- calibrated predictives (regression, classification) ------------------------------------------------------------------
 
@@ -1513,12 +1531,15 @@ class GAPA:
         ConfigurationError
             A lengthscale factor that is not a positive finite number.
         InputError
-            Targets of another shape than the output, or residuals that are all zero.
+            Targets that are not a tensor shaped like the output, or residuals that are all zero.
         NonFiniteError
             NaN or Inf in the targets.
         GAPAError
             The errors of :meth:`__call__` on ``x``.
         """
+        if not isinstance(y, torch.Tensor):
+            raise InputError(f"targets must be a torch.Tensor shaped like the model output, got "
+                             f"{type(y).__name__}")
 
         def fit(out: Moments) -> tuple[Calibration, float]:
             if y.shape != out.mean.shape:

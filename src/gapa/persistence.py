@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import (
     ArchitectureMismatchError,
+    ConfigurationError,
     CorruptStateError,
     FormatVersionError,
     MissingDependencyError,
@@ -219,6 +220,8 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
         When the state was fitted on the same architecture with other weights.
     MissingDependencyError
         When the saved search index needs faiss and faiss is not installed.
+    ConfigurationError
+        A ``map_location`` that is not a device this torch can use.
 
     Warns
     -----
@@ -247,7 +250,13 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
                                     "the file is corrupted: refit or restore a good copy")
     _check_model(path, metadata.get("model"), model)
     device = map_location if map_location is not None else model_device(model)
-    torch.empty(0, device=device)  # an unusable map_location fails here, not as a corrupt file
+    try:  # an unusable map_location fails here, not as a corrupt file
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"cannot load {path} with map_location={map_location!r}: not a device this torch "
+            f"can use ({type(exc).__name__}: {exc}); pass a device such as 'cpu', or None for "
+            "the model's") from exc
     return _build(cls, path, model, metadata, tensors, device)
 
 

@@ -6,6 +6,7 @@ checked, never repaired.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..adapters import output_tensor
-from ..errors import InputError, ModelModeError, NonFiniteError
+from ..errors import ConfigurationError, InputError, ModelModeError, NonFiniteError
 from ..propagation.engine import untracked, version
 
 #: Names of the main tensor among named inputs, in order of preference (else the first tensor).
@@ -91,12 +92,21 @@ class Batch:
     def split(self, size: int | None) -> list[Batch]:
         """Return batches of ``size`` rows: ``[self]`` for None or ``size >= len(self)``.
 
-        Named tensors without the batch axis go to each.
+        Named tensors without the batch axis go to each. A ``size`` that is not a positive
+        integer or None is a ConfigurationError.
         """
+        check_batch_size(size)
         n = len(self)
         if size is None or n <= size:
             return [self]
         return [self.rows(i, i + size) for i in range(0, n, size)]
+
+
+def check_batch_size(size) -> None:
+    """Refuse a ``batch_size`` that is neither a positive integer nor None (ConfigurationError)."""
+    if size is not None and (not isinstance(size, numbers.Integral) or isinstance(size, bool)
+                             or size < 1):
+        raise ConfigurationError(f"batch_size must be a positive integer or None, got {size!r}")
 
 
 def is_token_ids(x: torch.Tensor) -> bool:
