@@ -518,7 +518,8 @@ class GAPA:
         ModelChangedError
             When the model's weights changed since the fit (nothing is written).
         StateFileError
-            When ``path`` is a directory (nothing is written).
+            When ``path`` is a directory or cannot be written (permissions, a missing or
+            read-only directory, a full disk); nothing is written.
         """
         self._require_fitted("save")
         return save_state(self, path)
@@ -551,6 +552,8 @@ class GAPA:
             A subclass of :class:`gapa.StateFileError` says what is wrong with the file.
         ConfigurationError
             A ``map_location`` that is not a device this torch can use.
+        InputError
+            When ``model`` is not a ``torch.nn.Module``.
 
         Warns
         -----

@@ -41,6 +41,8 @@ from .errors import (
     ConfigurationError,
     CorruptStateError,
     FormatVersionError,
+    GAPAError,
+    InputError,
     MissingDependencyError,
     ModelChangedError,
     StateFileError,
@@ -129,7 +131,8 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
     ModelChangedError
         When the model's weights changed since the fit; nothing is written.
     StateFileError
-        When ``path`` is a directory; nothing is written.
+        When ``path`` is a directory or cannot be written (permissions, a missing or read-only
+        directory, a full disk); nothing is written.
     """
     state = gm.state_dict()
     path = Path(path)
@@ -178,8 +181,17 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
         "sites": sites,
     }
     metadata["checksum"] = _checksum(tensors, metadata)
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, {META_KEY: json.dumps(metadata)})
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, {META_KEY: json.dumps(metadata)})
+    except OSError as exc:  # the temporary file's name would say nothing to the caller
+        if isinstance(exc, GAPAError):
+            raise
+        where = next((f"{p} is a file, not a directory" for p in path.parents
+                      if p.exists() and not p.is_dir()), None)
+        reason = where or f"{exc.strerror or exc} (writing beside it in {path.parent})"
+        raise StateFileError(f"cannot save to {path}: {reason}; nothing was written and any "
+                             "file already there is unchanged") from exc
     return path
 
 
@@ -222,12 +234,16 @@ def load_state(cls: type[GAPA], path: str | os.PathLike, model: nn.Module,
         When the saved search index needs faiss and faiss is not installed.
     ConfigurationError
         A ``map_location`` that is not a device this torch can use.
+    InputError
+        When ``model`` is not a ``torch.nn.Module``.
 
     Warns
     -----
     FormatWarning
         When the file is in an older format (it loads; saving it again upgrades it).
     """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = Path(path)
     metadata, tensors = _read(path)
     version = metadata.get("format_version")

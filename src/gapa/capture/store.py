@@ -242,9 +242,18 @@ class ActivationStore:
         CorruptStoreError
             The manifest is unreadable or malformed.
         StateFileError
-            The lock file cannot be created.
+            The store's directory or its lock file cannot be created (a file in the way,
+            permissions, a read-only file system).
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            where = next((f"{p} is a file, not a directory" for p in (self.path, *self.path.parents)
+                          if p.exists() and not p.is_dir()), None)
+            raise StateFileError(
+                f"cannot create the activation store {self.path}: "
+                f"{where or exc.strerror or exc}; give store= a directory this process can "
+                "write") from exc
         self._acquire()
         try:
             # temporaries of killed writes; under the lock no live writer has any here
