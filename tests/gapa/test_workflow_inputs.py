@@ -147,3 +147,32 @@ def test_half_precision_conditions_on_several_rows(dtype, options, tmp_path):
     gm.calibrate(x, torch.randn(6, 3).to(dtype))
     loaded = gapa.GAPA.load(gm.save(tmp_path / "half.gapa"), model)
     assert torch.equal(loaded(x).var, gm(x).var)
+
+
+class TwoLogits(nn.Module):
+    """A one-logit (sigmoid) classifier as the softmax of [0, z]: what the refusal suggests."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        z = self.net(x)
+        return torch.cat([torch.zeros_like(z), z], -1)
+
+
+def test_a_one_logit_classifier_is_refused_with_the_two_logit_wrapper_that_works():
+    model = mlp(classes=1)
+    x, labels = inputs(20, 1), torch.arange(20) % 2
+    gm = gapa.GAPA(model, m=16).fit(inputs(60, 0))
+    before = outputs(gm, x)
+    with pytest.raises(gapa.InputError, match=r"binary classifier with one logit"):
+        gm.calibrate_classifier(x, labels)
+    assert_same(outputs(gm, x), before)
+    wrapped = TwoLogits(model).eval()
+    gm = gapa.GAPA(wrapped, m=16).fit(inputs(60, 0))
+    gm.calibrate_classifier(x, labels)
+    pred = gm.classify(x)
+    with torch.no_grad():
+        assert torch.equal(pred.predicted, (model(x)[:, 0] > 0).long())
+    assert torch.allclose(pred.probs.sum(-1), torch.ones(20))

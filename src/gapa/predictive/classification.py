@@ -169,8 +169,11 @@ def _check_logits(name: str, t: object) -> torch.Tensor:
     if not t.is_floating_point():
         raise InputError(f"{name} must be a real floating tensor, got {t.dtype}")
     if t.dim() == 0 or t.shape[-1] < 2:
+        binary = ("; a binary classifier with one logit z (a sigmoid) is the softmax of the two "
+                  "logits [0, z]: wrap the network to return torch.cat([torch.zeros_like(z), z], "
+                  "-1) and fit GAPA on the wrapper" if t.dim() and t.shape[-1] == 1 else "")
         raise InputError(
-            f"{name} must have shape (..., C) with C >= 2 classes, got {tuple(t.shape)}"
+            f"{name} must have shape (..., C) with C >= 2 classes, got {tuple(t.shape)}{binary}"
         )
     if not all_finite(t):
         bad = ~torch.isfinite(t)
