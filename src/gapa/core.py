@@ -622,7 +622,7 @@ class GAPA:
             factor = float(state["lengthscale_factor"])
             fit_inputs = int(state.get("fit_inputs", 0))
             ids = state.get("input_ids")
-            if ids not in (None, True, False):
+            if not (ids is None or isinstance(ids, bool)):
                 raise ValueError(f"input_ids must be True, False or None, got {ids!r}")
             training_ok = frozenset(state.get("training_ok", ()))
             calibration, class_calibration = state["calibration"], state["class_calibration"]

@@ -24,6 +24,16 @@ def raw_bytes(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
+def file_in_the_way(directories) -> str | None:
+    """Return "P is a file, not a directory" for the first of ``directories`` that is a file.
+
+    Why a directory could not be made or written into, in words the caller can act on (the
+    ``OSError`` of a failed write names a temporary file); None when none is in the way.
+    """
+    return next((f"{p} is a file, not a directory" for p in map(Path, directories)
+                 if p.exists() and not p.is_dir()), None)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path`` to write; on success it replaces ``path``.

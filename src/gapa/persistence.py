@@ -50,7 +50,7 @@ from .errors import (
 )
 from .gp.kernels import Hyperparameters
 from .gp.site import GPSite
-from .io import atomic_path, raw_bytes
+from .io import atomic_path, file_in_the_way, raw_bytes
 from .predictive.classification import Method, VarianceScaleFit
 from .predictive.regression import Calibration
 
@@ -187,8 +187,7 @@ def save_state(gm: GAPA, path: str | os.PathLike) -> Path:
     except OSError as exc:  # the temporary file's name would say nothing to the caller
         if isinstance(exc, GAPAError):
             raise
-        where = next((f"{p} is a file, not a directory" for p in path.parents
-                      if p.exists() and not p.is_dir()), None)
+        where = file_in_the_way(path.parents)
         reason = where or f"{exc.strerror or exc} (writing beside it in {path.parent})"
         raise StateFileError(f"cannot save to {path}: {reason}; nothing was written and any "
                              "file already there is unchanged") from exc
@@ -309,7 +308,7 @@ def _build(cls: type[GAPA], path: Path, model: nn.Module, metadata: dict,
                 _is_int(s) and s > 0 for s in shape)):
             raise _Invalid(f"input_shape {shape!r} is not a list of positive integers")
         ids = metadata.get("input_ids")  # not in files written before it: not checked
-        if ids not in (None, True, False):
+        if not (ids is None or isinstance(ids, bool)):
             raise _Invalid(f"input_ids {ids!r} is not true, false or null")
         fit_inputs = metadata.get("fit_inputs", 0)  # not in format 1
         if not _is_int(fit_inputs) or fit_inputs < 0:

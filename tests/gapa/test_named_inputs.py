@@ -77,7 +77,7 @@ def test_real_positions_score_as_the_sequences_alone_and_padding_gets_none(model
     gm.propagation = "diagonal"
 
 
-def test_named_inputs_that_cannot_be_right_are_refused(model, fitted, tmp_path):
+def test_named_inputs_that_cannot_be_right_are_refused(model, fitted):
     gm, _ = fitted
     batch = padded(sequences(3, [4, 2]))
     with pytest.raises(gapa.InputError, match=r"attention_mask of shape \(2, 3\)"):
@@ -125,8 +125,7 @@ def test_a_fit_into_a_store_takes_named_inputs_and_resumes(model, fitted, tmp_pa
     other = [dict(b) for b in batches]
     other[0] = {**other[0], "attention_mask": other[0]["attention_mask"].flip(1)}
     with pytest.raises(gapa.errors.StoreMismatchError, match="shard 0"):
-        gapa.GAPA(model, [LAYER], m=None).fit(other, store=ActivationStore(
-            tmp_path / "store", shard_rows=8), progress=False)
+        gapa.GAPA(model, [LAYER], m=None).fit(other, store=store(), progress=False)
 
 
 def test_layer_scores_read_the_gapa_layer_itself(model, fitted):

@@ -87,7 +87,8 @@ class Batch:
         if not self.named:
             return Batch(self.inputs[start:stop])
         n = len(self)
-        return Batch({k: v[start:stop] if has_batch_axis(v, n) else v for k, v in self.inputs.items()})
+        return Batch({k: v[start:stop] if has_batch_axis(v, n) else v
+                      for k, v in self.inputs.items()})
 
     def split(self, size: int | None) -> list[Batch]:
         """Return batches of ``size`` rows: ``[self]`` for None or ``size >= len(self)``.
@@ -181,13 +182,13 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
         x = x.main
     if not isinstance(x, torch.Tensor):
         raise InputError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
-    if ids is not None and is_token_ids(x) != ids:
+    token_ids = is_token_ids(x)
+    if ids is not None and token_ids != ids:
         kind = {True: "integer ids", False: "floating values"}
         raise InputError(
-            f"inputs are {x.dtype} ({kind[not ids]}) but the training inputs were "
+            f"inputs are {x.dtype} ({kind[token_ids]}) but the training inputs were "
             f"{kind[ids]}; pass inputs of the kind the model was fitted on")
-    ids = is_token_ids(x)
-    if shape is not None and ids and any_length:
+    if shape is not None and token_ids and any_length:
         if x.dim() != len(shape) + 1:
             raise InputError(
                 f"token ids of shape {tuple(x.shape)} do not have the training ids' rank: "
@@ -201,7 +202,7 @@ def check_input(x, model: nn.Module, shape: tuple[int, ...] | None,
                 f"the channels (axis 1, {shape[0]}) must be the fit's, the spatial size may differ")
     elif shape is not None and (x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape):
         what, fix = (("token ids", "with queries='per_input' every input must have the fit's "
-                      "length (a GP query is a whole input)") if ids
+                      "length (a GP query is a whole input)") if token_ids
                      else ("inputs", "check the feature count and rank"))
         raise InputError(
             f"{what} of shape {tuple(x.shape)} do not match the training {what}, which were "

@@ -38,7 +38,7 @@ from ..errors import (
     StoreLockedError,
     StoreMismatchError,
 )
-from ..io import atomic_path
+from ..io import atomic_path, file_in_the_way
 
 #: Bytes of cached rows (all call sites together, float32) a shard holds: what a capture keeps
 #: in memory before writing, and at most what a read maps at once.
@@ -248,8 +248,7 @@ class ActivationStore:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            where = next((f"{p} is a file, not a directory" for p in (self.path, *self.path.parents)
-                          if p.exists() and not p.is_dir()), None)
+            where = file_in_the_way((self.path, *self.path.parents))
             raise StateFileError(
                 f"cannot create the activation store {self.path}: "
                 f"{where or exc.strerror or exc}; give store= a directory this process can "
@@ -387,7 +386,8 @@ class ActivationStore:
         batches, inputs : int
             How many batches and inputs the rows were captured from.
         digest : str
-            The digest of those inputs (:class:`gapa.capture.streaming.Shard`), checked when a capture resumes.
+            The digest of those inputs (:class:`gapa.capture.streaming.Shard`), checked when a
+            capture resumes.
 
         Raises
         ------

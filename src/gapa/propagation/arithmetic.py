@@ -88,10 +88,10 @@ def _div(tr: VarianceTracker, func, args, kwargs):
     a, b = _operands(args, kwargs)
     if kwargs.get("rounding_mode") is not None:
         raise tr.unsupported(f"division with rounding_mode={kwargs['rounding_mode']!r}")
-    va, vb = tr.var_or_zero(a), tr.var_or_zero(b)
     if same_operand(a, b):  # a / a is 1 wherever it is defined
         out = func(*args, **kwargs)
         return out, torch.zeros_like(out)
+    va, vb = tr.var_or_zero(a), tr.var_or_zero(b)
     b2 = square(b)
     var = va / b2 + (square(a) * vb / b2.square() if tr.var(b) is not None else 0.0)
     return func(*args, **kwargs), var

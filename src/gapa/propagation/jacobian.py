@@ -90,8 +90,8 @@ def jacobian_parts(model: nn.Module, layers: Sequence[str],
 
     written: list[tuple[str, torch.Tensor, int | None]] = []
     with torch.enable_grad():  # also for the backward passes
-        with call_sites(model, layers, on_call, on_output), watch, \
-                plain_fast_paths(model, layers, lambda args, kwargs: not watch.reaches(args, kwargs)):
+        with call_sites(model, layers, on_call, on_output), watch, plain_fast_paths(
+                model, layers, lambda args, kwargs: not watch.reaches(args, kwargs)):
             y = output_tensor(Batch(x).run(model))
         mean = y.detach()
         require_calls([key for key, _, _ in leaves], layers)
@@ -151,4 +151,3 @@ def combine_jacobian(mean: torch.Tensor, parts: Parts,
                 if squares[c] is not None:
                     var[:, c] += (squares[c] * v).reshape(v.shape[0], -1).sum(1)
     return Moments(mean, var.reshape(mean.shape))
-
