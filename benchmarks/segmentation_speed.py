@@ -6,7 +6,7 @@ calibrated per-pixel predictive, every score) over the plain forward, for the se
 benchmark's U-Net of seed 0 with GAPA as the benchmark fits it (layer ``dec1.5``, exact faiss
 search) and with the library's defaults, and for the same architecture at 4x the widths (random
 weights: a probe of how the ratio falls as the network's work per pixel grows; the cost does
-not depend on the weights). Then the peak resident memory of a 96x96 batch of 32 (11 classes)
+not depend on the weights), with the neighbour search's own share of the pass (a floor). Then the peak resident memory of a 96x96 batch of 32 (11 classes)
 above the resident memory before it, for the forward and for classify, each in a fresh process
 (in a warm one, memory freed earlier is reused and hides the peak).
 
@@ -40,6 +40,9 @@ SCENES = {"side": 64, "n_train": 3000, "n_val": 300, "n_test": 300, "n_ood": 200
 #: Scenes per forward pass of the fits (the 4x wider U-Net's activations of 1024 scenes, the
 #: library's default, would need about 20 GB).
 FIT_BATCH = 256
+#: Width factors of the random-weight U-Nets (8x: 64 channels at full resolution, the
+#: original U-Net's first width).
+WIDER = (4, 8)
 #: Labels of the scenes: background and the 10 Fashion-MNIST classes.
 N_CLASSES = 11
 
@@ -58,8 +61,18 @@ def timings(model, gm: GAPA, x: torch.Tensor, repeats: int) -> dict:
         plain = best_of(lambda: model(x), repeats)
         moments = best_of(lambda: gm(x), repeats)
         classify = best_of(lambda: gm.classify(x, class_dim=1, batch_size=None), repeats)
+        # the neighbour search and the conditioning alone, at the fastest of the repeats: the
+        # search is a floor that no propagation work can lower
+        search = conditioning = float("inf")
+        for _ in range(repeats):
+            (site,) = gm.sites.values()
+            site.timings.update(search=0.0, conditioning=0.0)
+            gm(x)
+            search = min(search, site.timings["search"])
+            conditioning = min(conditioning, site.timings["conditioning"])
     return {"plain_s": plain, "moments_s": moments, "classify_s": classify,
-            "moments_ratio": moments / plain, "classify_ratio": classify / plain}
+            "moments_ratio": moments / plain, "classify_ratio": classify / plain,
+            "search_s": search, "conditioning_s": conditioning, "search_ratio": search / plain}
 
 
 def measure_memory(what: str, weights: str, state: str, inputs: str) -> None:
@@ -97,16 +110,20 @@ def main() -> None:
     print(header(f"U-Net on {SCENES['side']}x{SCENES['side']} scenes, batch {BATCH}"))
     data = load_scenes(seed=0, **SCENES)
     model, weights, _ = cached_segmenter(data, seed=0, progress=False)
-    torch.manual_seed(0)
-    wide = UNet(num_classes=data.n_classes, widths=tuple(4 * w for w in WIDTHS)).eval()
+    wide = {}
+    for factor in WIDER:
+        torch.manual_seed(0)
+        wide[factor] = UNet(num_classes=data.n_classes,
+                            widths=tuple(factor * w for w in WIDTHS)).eval()
     x = data.test.images[:BATCH].clone()
     rows, gms = [], []
     for name, net, widths, options in [
             ("benchmark U-Net, gapa (dec1.5, faiss)", model, WIDTHS,
              {"layers": ["dec1.5"], **GAPA_FIXED}),
             ("benchmark U-Net, gapa_default", model, WIDTHS, {}),
-            ("4x wider U-Net (random weights), gapa (dec1.5, faiss)", wide,
-             tuple(4 * w for w in WIDTHS), {"layers": ["dec1.5"], **GAPA_FIXED})]:
+            *((f"{f}x wider U-Net (random weights), gapa (dec1.5, faiss)", wide[f],
+               tuple(f * w for w in WIDTHS), {"layers": ["dec1.5"], **GAPA_FIXED})
+              for f in WIDER)]:
         gm = fitted(net, data, **options)
         gms.append(gm)
         row = {"setting": name, "widths": list(widths),

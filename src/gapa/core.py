@@ -208,10 +208,12 @@ class GAPA:
         reference, refused above :data:`gapa.gp.conditioning.EXACT_MAX_ROWS` rows) or
         ``"prior"`` (no conditioning, every unit at its prior amplitude: a control that shows
         what conditioning adds).
-    search : {"torch", "faiss", "ivf", "hnsw", "auto"}, default "torch"
-        Neighbour search back end (:class:`gapa.gp.search.SearchBackend`): ``"torch"`` is exact
-        on any device; ``"faiss"``, ``"ivf"`` and ``"hnsw"`` need faiss, as ``"auto"`` does
-        above :data:`gapa.gp.search.AUTO_EXACT_MAX_ROWS` rows.
+    search : {"exact", "torch", "faiss", "ivf", "hnsw", "auto"}, default "exact"
+        Neighbour search back end (:class:`gapa.gp.search.SearchBackend`). ``"exact"`` takes,
+        per call, faiss's flat search for large query batches on the CPU (dense outputs: a
+        query per pixel) and torch's otherwise; ``"torch"`` is exact on any device; ``"faiss"``
+        exact flat; ``"ivf"`` and ``"hnsw"`` approximate; ``"auto"`` is ``"exact"`` up to
+        :data:`gapa.gp.search.AUTO_EXACT_MAX_ROWS` rows and ``"ivf"`` above.
     inducing : {"kmeans", "random"}, default "kmeans"
         How the M inducing points are chosen.
     noise_by_count : bool, default True
@@ -283,7 +285,7 @@ class GAPA:
         k: int = 1,
         m: int | None = 512,
         conditioning: str = "local",
-        search: str = "torch",
+        search: str = "exact",
         inducing: str = "kmeans",
         noise_by_count: bool = True,
         lengthscale_quantile: float = 0.25,

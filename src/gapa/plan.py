@@ -275,10 +275,12 @@ def _index(rows: int, width: int, config: GPConfig) -> tuple[str, int]:
         return "exact conditioning", rows * rows * width * 8  # d Gram factors of N x N
     backend = config.search
     if backend is SearchBackend.AUTO:
-        backend = SearchBackend.TORCH if rows <= AUTO_EXACT_MAX_ROWS else SearchBackend.IVF
+        backend = SearchBackend.EXACT if rows <= AUTO_EXACT_MAX_ROWS else SearchBackend.IVF
     vectors = rows * width * 4
     if backend is SearchBackend.TORCH:
         return "torch (exact)", rows * 4  # the rows themselves are the conditioning set
+    if backend is SearchBackend.EXACT:  # torch's norms and, on the CPU, faiss's float32 copy
+        return "exact (torch or faiss)", rows * 4 + vectors
     if backend is SearchBackend.FAISS:
         return "faiss (exact)", vectors
     if backend is SearchBackend.IVF:

@@ -634,12 +634,15 @@ def _segmentation_speed(paths: Sequence[str], root: Path) -> str:
     """GAPA's test pass over the U-Net's forward per setting, and the 96x96 memory."""
     (path,) = paths
     rec = lm_report.load_record(path, root, "segmentation_speed")
+    floor = "search_ratio" in rec["rows"][0]  # measured since the exact search default
     lines = ["| setting | layer | M | search | U-Net forward s | gm(x) / forward | "
-             "classify / forward |", "|---|---|---|---|---|---|---|"]
+             "classify / forward |" + (" search alone / forward |" if floor else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
     for r in rec["rows"]:
         lines.append(f"| {r['setting']} | {', '.join(r['layers'])} | {r['m']} | {r['search']} | "
                      f"{r['plain_s']:.3f} | {r['moments_ratio']:.2f} | "
-                     f"{r['classify_ratio']:.2f} |")
+                     f"{r['classify_ratio']:.2f} |"
+                     + (f" {r['search_ratio']:.2f} |" if floor else ""))
     m = rec["memory"]
     shape = "x".join(map(str, m["shape"]))
     memory = (f"Memory of one {shape} batch ({m['classes']} classes; its logits alone "
@@ -651,12 +654,30 @@ def _segmentation_speed(paths: Sequence[str], root: Path) -> str:
             + "\n".join(lines) + "\n\n" + memory)
 
 
+def _search_kernels(paths: Sequence[str], root: Path) -> str:
+    """Exact search: torch, faiss and the ``exact`` default per cache and batch size."""
+    (path,) = paths
+    rec = lm_report.load_record(path, root, "search_kernels")
+    lines = ["| rows | dims | queries | k | torch ms | faiss ms | exact ms | exact / faster |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        lines.append(f"| {r['rows']} | {r['dim']} | {r['queries']} | {r['k']} | "
+                     f"{r['torch_ms']:.2f} | {r['faiss_ms']:.2f} | {r['exact_ms']:.2f} | "
+                     f"{r['exact_over_best']:.2f} |")
+    worst = max(r["exact_over_best"] for r in rec["rows"])
+    return (f"faiss {rec['faiss']}, threshold {rec['threshold']:,} query values, "
+            f"{rec['threads']} thread, best of the repeats. " + lm_report.run_line(rec, path)
+            + "\n\n" + "\n".join(lines) + f"\n\n`exact` is at most {worst:.2f}x the faster "
+            "back end of each row.")
+
+
 #: What each kind generates from its record files.
 KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
     "regression": _regression, "classification": _classification, "summary": _summary,
     "conditioning": _conditioning, "language": lm_report.language_block,
     "lm_propagation": lm_report.lm_propagation_block, "lm_speed": lm_report.lm_speed_block,
     "segmentation": _segmentation, "segmentation_speed": _segmentation_speed,
+    "search_kernels": _search_kernels,
 }
 
 

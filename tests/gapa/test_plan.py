@@ -78,7 +78,7 @@ def test_plan_counts_feature_map_positions():
 def test_approximate_back_end_is_planned_by_size():
     model = mlp([3, 16, 1])
     gm = gapa.GAPA(model, m=None, search="auto")
-    assert gm.plan(1000, torch.randn(2, 3)).sites[0].search == "torch (exact)"
+    assert gm.plan(1000, torch.randn(2, 3)).sites[0].search == "exact (torch or faiss)"
     big = gm.plan(10**6, torch.randn(2, 3)).sites[0]
     assert big.search.startswith("ivf") and big.index_bytes > 10**6 * 16 * 4
     assert big.query_flops < 10**6 * 16  # far fewer rows visited than exact search

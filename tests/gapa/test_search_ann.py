@@ -104,7 +104,7 @@ def test_small_cache_measures_recall_on_indexed_rows():
 def test_auto_resolves_by_row_count(monkeypatch):
     monkeypatch.setattr(search, "AUTO_EXACT_MAX_ROWS", 1000)
     small = NeighbourIndex(torch.from_numpy(mixture(1000, seed=4)), "auto")
-    assert small.backend is SearchBackend.TORCH and small.recall == 1.0
+    assert small.backend is SearchBackend.EXACT and small.recall == 1.0
     large = NeighbourIndex(torch.from_numpy(mixture(2500, seed=4)), SearchBackend.AUTO)
     assert large.backend is SearchBackend.IVF and large.state()["backend"] == "ivf"
     assert large.recall >= RECALL_TARGET

@@ -378,3 +378,28 @@ def test_speed_blocks(tmp_path):
     assert "| 29 | 5.000 | 4.000 | 1.25 | 50.0 | 40.0 | 1.25 |" in out
     with pytest.raises(ReportError, match="not a segmentation_speed record"):
         report.fill("<!-- report segmentation_speed lm.json -->\n<!-- /report -->\n", tmp_path)
+
+
+def test_search_floor_and_kernel_blocks(tmp_path):
+    """A segmentation speed record with the search's own time shows it; search kernels tabulate."""
+    run = {"commit": "abc", "date": "2026-12-07", "machine": {}, "command": "x"}
+    seg = {"kind": "segmentation_speed", "batch": 32, "side": 64, "threads": 1, "run": run,
+           "rows": [{"setting": "u-net", "layers": ["dec1.5"], "m": 512, "search": "exact",
+                     "plain_s": 0.08, "moments_ratio": 1.75, "classify_ratio": 2.125,
+                     "search_s": 0.02, "conditioning_s": 0.01, "search_ratio": 0.25}],
+           "memory": {"shape": [32, 1, 96, 96], "classes": 11, "logits_mib": 12.4,
+                      "forward_mib": 60.0, "classify_mib": 150.0}}
+    kernels = {"kind": "search_kernels", "faiss": "1.15.1", "threshold": 128000, "threads": 1,
+               "run": run, "rows": [
+                   {"rows": 512, "dim": 8, "queries": 16800, "k": 1, "torch_ms": 19.7,
+                    "faiss_ms": 2.4, "exact_ms": 2.5, "exact_over_best": 2.5 / 2.4},
+                   {"rows": 512, "dim": 8, "queries": 16, "k": 1, "torch_ms": 0.04,
+                    "faiss_ms": 0.05, "exact_ms": 0.04, "exact_over_best": 1.0}]}
+    (tmp_path / "seg.json").write_text(json.dumps(seg))
+    (tmp_path / "kernels.json").write_text(json.dumps(kernels))
+    out = report.fill("<!-- report segmentation_speed seg.json -->\n<!-- /report -->\n"
+                      "<!-- report search_kernels kernels.json -->\n<!-- /report -->\n", tmp_path)
+    assert "| search alone / forward |" in out
+    assert "| u-net | dec1.5 | 512 | exact | 0.080 | 1.75 | 2.12 | 0.25 |" in out
+    assert "| 512 | 8 | 16800 | 1 | 19.70 | 2.40 | 2.50 | 1.04 |" in out
+    assert "threshold 128,000 query values" in out and "at most 1.04x the faster" in out

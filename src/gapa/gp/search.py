@@ -1,7 +1,9 @@
 """Nearest-neighbour search over cached activations: exact (torch or faiss) or approximate (faiss).
 
 Every back end returns neighbours by squared Euclidean distance. faiss searches in float32; the
-variances are then computed from the stored rows in the model's own dtype. The approximate back
+variances are then computed from the stored rows in the model's own dtype. ``exact`` (the
+default) picks, per call, the faster of two exact kernels: faiss's blocked one for large query
+batches, torch's matrix product otherwise. The approximate back
 ends measure their recall against exact search when they are built and tune their search-time
 parameter until it reaches ``recall_target``, so a fitted index states how good it is.
 """
@@ -23,8 +25,14 @@ SEARCH_CHUNK_ELEMENTS = 1 << 19
 SEARCH_CHUNK_MIN_QUERIES = 256
 #: The recall@k the approximate back ends are tuned to reach at fit time (measured, not assumed).
 RECALL_TARGET = 0.95
-#: ``auto`` searches exactly (torch) up to this many rows and with IVF above it.
+#: ``auto`` searches exactly up to this many rows and with IVF above it.
 AUTO_EXACT_MAX_ROWS = 100_000
+#: ``exact`` hands a call to faiss when its queries hold at least this many values (queries x
+#: dimensions). faiss 1.15 switches from a per-query loop to blocked BLAS (and, for k = 1 in few
+#: dimensions, a fused kernel) at this size (its ``distance_compute_blas_threshold``); measured
+#: on one core, faiss then took 0.03-0.95x torch's time over 512-50,000 rows of 8-576
+#: dimensions, and 1.3-8x it just below (``benchmarks/search_kernels.py``).
+FAISS_MIN_QUERY_VALUES = 128_000
 #: Rows converted to float32 and added to a faiss index at a time, so a float16 or memory-mapped
 #: cache is never copied whole; faiss's own storage is the only full float32 copy.
 ADD_CHUNK_ROWS = 65_536
@@ -44,6 +52,10 @@ IVF_TRAIN_ROWS_PER_LIST = 256
 class SearchBackend(str, Enum):
     """Where the K nearest cached rows are found."""
 
+    EXACT = "exact"
+    """Exact: per call, faiss's flat search for at least ``FAISS_MIN_QUERY_VALUES`` query values
+    on an in-memory CPU tensor that is not float64 (a float32 copy of it is kept), torch
+    otherwise and always without faiss."""
     TORCH = "torch"
     """Exact search with matrix products and ``topk``; always available, any dtype and device."""
     FAISS = "faiss"
@@ -53,7 +65,7 @@ class SearchBackend(str, Enum):
     HNSW = "hnsw"
     """Approximate faiss ``IndexHNSWFlat`` graph; ``efSearch`` tuned to reach the recall target."""
     AUTO = "auto"
-    """Exact torch search up to ``AUTO_EXACT_MAX_ROWS`` rows, IVF above it."""
+    """``exact`` up to ``AUTO_EXACT_MAX_ROWS`` rows, IVF above it."""
 
 
 _APPROXIMATE = (SearchBackend.IVF, SearchBackend.HNSW)
@@ -110,13 +122,15 @@ class NeighbourIndex:
     ):
         self._configure(points, backend, k, recall_target, seed, gpu)
         self.space = space
-        if self.backend is SearchBackend.TORCH:
+        self._index = None
+        if self.backend in (SearchBackend.TORCH, SearchBackend.EXACT):
             self._sq_norms = self.points.square().sum(1)
-        elif self.backend is SearchBackend.FAISS:
+        if self.backend is SearchBackend.FAISS or (
+                self.backend is SearchBackend.EXACT and self._faiss is not None):
             self._index = self._faiss.IndexFlatL2(self.dim)
             for _, x in _chunks(self.points, np.arange(len(self))):
                 self._index.add(x)
-        else:
+        elif self.backend in _APPROXIMATE:
             self._build_approximate()
         self._to_gpu()
 
@@ -138,10 +152,11 @@ class NeighbourIndex:
         if not floating:
             raise InputError(f"points must have a floating dtype, got {points.dtype}")
         if backend is SearchBackend.AUTO:
-            backend = SearchBackend.TORCH if len(points) <= AUTO_EXACT_MAX_ROWS else SearchBackend.IVF
+            backend = SearchBackend.EXACT if len(points) <= AUTO_EXACT_MAX_ROWS else SearchBackend.IVF
         if backend in _APPROXIMATE and k > len(points):
             raise ConfigurationError(f"recall@{k} cannot be measured on {len(points)} rows; lower k")
-        if backend is SearchBackend.TORCH and isinstance(points, np.ndarray):
+        mapped = isinstance(points, np.ndarray)
+        if backend in (SearchBackend.TORCH, SearchBackend.EXACT) and mapped:
             with warnings.catch_warnings():
                 # A read-only memmap: torch warns that the tensor is not writable. The index
                 # only ever reads it, and sharing the memory avoids a copy of the cache.
@@ -155,7 +170,13 @@ class NeighbourIndex:
         self.recall_queries, self.held_out = 0, False
         self._ids: np.ndarray | None = None  # faiss id -> row number, where they differ (HNSW)
         self._gpu = False
-        if backend is not SearchBackend.TORCH:
+        self._faiss = None
+        if backend is SearchBackend.EXACT:
+            # faiss helps only on the CPU, would round float64 to float32 and would copy a
+            # memory-mapped cache whole: torch alone there
+            if not (mapped or points.is_cuda or points.dtype == torch.float64):
+                self._faiss = _faiss_if_installed()
+        elif backend is not SearchBackend.TORCH:
             self._faiss = import_faiss()
             self._gpu = _wants_gpu(self._faiss, gpu, points, backend)
 
@@ -250,6 +271,8 @@ class NeighbourIndex:
 
     def describe(self) -> str:
         """Return one line: the back end, its parameters and the recall it measured."""
+        if self.backend is SearchBackend.EXACT:
+            return "exact (faiss for large batches, else torch)" if self._index is not None else "exact (torch)"
         if self.backend not in _APPROXIMATE:
             return f"{self.backend.value} (exact)"
         params = ", ".join(f"{k} {v}" for k, v in self.params.items())
@@ -285,7 +308,8 @@ class NeighbourIndex:
             raise ConfigurationError(f"k must lie in [1, {len(self)}], got {k}")
         if queries.dim() != 2 or queries.shape[1] != self.dim:
             raise InputError(f"queries must have shape (B, {self.dim}), got {tuple(queries.shape)}")
-        if self.backend is not SearchBackend.TORCH:
+        if self.backend is not SearchBackend.TORCH and (
+                self.backend is not SearchBackend.EXACT or self._faster_in_faiss(queries)):
             q = as_faiss(queries)
             idx = self._map_ids(self._index.search(q, k)[1])
             missing = (idx < 0).any(1)
@@ -303,6 +327,11 @@ class NeighbourIndex:
             else:
                 out[s : s + step] = dist.topk(k, dim=1, largest=False, sorted=True).indices
         return out
+
+    def _faster_in_faiss(self, queries: torch.Tensor) -> bool:
+        """Whether ``exact`` hands this call to faiss (see :data:`FAISS_MIN_QUERY_VALUES`)."""
+        return (self._index is not None and not queries.is_cuda
+                and queries.shape[0] * self.dim >= FAISS_MIN_QUERY_VALUES)
 
     def _map_ids(self, idx: np.ndarray) -> np.ndarray:
         """Map faiss ids to row numbers (-1, 'not found', stays -1)."""
@@ -460,6 +489,14 @@ def _wants_gpu(faiss, gpu: bool | None, points, backend: SearchBackend) -> bool:
     if gpu and backend is SearchBackend.HNSW:
         raise ConfigurationError("faiss has no GPU HNSW index; use search='ivf' or 'faiss' on GPU")
     return bool(gpu)
+
+
+def _faiss_if_installed():
+    """Return the ``faiss`` module, or None where it is not installed."""
+    try:
+        return import_faiss()
+    except MissingDependencyError:
+        return None
 
 
 def import_faiss():

@@ -69,7 +69,7 @@ class GPConfig:
     k: int = 1
     m: int | None = 512
     conditioning: Conditioning = Conditioning.LOCAL
-    search: SearchBackend = SearchBackend.TORCH
+    search: SearchBackend = SearchBackend.EXACT
     inducing: Inducing = Inducing.KMEANS
     noise_by_count: bool = True
     lengthscale_quantile: float = 0.25
