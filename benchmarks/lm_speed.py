@@ -1,6 +1,7 @@
 """Issue 17's speed targets on SmolLM2-135M: ``gm(x)`` against the plain forward (batch 8 x 128,
 one process) with GAPA at the last block and at block 2, and the fit against one inference pass
-over the same tokens. Best of ``--repeats`` calls each, plain and GAPA interleaved in the same
+over the same tokens. Beside each, the floor of a diagonal propagation from that block: the
+plain forward plus one product with the squared weight per linear layer after it. Best of ``--repeats`` calls each, plain and GAPA interleaved in the same
 process.
 
 Usage: python benchmarks/lm_speed.py [--repeats 3] [--fit-sequences 64] [--json PATH]
@@ -23,6 +24,29 @@ from gapa_bench.lm_bench import act_site, austen_chunks
 from gapa_bench.provenance import run_info
 
 
+def linear_floor(model, x: torch.Tensor, block: int, repeats: int) -> float:
+    """The plain forward plus, for every linear layer that GAPA at ``block`` makes uncertain, one
+    more product with its squared weight (squared beforehand): what any diagonal propagation
+    must at least do, since ``Var(W x) = (W * W) Var(x)`` for independent units."""
+    hooks, squares = [], {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        part = name.split(".")
+        downstream = (name == "lm_head" or (part[:2] == ["model", "layers"] and (
+            int(part[2]) > block or (int(part[2]) == block and part[-1] == "down_proj"))))
+        if downstream:
+            squares[module] = module.weight.detach().square()
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, out: torch.nn.functional.linear(args[0], squares[mod])))
+    try:
+        with torch.no_grad():
+            return best_of(lambda: model(x), repeats)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", default="29,2")
@@ -42,6 +66,7 @@ def main() -> None:
 
     rows = []
     for block in (int(b) for b in args.blocks.split(",")):
+        floor = linear_floor(model, x, block, args.repeats)
         t0 = time.perf_counter()
         gm = GAPA(model, layers=[act_site(block)]).fit(fit)
         fit_seconds = time.perf_counter() - t0
@@ -49,11 +74,13 @@ def main() -> None:
         base = best_of(lambda: plain(x), args.repeats)
         ours = best_of(lambda gm=gm: gm(x), args.repeats)
         row = {"block": block, "plain_seconds": base, "gapa_seconds": ours,
-               "ratio": ours / base, "fit_seconds": fit_seconds,
+               "ratio": ours / base, "floor_seconds": floor, "floor_ratio": floor / base,
+               "fit_seconds": fit_seconds,
                "fit_inference_seconds": inference, "fit_ratio": fit_seconds / inference,
                "fit_tokens": fit.numel()}
         rows.append(row)
-        print(f"block {block:>2}: gm(x) {ours:.3f} s, plain {base:.3f} s, ratio {ours / base:.2f}; "
+        print(f"block {block:>2}: gm(x) {ours:.3f} s, plain {base:.3f} s, ratio {ours / base:.2f} "
+              f"(floor {floor / base:.2f}); "
               f"fit {fit_seconds:.1f} s, one inference pass over its {fit.numel()} tokens "
               f"{inference:.1f} s, ratio {fit_seconds / inference:.2f}", flush=True)
     if args.json_path:

@@ -104,11 +104,14 @@ def lm_speed_block(paths: Sequence[str], root: Path) -> str:
     """Per block: ``gm(x)`` over the plain forward, and the fit over one inference pass."""
     (path,) = paths
     rec = load_record(path, root, "lm_speed")
-    lines = ["| GAPA at block | gm(x) s | plain s | ratio | fit s | inference pass s | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    floor = "floor_ratio" in rec["rows"][0]  # measured since the linear floor was added
+    lines = ["| GAPA at block | gm(x) s | plain s | ratio |" + (" linear floor |" if floor else "")
+             + " fit s | inference pass s | ratio |",
+             "|---|---|---|---|---|---|---|" + ("---|" if floor else "")]
     for r in rec["rows"]:
         lines.append(f"| {r['block']} | {r['gapa_seconds']:.3f} | {r['plain_seconds']:.3f} | "
-                     f"{r['ratio']:.2f} | {r['fit_seconds']:.1f} | "
+                     f"{r['ratio']:.2f} |" + (f" {r['floor_ratio']:.2f} |" if floor else "")
+                     + f" {r['fit_seconds']:.1f} | "
                      f"{r['fit_inference_seconds']:.1f} | {r['fit_ratio']:.2f} |")
     return (f"Batch 8 x 128, best of the repeats; fit on "
             f"{rec['rows'][0]['fit_tokens']} tokens. " + run_line(rec, path) + "\n\n"

@@ -301,7 +301,7 @@ def test_k_larger_than_m(gen):
         ({"k": 0}, r"k must be a positive integer, got 0"),
         ({"m": 0}, r"m must be a positive integer or None, got 0"),
         ({"conditioning": "global"}, r"unknown conditioning 'global'; use one of 'local', 'exact'"),
-        ({"search": "annoy"}, r"unknown search 'annoy'; use one of 'torch', 'faiss'"),
+        ({"search": "annoy"}, r"unknown search 'annoy'; use one of 'exact', 'torch', 'faiss'"),
         ({"inducing": "grid"}, r"unknown inducing 'grid'; use one of 'kmeans', 'random'"),
     ],
     ids=["k=0", "m=0", "conditioning", "search", "inducing"],

@@ -205,9 +205,10 @@ def test_variance_scale_is_fitted_on_validation(method, fitted, data):
     assert fit.info["variance_scale"] > 0  # the variance does something on this problem
 
 
-def test_test_labels_do_not_move_the_scale(backbone, data, fitted):
+def test_test_labels_do_not_move_the_scale(backbone, data, fitted, monkeypatch):
     relabelled = ImageData("tiny", data.x_train, data.y_train, data.x_val, data.y_val,
                            data.x_test, (data.y_test + 1) % data.n_classes, data.classes)
+    monkeypatch.setattr(lap, "FIT_BATCH", 50)  # as `fitted`: the curvature sums in one order
     again = lap.fit_lla_lastlayer_classifier(backbone, relabelled, seed=0, progress=False,
                                              train={})
     assert again.info["variance_scale"] == fitted["lastlayer"].info["variance_scale"]

@@ -381,7 +381,8 @@ def test_speed_blocks(tmp_path):
 
 
 def test_search_floor_and_kernel_blocks(tmp_path):
-    """A segmentation speed record with the search's own time shows it; search kernels tabulate."""
+    """Speed records with their floors (the search's own time, the linear layers' second
+    product) show them; search kernels tabulate."""
     run = {"commit": "abc", "date": "2026-12-07", "machine": {}, "command": "x"}
     seg = {"kind": "segmentation_speed", "batch": 32, "side": 64, "threads": 1, "run": run,
            "rows": [{"setting": "u-net", "layers": ["dec1.5"], "m": 512, "search": "exact",
@@ -395,10 +396,17 @@ def test_search_floor_and_kernel_blocks(tmp_path):
                     "faiss_ms": 2.4, "exact_ms": 2.5, "exact_over_best": 2.5 / 2.4},
                    {"rows": 512, "dim": 8, "queries": 16, "k": 1, "torch_ms": 0.04,
                     "faiss_ms": 0.05, "exact_ms": 0.04, "exact_over_best": 1.0}]}
+    lm = {"kind": "lm_speed", "run": run, "rows": [
+        {"block": 2, "gapa_seconds": 12.0, "plain_seconds": 4.0, "ratio": 3.0,
+         "floor_seconds": 8.4, "floor_ratio": 2.1, "fit_seconds": 50.0,
+         "fit_inference_seconds": 40.0, "fit_ratio": 1.25, "fit_tokens": 8192}]}
     (tmp_path / "seg.json").write_text(json.dumps(seg))
     (tmp_path / "kernels.json").write_text(json.dumps(kernels))
+    (tmp_path / "lm.json").write_text(json.dumps(lm))
     out = report.fill("<!-- report segmentation_speed seg.json -->\n<!-- /report -->\n"
-                      "<!-- report search_kernels kernels.json -->\n<!-- /report -->\n", tmp_path)
+                      "<!-- report search_kernels kernels.json -->\n<!-- /report -->\n"
+                      "<!-- report lm_speed lm.json -->\n<!-- /report -->\n", tmp_path)
+    assert "| 2 | 12.000 | 4.000 | 3.00 | 2.10 | 50.0 | 40.0 | 1.25 |" in out
     assert "| search alone / forward |" in out
     assert "| u-net | dec1.5 | 512 | exact | 0.080 | 1.75 | 2.12 | 0.25 |" in out
     assert "| 512 | 8 | 16800 | 1 | 19.70 | 2.40 | 2.50 | 1.04 |" in out
