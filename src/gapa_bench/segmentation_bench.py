@@ -43,7 +43,7 @@ from gapa.predictive.classification import (
 from . import bench
 from .backbones import training_seconds
 from .baselines import Fitted
-from .baselines.dropout import choose_dropout_rate, mc_dropout_average
+from .baselines.dropout import DROPOUT_RATES, choose_dropout_rate, mc_dropout_average
 from .baselines.ensemble import member_seeds
 from .baselines.knn import normalised
 from .baselines.scores import MemberAverage, check_ood_scores, fit_logit_predictive, last_pass
@@ -65,7 +65,7 @@ GAPA_LAYER_CANDIDATES = {"layers": [["dec1.5"], ["dec2.5"]]}
 #: the library's default).
 GAPA_FIXED = {"search": "faiss"}
 #: MC dropout: the rates tried (one U-Net each, chosen on validation NLL) and the passes.
-MC_DROPOUT_RATES = (0.05, 0.1, 0.2)
+MC_DROPOUT_RATES = DROPOUT_RATES
 MC_SAMPLES = 16
 ENSEMBLE_MEMBERS = 5
 #: kNN: Sun et al.'s k, and how many training pixels are indexed (a seeded random subset).

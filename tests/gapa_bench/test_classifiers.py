@@ -9,6 +9,7 @@ import torch
 from gapa.errors import ConfigurationError
 from gapa_bench.baselines.dropout import (
     CLASSIFIER_RATES,
+    DROPOUT_RATES,
     fit_mc_dropout_classifier,
     mc_dropout_average,
     mc_dropout_probs,
@@ -18,7 +19,6 @@ from gapa_bench.baselines.knn import K_CANDIDATES, fit_knn, penultimate_features
 from gapa_bench.baselines.scores import entropy
 from gapa_bench.classifiers import (
     ENSEMBLE_MEMBERS,
-    MC_DROPOUT_P,
     build_classifier,
     cached_classifier,
     networks_needed,
@@ -78,7 +78,8 @@ def test_networks_needed_lists_backbones_members_and_dropout_copies():
     for s in range(2):
         for m in member_seeds(s, ENSEMBLE_MEMBERS)[1:]:
             assert {"seed": m} in needed
-        assert {"seed": s, "dropout": MC_DROPOUT_P} in needed
+        for p in CLASSIFIER_RATES:
+            assert {"seed": s, "dropout": p} in needed
     assert networks_needed(["map"], 2) == [{"seed": 0}, {"seed": 1}]
 
 
@@ -117,7 +118,8 @@ def test_mc_dropout_is_seeded_leaves_random_state_and_eval_mode(images):
     a, b = fitted.predict(images.x_test), fitted.predict(images.x_test)
     assert torch.equal(a, b) and torch.equal(state, torch.random.get_rng_state())
     torch.testing.assert_close(a.sum(-1), torch.ones(len(a)))
-    model = cached_classifier(images, seed=0, dropout=MC_DROPOUT_P, progress=False, **TRAIN)[0]
+    model = cached_classifier(images, seed=0, dropout=fitted.info["p"], progress=False,
+                              **TRAIN)[0]
     one = mc_dropout_probs(model, images.x_test, samples=1, seed=3)
     with torch.no_grad():
         plain = torch.softmax(model(images.x_test), -1)
@@ -140,13 +142,14 @@ def test_mc_dropout_rate_is_chosen_on_validation_and_recorded(images):
         nll[p] = classification_report(probs, images.y_val)["nll"]
     assert [(t["p"], t["score"]) for t in sel["tried"]] == list(nll.items())
     assert sel["chosen"] == {"p": min(nll, key=nll.get)} and fitted.info["p"] == sel["chosen"]["p"]
-    assert fitted.fit_s > 0 and CLASSIFIER_RATES == (MC_DROPOUT_P,)
+    assert fitted.fit_s > 0 and CLASSIFIER_RATES == DROPOUT_RATES
 
 
 def test_mc_dropout_mutual_information_is_that_of_its_passes(images):
     fitted = fit_mc_dropout_classifier(None, images, seed=0, progress=False, train=TRAIN,
                                        samples=6)
-    model = cached_classifier(images, seed=0, dropout=MC_DROPOUT_P, progress=False, **TRAIN)[0]
+    model = cached_classifier(images, seed=0, dropout=fitted.info["p"], progress=False,
+                              **TRAIN)[0]
     average = mc_dropout_average(model, images.x_test, samples=6, seed=0)
     mi = fitted.ood_scores["mutual_information"](images.x_test)
     assert torch.equal(fitted.predict(images.x_test), average.probs)

@@ -24,7 +24,7 @@ from gapa.errors import ConfigurationError
 from gapa.moments import Moments
 
 from ..backbones import cached_regressor, training_seconds
-from ..classifiers import MC_DROPOUT_P, cached_classifier
+from ..classifiers import cached_classifier
 from ..data import RegressionData
 from ..metrics import classification_report
 from ..selection import Selection, select
@@ -34,8 +34,8 @@ from .scores import MemberAverage, last_pass
 #: Rows (inputs x passes) in one forward pass: bounds memory at about 200 MB for width 200.
 CHUNK_ROWS = 1 << 16
 
-#: Dropout rates the regression benchmark tries, one network each; validation NLL picks one
-#: (:func:`gapa_bench.selection.select`).
+#: Dropout rates every benchmark tries (regression, classification, segmentation), one network
+#: each; validation NLL picks one (:func:`gapa_bench.selection.select`).
 DROPOUT_RATES = (0.05, 0.1, 0.2)
 
 
@@ -121,13 +121,10 @@ def _device(module: nn.Module) -> torch.device:
 _CLASSIFIER_BATCH = 2048
 
 #: Dropout rates the classification benchmark tries, one network each; validation NLL picks one
-#: (:func:`gapa_bench.selection.select`). One rate only: every further rate means training
-#: another network per seed, for the ResNet 200 s on the H200 (benchmarks/results/
-#: classifiers-train-h200.log) and far longer on the CPU, and another 20 passes over the
-#: validation set to score it. The choice is still recorded in the selection format, with its
-#: validation NLL, so that a second candidate needs nothing else (but
-#: :func:`gapa_bench.classifiers.networks_needed`, which lists the networks to train ahead).
-CLASSIFIER_RATES = (MC_DROPOUT_P,)
+#: (:func:`gapa_bench.selection.select`). Each rate is another network per seed (the MLP: 20 s on
+#: one core; the ResNet: 200 s on the H200, benchmarks/results/classifiers-train-h200.log) and
+#: another 20 passes over the validation set.
+CLASSIFIER_RATES = DROPOUT_RATES
 
 
 def fit_mc_dropout_classifier(
