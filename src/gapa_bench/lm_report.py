@@ -100,6 +100,21 @@ def lm_propagation_block(paths: Sequence[str], root: Path) -> str:
             + run_line(rec, path) + "\n\n" + "\n".join(lines))
 
 
+def lm_residual_probe_block(paths: Sequence[str], root: Path) -> str:
+    """Per later block: median diagonal / Monte-Carlo variance at each compared module."""
+    (path,) = paths
+    rec = load_record(path, root, "lm_residual_probe")
+    parts = [k for k in rec["rows"][0] if k != "block"]
+    lines = ["| block | " + " | ".join(f"`{k}`" for k in parts) + " |",
+             "|---|" + "---|" * len(parts)]
+    for r in rec["rows"]:
+        lines.append(f"| {r['block']} | " + " | ".join(f"{r[k]:.2f}" for k in parts) + " |")
+    return (f"GAPA at block {rec['gapa_block']}; one held-out sequence of {rec['tokens']} tokens, "
+            f"Monte Carlo with {rec['samples']} samples; median over units and tokens. "
+            + run_line(rec, path) + "\n\n" + "\n".join(lines)
+            + f"\n\nAt the logits: {rec['logits']:.2f}.")
+
+
 def lm_speed_block(paths: Sequence[str], root: Path) -> str:
     """Per block: ``gm(x)`` over the plain forward, and the fit over one inference pass."""
     (path,) = paths

@@ -676,6 +676,7 @@ KINDS: dict[str, Callable[[Sequence[str], Path], str]] = {
     "regression": _regression, "classification": _classification, "summary": _summary,
     "conditioning": _conditioning, "language": lm_report.language_block,
     "lm_propagation": lm_report.lm_propagation_block, "lm_speed": lm_report.lm_speed_block,
+    "lm_residual_probe": lm_report.lm_residual_probe_block,
     "segmentation": _segmentation, "segmentation_speed": _segmentation_speed,
     "search_kernels": _search_kernels,
 }

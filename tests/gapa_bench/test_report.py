@@ -411,3 +411,16 @@ def test_search_floor_and_kernel_blocks(tmp_path):
     assert "| u-net | dec1.5 | 512 | exact | 0.080 | 1.75 | 2.12 | 0.25 |" in out
     assert "| 512 | 8 | 16800 | 1 | 19.70 | 2.40 | 2.50 | 1.04 |" in out
     assert "threshold 128,000 query values" in out and "at most 1.04x the faster" in out
+
+
+def test_lm_residual_probe_block(tmp_path):
+    run = {"commit": "abc", "date": "2026-12-08", "machine": {}, "command": "x"}
+    probe = {"kind": "lm_residual_probe", "gapa_block": 5, "samples": 64, "tokens": 64,
+             "logits": 2.46, "run": run, "rows": [
+                 {"block": 6, "input_layernorm": 1.0, "mlp": 1.7, "residual": 1.69}]}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    out = report.fill("<!-- report lm_residual_probe probe.json -->\n<!-- /report -->\n",
+                      tmp_path)
+    assert "| block | `input_layernorm` | `mlp` | `residual` |" in out
+    assert "| 6 | 1.00 | 1.70 | 1.69 |" in out
+    assert "GAPA at block 5" in out and "At the logits: 2.46." in out

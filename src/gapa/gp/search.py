@@ -1,11 +1,11 @@
 """Nearest-neighbour search over cached activations: exact (torch or faiss) or approximate (faiss).
 
 Every back end returns neighbours by squared Euclidean distance. faiss searches in float32; the
-variances are then computed from the stored rows in the model's own dtype. ``exact`` (the
+variances are then computed from the stored rows in the model's own dtype. ``exact`` (GAPA's
 default) picks, per call, the faster of two exact kernels: faiss's blocked one for large query
-batches, torch's matrix product otherwise. The approximate back
-ends measure their recall against exact search when they are built and tune their search-time
-parameter until it reaches ``recall_target``, so a fitted index states how good it is.
+batches, torch's matrix product otherwise. The approximate back ends measure their recall
+against exact search when they are built and tune their search-time parameter until it reaches
+``recall_target``, so a fitted index states how good it is.
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ class NeighbourIndex:
     def describe(self) -> str:
         """Return one line: the back end, its parameters and the recall it measured."""
         if self.backend is SearchBackend.EXACT:
-            return "exact (faiss for large batches, else torch)" if self._index is not None else "exact (torch)"
+            kernels = "torch" if self._index is None else "faiss for large batches, else torch"
+            return f"exact ({kernels})"
         if self.backend not in _APPROXIMATE:
             return f"{self.backend.value} (exact)"
         params = ", ".join(f"{k} {v}" for k, v in self.params.items())
