@@ -498,8 +498,10 @@ def test_bad_labels_and_options_raise_typed_errors():
 
 
 def test_class_dim_moves_the_class_axis_and_nothing_else():
-    """(N, C, H, W) logits with ``class_dim=1`` give exactly the class-last results, with
-    ``probs`` keeping the class axis at 1 and every score an (N, H, W) map."""
+    """(N, C, H, W) logits with ``class_dim=1`` give the class-last results, with ``probs``
+    keeping the class axis at 1 and every score an (N, H, W) map. The default method works in
+    place along the axis: its softmax rounds as ``torch.softmax(x, 1)`` does, the others are the
+    class-last computation on a moved copy, bit for bit."""
     mu = _logits(2 * 5 * 6, 4, seed=40).reshape(2, 5, 6, 4)
     var = _hetero_var(2 * 5 * 6, 4, seed=41).reshape(2, 5, 6, 4)
     last = Moments(mu, var)
@@ -508,13 +510,22 @@ def test_class_dim_moves_the_class_axis_and_nothing_else():
         want = predict_classes(last, method, ood_score="total_variance")
         got = predict_classes(first, method, ood_score="total_variance", class_dim=1)
         assert got.probs.shape == (2, 4, 5, 6)
-        assert torch.equal(got.probs, want.probs.movedim(-1, 1))
-        for field in ("predicted", "predictive_entropy", "total_logit_variance",
-                      "predicted_logit_variance", "ood_score"):
+        pairs = [(got.probs, want.probs.movedim(-1, 1)),
+                 (got.predictive_entropy, want.predictive_entropy)]
+        for a, b in pairs:
+            if method == "argmax_preserving":
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+            else:
+                assert torch.equal(a, b)
+        for field in ("predicted", "total_logit_variance", "predicted_logit_variance",
+                      "ood_score"):
             assert torch.equal(getattr(got, field), getattr(want, field)), field
             assert getattr(got, field).shape == (2, 5, 6)
         if method == "laplace_bridge":
             assert torch.equal(got.concentration, want.concentration.movedim(-1, 1))
+    # with no variance the default is the softmax along the class axis, bit for bit
+    zero = predict_classes(Moments(first.mean, torch.zeros_like(first.var)), class_dim=1)
+    assert torch.equal(zero.probs, torch.softmax(first.mean, 1))
     # a negative axis names the same dimension
     assert torch.equal(predict_classes(first, class_dim=-3).probs,
                        predict_classes(first, class_dim=1).probs)

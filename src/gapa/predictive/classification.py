@@ -243,11 +243,8 @@ def _check_scale(variance_scale: float) -> float:
     return c
 
 
-def classes_last(moments: Moments, class_dim: int) -> Moments:
-    """Return ``moments`` with the class axis ``class_dim`` moved last.
-
-    Copied contiguous: every predictive reduces over the classes, which is several times faster
-    along contiguous rows than along a strided view.
+def class_axis(moments: Moments, class_dim: int) -> int:
+    """Return the class axis of ``moments`` as a non-negative index, or -1 where it is last.
 
     Dense outputs carry their classes elsewhere: a segmentation network's logits are
     ``(N, C, H, W)``, its classes at ``class_dim=1``.
@@ -255,32 +252,50 @@ def classes_last(moments: Moments, class_dim: int) -> Moments:
     Raises
     ------
     InputError
-        ``class_dim`` not an int, or outside the logits' dimensions.
+        ``moments`` not a :class:`gapa.Moments`, ``class_dim`` not an int, or outside the
+        logits' dimensions.
     """
     if not isinstance(moments, Moments):
         raise InputError(f"moments must be a gapa.Moments, got {type(moments).__name__}")
     if isinstance(class_dim, bool) or not isinstance(class_dim, int):
         raise InputError(f"class_dim must be an int, got {type(class_dim).__name__}")
     if class_dim == -1:
-        return moments
+        return -1
     mean, var = (_check_tensor(n, t) for n, t in (("mean", moments.mean), ("var", moments.var)))
     if not -mean.dim() <= class_dim < mean.dim():
         raise InputError(f"class_dim={class_dim} is outside the logits' dimensions "
                          f"{tuple(mean.shape)}")
-    if class_dim == mean.dim() - 1:
-        return moments
+    if class_dim % mean.dim() == mean.dim() - 1:
+        return -1
     if var.dim() != mean.dim():
         raise InputError(f"shape mismatch (broadcasting is not allowed): mean{tuple(mean.shape)}, "
                          f"var{tuple(var.shape)}")
-    return Moments(mean.movedim(class_dim, -1).contiguous(),
-                   var.movedim(class_dim, -1).contiguous())
+    return class_dim % mean.dim()
+
+
+def classes_last(moments: Moments, class_dim: int) -> Moments:
+    """Return ``moments`` with the class axis ``class_dim`` moved last.
+
+    Copied contiguous: the predictives other than the default reduce over the last axis, which
+    is several times faster along contiguous rows than along a strided view.
+
+    Raises
+    ------
+    InputError
+        As for :func:`class_axis`.
+    """
+    dim = class_axis(moments, class_dim)
+    if dim == -1:
+        return moments
+    return Moments(moments.mean.movedim(dim, -1).contiguous(),
+                   moments.var.movedim(dim, -1).contiguous())
 
 
 # --------------------------------------------------------------------------- predictives
 
 
 def _pin_argmax(probs: torch.Tensor, mean: torch.Tensor,
-                top_idx: torch.Tensor | None = None) -> torch.Tensor:
+                top_idx: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
     """Make ``probs.argmax(-1)`` equal ``mean.argmax(-1)`` bit for bit, ties included.
 
     Mathematically a single positive factor per input keeps the order of the logits, but in
@@ -288,11 +303,12 @@ def _pin_argmax(probs: torch.Tensor, mean: torch.Tensor,
     up to the top one, and ``argmax`` then returns the first of the tied indices. Such entries are
     set one ulp below the top probability (their exact value lies within rounding of it), and
     classes tied with the top logit get the top probability exactly. Nothing else changes.
-    ``top_idx`` is ``mean.argmax(-1, keepdim=True)`` when the caller has it.
+    ``top_idx`` is ``mean.argmax(dim, keepdim=True)`` when the caller has it; ``dim`` is the
+    class axis.
     """
-    top_idx = mean.argmax(-1, keepdim=True) if top_idx is None else top_idx
-    top_logit = mean.gather(-1, top_idx)
-    top_p = probs.gather(-1, top_idx)
+    top_idx = mean.argmax(dim, keepdim=True) if top_idx is None else top_idx
+    top_logit = mean.gather(dim, top_idx)
+    top_p = probs.gather(dim, top_idx)
     tied = mean == top_logit
     too_high = ~tied & (probs >= top_p)
     below = torch.nextafter(top_p, torch.zeros_like(top_p)).expand_as(probs)
@@ -381,9 +397,9 @@ def probit_argmax_preserving(mean: torch.Tensor, var: torch.Tensor) -> torch.Ten
 
 
 def _argmax_preserving(mean: torch.Tensor, var: torch.Tensor,
-                       top_idx: torch.Tensor | None = None) -> torch.Tensor:
-    scale = torch.sqrt(1.0 + _PI_OVER_8 * var.mean(-1, keepdim=True))
-    return _pin_argmax(torch.softmax(mean / scale, dim=-1), mean, top_idx)
+                       top_idx: torch.Tensor | None = None, dim: int = -1) -> torch.Tensor:
+    scale = torch.sqrt(1.0 + _PI_OVER_8 * var.mean(dim, keepdim=True))
+    return _pin_argmax(torch.softmax(mean / scale, dim=dim), mean, top_idx, dim)
 
 
 def monte_carlo(
@@ -542,8 +558,8 @@ def _laplace_bridge(mean: torch.Tensor, var: torch.Tensor, correct: bool) -> Lap
 # --------------------------------------------------------------------------- front door
 
 
-def _entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(probs, probs).sum(-1)
+def _entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -torch.special.xlogy(probs, probs).sum(dim)
 
 
 def predict_classes(
@@ -601,20 +617,29 @@ def predict_classes(
         An unknown ``method`` or ``ood_score``, a negative or non-finite ``variance_scale``, or
         (``"monte_carlo"``) an ``n_samples`` that is not a positive int.
     """
-    moments = classes_last(moments, class_dim)
+    dim = class_axis(moments, class_dim)
     method = parse_enum(Method, method, "method")
     kind = parse_enum(OODScore, ood_score, "ood_score")
     c = _check_scale(variance_scale)
+    # The default method works along any class axis: a softmax over the 11 classes of a
+    # (N, C, H, W) map is 20x faster in place than along a small last axis of a moved copy. The
+    # others move the classes last.
+    in_place = dim != -1 and method is Method.ARGMAX_PRESERVING
+    if not in_place:
+        moments, dim = classes_last(moments, class_dim), -1
     mean = moments.mean
-    _check_moments(mean, moments.var)
+    _check_moments(*(t if dim == -1 else t.movedim(dim, -1) for t in (mean, moments.var)))
     var = moments.var if c == 1.0 else c * moments.var
     if c != 1.0 and not all_finite(var):
         raise NonFiniteError(f"variance_scale={c:g} times var overflows {var.dtype}")
     concentration = None
     predicted = None
     if method is Method.ARGMAX_PRESERVING:  # the predicted class is the mean's, by construction
-        top_idx = mean.argmax(-1, keepdim=True)
-        probs, predicted = _argmax_preserving(mean, var, top_idx), top_idx.squeeze(-1)
+        # max's indices are argmax's (the first of tied maxima), several times faster off the
+        # last axis
+        top_idx = (mean.max(dim, keepdim=True).indices if in_place
+                   else mean.argmax(dim, keepdim=True))
+        probs, predicted = _argmax_preserving(mean, var, top_idx, dim), top_idx.squeeze(dim)
     elif method is Method.PROBIT:
         probs = _probit(mean, var)
     elif method is Method.MONTE_CARLO:
@@ -624,16 +649,16 @@ def predict_classes(
         probs, concentration = bridge.probs, bridge.concentration
     if predicted is None:
         predicted = probs.argmax(-1)
-    entropy = _entropy(probs)
-    total_var = moments.var.sum(-1)
-    predicted_var = moments.var.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+    entropy = _entropy(probs, dim)
+    total_var = moments.var.sum(dim)
+    predicted_var = moments.var.gather(dim, predicted.unsqueeze(dim)).squeeze(dim)
     score = {
         OODScore.ENTROPY: lambda: entropy,
         OODScore.TOTAL_VARIANCE: lambda: total_var,
         OODScore.PREDICTED_VARIANCE: lambda: predicted_var,
-        OODScore.MAX_PROB: lambda: 1.0 - probs.amax(-1),
+        OODScore.MAX_PROB: lambda: 1.0 - probs.amax(dim),
     }[kind]()
-    if class_dim not in (-1, mean.dim() - 1):
+    if not in_place and class_dim not in (-1, mean.dim() - 1):
         probs = probs.movedim(-1, class_dim)
         concentration = None if concentration is None else concentration.movedim(-1, class_dim)
     return ClassPrediction(
