@@ -85,7 +85,8 @@ def _plan_parser(sub) -> None:
                    help="inducing points per site, or 'all' for the whole cache "
                    "(default %(default)s)")
     p.add_argument("--k", type=integer(1), default=1, help="neighbours (default %(default)s)")
-    p.add_argument("--search", default="exact", choices=[b.value for b in SearchBackend])
+    p.add_argument("--search", default=GPConfig.search.value,
+                   choices=[b.value for b in SearchBackend])
     p.add_argument("--on-disk", action="store_true",
                    help="the cache streams to an activation store on disk")
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
