@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -11,9 +14,8 @@ from gapa import GAPA
 from gapa.gp import search
 from gapa.gp.search import FAISS_MIN_QUERY_VALUES, NeighbourIndex, SearchBackend
 
-pytest.importorskip("faiss")
-
 D = 8
+needs_faiss = pytest.mark.skipif(search._faiss_if_installed() is None, reason="needs faiss")
 
 
 @pytest.fixture
@@ -34,6 +36,7 @@ def squared_distances(points, queries, idx) -> torch.Tensor:
     return (queries[:, None, :].double() - points[idx].double()).square().sum(-1)
 
 
+@needs_faiss
 @pytest.mark.parametrize("k", [1, 4])
 def test_large_batches_go_to_faiss_and_find_the_same_neighbours_as_torch(faiss_calls, k):
     g = torch.Generator().manual_seed(0)
@@ -52,6 +55,7 @@ def test_large_batches_go_to_faiss_and_find_the_same_neighbours_as_torch(faiss_c
     assert faiss_calls == [False, True]
 
 
+@needs_faiss
 def test_float64_cuda_free_and_mapped_caches_stay_in_torch(faiss_calls, tmp_path):
     queries = torch.randn(FAISS_MIN_QUERY_VALUES // D, D, dtype=torch.float64)
     index = NeighbourIndex(torch.randn(100, D, dtype=torch.float64), "exact")
@@ -71,6 +75,7 @@ def test_without_faiss_exact_is_torch(monkeypatch, faiss_calls):
     assert faiss_calls == [False]
 
 
+@needs_faiss
 def test_exact_is_the_default_and_auto_below_the_row_limit():
     gm = GAPA(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert gm.config.search is SearchBackend.EXACT
@@ -80,6 +85,7 @@ def test_exact_is_the_default_and_auto_below_the_row_limit():
     assert rebuilt.backend is SearchBackend.EXACT and rebuilt.describe() == index.describe() != "exact (torch)"
 
 
+@needs_faiss
 def test_a_per_pixel_gapa_gives_the_torch_variances_when_faiss_searches(faiss_calls):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, D, 3, padding=1), nn.ReLU(), nn.Conv2d(D, 3, 1)).eval()
@@ -91,3 +97,42 @@ def test_a_per_pixel_gapa_gives_the_torch_variances_when_faiss_searches(faiss_ca
     assert True in faiss_calls
     assert torch.equal(out["exact"].mean, out["torch"].mean)
     torch.testing.assert_close(out["exact"].var, out["torch"].var, rtol=1e-5, atol=1e-7)
+
+
+@needs_faiss
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_neighbours_do_not_depend_on_the_batch_size(dtype, faiss_calls):
+    g = torch.Generator().manual_seed(1)
+    points = torch.randn(3000, 16, generator=g).to(dtype)
+    queries = torch.randn(FAISS_MIN_QUERY_VALUES // 16, 16, generator=g).to(dtype)
+    index = NeighbourIndex(points, "exact")
+    whole = index.search(queries, 4)
+    parts = torch.cat([index.search(q, 4) for q in queries.split(1000)])
+    assert faiss_calls[0] and not any(faiss_calls[1:])
+    # both kernels rank in float32: ties aside the same rows, and the same distances always
+    assert (whole == parts).float().mean() > 0.999
+    torch.testing.assert_close(squared_distances(points, queries, whole),
+                               squared_distances(points, queries, parts), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["exact", "torch",
+                                     pytest.param("faiss", marks=needs_faiss),
+                                     pytest.param("ivf", marks=needs_faiss)])
+def test_indexes_copy_and_pickle(backend):
+    g = torch.Generator().manual_seed(2)
+    points = torch.randn(2500, D, generator=g)
+    queries = torch.randn(FAISS_MIN_QUERY_VALUES // D, D, generator=g)
+    index = NeighbourIndex(points, backend, k=2)
+    for twin in (copy.deepcopy(index), pickle.loads(pickle.dumps(index))):
+        assert twin.describe() == index.describe()
+        assert torch.equal(twin.search(queries, 2), index.search(queries, 2))
+        assert torch.equal(twin.search(queries[:7], 2), index.search(queries[:7], 2))
+
+
+def test_a_fitted_default_gapa_deep_copies():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    gm = GAPA(model, m=64).fit(torch.randn(300, 3))
+    twin = copy.deepcopy(gm)
+    x = torch.randn(40, 3)
+    assert torch.equal(twin(x).var, gm(x).var)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -164,9 +165,11 @@ def test_an_index_saved_on_the_old_search_space_is_rebuilt(search):
     (_, gm), q = _pair(search=search, m=None, k=2)
     site = gm.sites["1"]
     z = gm.pre_activations(q)["1"]
-    # what an earlier gapa saved: an index over rows / lengthscale, every unit, uncentred (its
-    # recall there is near 0: the constant unit's ~1e6 coordinate drowns the distances)
-    with pytest.warns(RuntimeWarning, match="below the recall target"):
+    # what an earlier gapa saved: an index over rows / lengthscale, every unit, uncentred (the
+    # constant unit sits at a ~1e6 coordinate; whether the recall target is met there does not
+    # matter here)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "below the recall target", RuntimeWarning)
         old = NeighbourIndex(site.rows / site.fitted_lengthscale, search, k=2, seed=0).state()
     assert "space" not in old
     for state in (old, {**site.index.state(), "space": "some-other-space"}):

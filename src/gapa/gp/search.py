@@ -10,6 +10,7 @@ against exact search when they are built and tune their search-time parameter un
 
 from __future__ import annotations
 
+import threading
 import warnings
 from enum import Enum
 
@@ -33,6 +34,8 @@ AUTO_EXACT_MAX_ROWS = 100_000
 #: on one core, faiss then took 0.03-0.95x torch's time over 512-50,000 rows of 8-576
 #: dimensions, and 1.3-8x it just below (``benchmarks/search_kernels.py``).
 FAISS_MIN_QUERY_VALUES = 128_000
+#: Serialises the temporary change of faiss's process-wide kernel threshold (:func:`_exact_knn`).
+_BLAS_THRESHOLD_LOCK = threading.Lock()
 #: Rows converted to float32 and added to a faiss index at a time, so a float16 or memory-mapped
 #: cache is never copied whole; faiss's own storage is the only full float32 copy.
 ADD_CHUNK_ROWS = 65_536
@@ -124,7 +127,12 @@ class NeighbourIndex:
         self.space = space
         self._index = None
         if self.backend in (SearchBackend.TORCH, SearchBackend.EXACT):
-            self._sq_norms = self.points.square().sum(1)
+            # exact's two kernels must rank alike whatever the batch size: with faiss in play a
+            # half-precision cache is searched in float32 by torch too
+            half = self.points.dtype in (torch.float16, torch.bfloat16)
+            self._search_points = (self.points.float() if half and self._faiss is not None
+                                   else self.points)
+            self._sq_norms = self._search_points.square().sum(1)
         if self.backend is SearchBackend.FAISS or (
                 self.backend is SearchBackend.EXACT and self._faiss is not None):
             self._index = self._faiss.IndexFlatL2(self.dim)
@@ -174,7 +182,7 @@ class NeighbourIndex:
         if backend is SearchBackend.EXACT:
             # faiss helps only on the CPU, would round float64 to float32 and would copy a
             # memory-mapped cache whole: torch alone there
-            if not (mapped or points.is_cuda or points.dtype == torch.float64):
+            if not (mapped or points.device.type != "cpu" or points.dtype == torch.float64):
                 self._faiss = _faiss_if_installed()
         elif backend is not SearchBackend.TORCH:
             self._faiss = import_faiss()
@@ -320,9 +328,10 @@ class NeighbourIndex:
         out = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
         step = max(SEARCH_CHUNK_MIN_QUERIES, SEARCH_CHUNK_ELEMENTS // max(1, len(self)))
         for s in range(0, queries.shape[0], step):
-            q = queries[s : s + step].to(self.points.device, self.points.dtype)
+            points = self._search_points
+            q = queries[s : s + step].to(points.device, points.dtype)
             # ||q - x||^2 up to the per-query constant ||q||^2, which does not change the order.
-            dist = torch.addmm(self._sq_norms, q, self.points.T, alpha=-2.0)
+            dist = torch.addmm(self._sq_norms, q, points.T, alpha=-2.0)
             if k == 1:  # argmin is several times cheaper than a sorted top-k
                 out[s : s + step, 0] = dist.argmin(dim=1)
             else:
@@ -331,8 +340,35 @@ class NeighbourIndex:
 
     def _faster_in_faiss(self, queries: torch.Tensor) -> bool:
         """Whether ``exact`` hands this call to faiss (see :data:`FAISS_MIN_QUERY_VALUES`)."""
-        return (self._index is not None and not queries.is_cuda
+        return (self._index is not None and queries.device.type == "cpu"
                 and queries.shape[0] * self.dim >= FAISS_MIN_QUERY_VALUES)
+
+    def __getstate__(self) -> dict:
+        """Return the pickled state: the faiss index as its serialised bytes, no faiss module.
+
+        faiss objects do not pickle, and ``copy.deepcopy`` of a fitted GAPA relies on this.
+        """
+        state = dict(self.__dict__)
+        state["_faiss"] = self._faiss is not None
+        if self._index is not None:
+            state["_index"] = self._index_bytes()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore :meth:`__getstate__`'s state, deserialising the faiss index."""
+        self.__dict__.update(state)
+        self._faiss = import_faiss() if state["_faiss"] else None
+        if self._index is not None:
+            self._index = self._faiss.deserialize_index(self._index)
+            self._apply_params()
+            self._to_gpu()
+
+    def _index_bytes(self) -> np.ndarray:
+        """Return the faiss index serialised (a GPU index is copied back to the CPU first)."""
+        index = self._index
+        if self._gpu and hasattr(self._faiss, "index_gpu_to_cpu"):
+            index = self._faiss.index_gpu_to_cpu(index)
+        return self._faiss.serialize_index(index)
 
     def _map_ids(self, idx: np.ndarray) -> np.ndarray:
         """Map faiss ids to row numbers (-1, 'not found', stays -1)."""
@@ -358,10 +394,7 @@ class NeighbourIndex:
         if self.space is not None:
             state["space"] = self.space
         if self.backend in _APPROXIMATE:
-            index = self._index
-            if self._gpu and hasattr(self._faiss, "index_gpu_to_cpu"):
-                index = self._faiss.index_gpu_to_cpu(index)
-            state["index_bytes"] = self._faiss.serialize_index(index)
+            state["index_bytes"] = self._index_bytes()
             if self._ids is not None:
                 state["ids"] = self._ids.copy()
         return state
@@ -448,14 +481,17 @@ def _exact_knn(faiss, points, rows: np.ndarray, q: np.ndarray, k: int) -> np.nda
     # faiss computes batched flat distances as |x|^2 - 2 x.y + |y|^2, which cancels when the
     # nearest rows are much closer than the rows' norms (dense caches) and then misranks them:
     # the reference must use the direct sum of squared differences, which faiss does below
-    # distance_compute_blas_threshold queries.
-    threshold = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = len(q) + 1
-    try:
-        parts = [(part, _flat_search(faiss, x, q, min(k, len(part))))
-                 for part, x in _chunks(points, rows)]
-    finally:
-        faiss.cvar.distance_compute_blas_threshold = threshold
+    # distance_compute_blas_threshold: query values in faiss 1.15 (queries in older releases,
+    # so the bound below holds for both). The setting is process-wide: the lock keeps two
+    # threads from restoring each other's value.
+    with _BLAS_THRESHOLD_LOCK:
+        threshold = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = min(len(q) * q.shape[1] + 1, 2**31 - 1)
+        try:
+            parts = [(part, _flat_search(faiss, x, q, min(k, len(part))))
+                     for part, x in _chunks(points, rows)]
+        finally:
+            faiss.cvar.distance_compute_blas_threshold = threshold
     for part, (d, i) in parts:
         best_d = np.concatenate([best_d, d], 1)
         best_i = np.concatenate([best_i, part[i]], 1)
