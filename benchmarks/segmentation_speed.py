@@ -4,11 +4,12 @@ At batch 32 of 64x64 scenes, in one process, plain and GAPA interleaved, best of
 ``--repeats``: ``gm(x)`` (the logit moments) and ``gm.classify(x, class_dim=1)`` (the
 calibrated per-pixel predictive, every score) over the plain forward, for the segmentation
 benchmark's U-Net of seed 0 with GAPA as the benchmark fits it (layer ``dec1.5``, exact faiss
-search) and with the library's defaults, and for the same architecture at 4x the widths (random
-weights: a probe of how the ratio falls as the network's work per pixel grows; the cost does
-not depend on the weights), with the neighbour search's own share of the pass (a floor). Then the peak resident memory of a 96x96 batch of 32 (11 classes)
-above the resident memory before it, for the forward and for classify, each in a fresh process
-(in a warm one, memory freed earlier is reused and hides the peak).
+search) and with the library's defaults, and for the same architecture at 4x and 8x the widths
+(random weights: a probe of how the ratio falls as the network's work per pixel grows; the cost
+does not depend on the weights); each with the neighbour search's own share of the pass (a
+floor). Then the peak resident memory of a 96x96 batch of 32 (11 classes) above the resident
+memory before it, for the forward and for classify, each in a fresh process (in a warm one,
+memory freed earlier is reused and hides the peak).
 
 Usage: python benchmarks/segmentation_speed.py [--repeats 5] [--json PATH]
 """
