@@ -57,8 +57,9 @@ class SearchBackend(str, Enum):
 
     EXACT = "exact"
     """Exact: per call, faiss's flat search for at least ``FAISS_MIN_QUERY_VALUES`` query values
-    on an in-memory CPU tensor that is not float64 (a float32 copy of it is kept), torch
-    otherwise and always without faiss."""
+    on an in-memory CPU tensor that is not float64 (a float32 copy of it is kept, and a second
+    one for torch's kernel when the cache is half precision, so that both rank in float32),
+    torch otherwise and always without faiss."""
     TORCH = "torch"
     """Exact search with matrix products and ``topk``; always available, any dtype and device."""
     FAISS = "faiss"
