@@ -177,12 +177,12 @@ def networks_needed(methods, seeds: int) -> list[dict]:
     """The :func:`cached_classifier` keyword sets (``seed``, ``dropout``) that the benchmark's
     ``methods`` load over ``seeds``: each seed's backbone, the ensembles' other members and the
     MC-dropout copies (so they can be trained ahead, e.g. on a GPU)."""
-    from .baselines.dropout import CLASSIFIER_RATES
+    from .baselines.dropout import DROPOUT_RATES
     from .baselines.ensemble import member_seeds
 
     needed = [{"seed": s} for s in range(seeds)]
     if "ensemble" in methods:
         needed += [{"seed": m} for s in range(seeds) for m in member_seeds(s, ENSEMBLE_MEMBERS)[1:]]
     if "mc_dropout" in methods:
-        needed += [{"seed": s, "dropout": p} for s in range(seeds) for p in CLASSIFIER_RATES]
+        needed += [{"seed": s, "dropout": p} for s in range(seeds) for p in DROPOUT_RATES]
     return needed

@@ -64,8 +64,7 @@ GAPA_LAYER_CANDIDATES = {"layers": [["dec1.5"], ["dec2.5"]]}
 #: batch (a tie between equidistant neighbours may resolve the other way; gapa_default keeps
 #: the library's default).
 GAPA_FIXED = {"search": "faiss"}
-#: MC dropout: the rates tried (one U-Net each, chosen on validation NLL) and the passes.
-MC_DROPOUT_RATES = DROPOUT_RATES
+#: MC dropout's passes (its rates, one U-Net each, are DROPOUT_RATES, chosen on validation NLL).
 MC_SAMPLES = 16
 ENSEMBLE_MEMBERS = 5
 #: kNN: Sun et al.'s k, and how many training pixels are indexed (a seeded random subset).
@@ -130,7 +129,7 @@ def _averaged(average: Callable[[torch.Tensor], MemberAverage], info: dict) -> F
 
 
 def fit_mc_dropout(model: nn.Module, data: SceneData, *, seed: int, progress: bool,
-                   rates: Sequence[float] = MC_DROPOUT_RATES, **_) -> Fitted:
+                   rates: Sequence[float] = DROPOUT_RATES, **_) -> Fitted:
     """The U-Net trained with channel dropout at each rate of ``rates`` (cached), averaged over
     :data:`MC_SAMPLES` seeded masks; the rate of lowest validation pixel NLL is kept. Its score
     is the mutual information; ``fit_s`` sums every candidate's training and validation pass."""

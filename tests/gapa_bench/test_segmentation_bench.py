@@ -10,6 +10,7 @@ import torch
 
 import gapa_bench.segmentation_bench as sb
 import gapa_bench.segmenters as sg
+from gapa_bench.baselines.dropout import DROPOUT_RATES
 from gapa_bench.data import scenes as sc
 from helpers import item_pool
 
@@ -81,8 +82,8 @@ def test_every_method_runs_and_keeps_or_owns_its_labels(tiny):
         if name == "gapa":
             assert res.info["selection"]["candidates"] == sb.GAPA_LAYER_CANDIDATES
         if name == "mc_dropout":  # one U-Net per declared rate, chosen on validation
-            assert res.info["selection"]["candidates"] == {"p": list(sb.MC_DROPOUT_RATES)}
-            assert res.info["p"] in sb.MC_DROPOUT_RATES
+            assert res.info["selection"]["candidates"] == {"p": list(DROPOUT_RATES)}
+            assert res.info["p"] in DROPOUT_RATES
 
 
 def test_records_make_the_report_table(tiny, tmp_path):

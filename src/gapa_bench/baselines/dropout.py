@@ -35,7 +35,9 @@ from .scores import MemberAverage, last_pass
 CHUNK_ROWS = 1 << 16
 
 #: Dropout rates every benchmark tries (regression, classification, segmentation), one network
-#: each; validation NLL picks one (:func:`gapa_bench.selection.select`).
+#: each; validation NLL picks one (:func:`gapa_bench.selection.select`). Each rate is another
+#: network per seed (the classifier MLP: 20 s on one core; the ResNet: 200 s on the H200,
+#: benchmarks/results/classifiers-train-h200.log) and another set of passes over validation.
 DROPOUT_RATES = (0.05, 0.1, 0.2)
 
 
@@ -120,16 +122,9 @@ def _device(module: nn.Module) -> torch.device:
 #: Rows per stochastic forward pass of a classifier.
 _CLASSIFIER_BATCH = 2048
 
-#: Dropout rates the classification benchmark tries, one network each; validation NLL picks one
-#: (:func:`gapa_bench.selection.select`). Each rate is another network per seed (the MLP: 20 s on
-#: one core; the ResNet: 200 s on the H200, benchmarks/results/classifiers-train-h200.log) and
-#: another 20 passes over the validation set.
-CLASSIFIER_RATES = DROPOUT_RATES
-
-
 def fit_mc_dropout_classifier(
     backbone: nn.Module, data, *, seed: int, progress: bool, train: dict,
-    rates: Sequence[float] = CLASSIFIER_RATES, samples: int = 20,
+    rates: Sequence[float] = DROPOUT_RATES, samples: int = 20,
 ) -> Fitted:
     """Train (or load) the classifier of ``train["arch"]`` with each dropout rate of ``rates``
     (after each hidden tanh of the MLP, between the convolutions of each ResNet block), keep the
