@@ -1002,9 +1002,8 @@ class GAPA:
         device = model_device(self.model)
         sites = self._build_sites({key: joined_rows(stores, key, device)
                                    for key in stores[0].keys}, progress)
-        ids = record.get("input_ids")  # not in records written before it
         return sites, Seen(shape=tuple(record["input_shape"]), inputs=sum(record["inputs"]),
-                           ids=ids if isinstance(ids, bool) else None)
+                           ids=record.get("input_ids"))  # read_ranks checked it
 
     @contextlib.contextmanager
     def _capture(self, cache: dict[str, list[torch.Tensor]]) -> Iterator[Callable[[Batch], None]]:

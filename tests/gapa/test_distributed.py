@@ -21,8 +21,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
 import gapa
-from gapa.capture.distributed import RANKS, process_group
+from gapa.capture.distributed import RANKS, process_group, read_ranks, write_ranks
 from gapa.capture.store import ActivationStore
+from gapa.errors import CorruptStoreError
 from helpers import mlp
 
 pytestmark = pytest.mark.skipif(
@@ -127,3 +128,16 @@ def test_process_group_without_one():
     assert process_group(None) is None and process_group(False) is None
     with pytest.raises(gapa.errors.ConfigurationError, match="initialised"):
         process_group(True)
+
+
+@pytest.mark.parametrize("ids", [1, "yes"])
+def test_a_rank_list_with_a_malformed_input_kind_is_refused(tmp_path, ids):
+    write_ranks(tmp_path, 2, [10, 10], (3,), True)
+    assert read_ranks(tmp_path)["input_ids"] is True
+    record = json.loads((tmp_path / RANKS).read_text())
+    del record["input_ids"]  # as written before the kind was kept: it reads
+    (tmp_path / RANKS).write_text(json.dumps(record))
+    assert read_ranks(tmp_path).get("input_ids") is None
+    (tmp_path / RANKS).write_text(json.dumps({**record, "input_ids": ids}))
+    with pytest.raises(CorruptStoreError, match="malformed"):
+        read_ranks(tmp_path)

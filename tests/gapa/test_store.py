@@ -479,6 +479,7 @@ def _set(path, value):
     pytest.param(_set(["dtype"], "int8"), id="store-dtype"),
     pytest.param(_set(["signature"], None), id="no-signature"),
     pytest.param(_set(["input_shape"], [3, -1]), id="negative-input-shape"),
+    pytest.param(_set(["input_ids"], 1), id="input-ids-not-bool"),
     pytest.param(_set(["shards", 0, "inputs"], -100), id="negative-inputs"),
     pytest.param(_set(["shards", 1, "batches"], True), id="bool-batches"),
     pytest.param(_set(["shards", 0, "sites"], ["1"]), id="sites-not-an-object"),

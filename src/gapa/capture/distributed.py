@@ -209,13 +209,14 @@ def read_ranks(root: Path) -> dict:
     try:
         record = json.loads(path.read_text())
         stores, inputs = record["stores"], record["inputs"]
-        shape = record["input_shape"]
+        shape, ids = record["input_shape"], record.get("input_ids")  # ids: absent before it
         ok = (record.get("format") == RANKS_FORMAT and isinstance(stores, list) and stores
               and all(isinstance(s, str) and s.startswith("rank-") and "/" not in s
                       and "\\" not in s for s in stores)
               and isinstance(inputs, list) and len(inputs) == len(stores)
               and all(isinstance(n, int) and n >= 0 for n in inputs)
-              and isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape))
+              and isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+              and (ids is None or isinstance(ids, bool)))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CorruptStoreError(f"the rank list {path} of a distributed activation store is "
                                 f"unreadable ({exc}); delete the store and fit again") from exc

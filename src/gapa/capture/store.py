@@ -457,8 +457,7 @@ class ActivationStore:
 
         None where the manifest does not say.
         """
-        ids = self.manifest.get("input_ids")
-        return ids if isinstance(ids, bool) else None
+        return self.manifest.get("input_ids")
 
     def rows(self, key: str, device: torch.device | str = "cpu") -> StoredRows:
         """Return one call site's rows, read on demand.
@@ -625,6 +624,9 @@ def _check_manifest(manifest, path: Path) -> None:
     if (complete or shape is not None) and not (
             isinstance(shape, list) and all(count(n, 0) for n in shape)):
         raise bad(f"'input_shape' {shape!r} is not a list of sizes")
+    ids = manifest.get("input_ids")  # absent from manifests written before it
+    if not (ids is None or isinstance(ids, bool)):
+        raise bad(f"'input_ids' {ids!r} is not true, false or null")
     sites_seen: dict[str, tuple] = {}
     for i, shard in enumerate(shards):
         if not isinstance(shard, dict):
